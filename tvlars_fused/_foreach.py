@@ -1,0 +1,140 @@
+"""The foreach backend: the reference math with ``torch._foreach_*`` multi-tensor ops, on any device.
+
+No host synchronisation inside a step when the inputs are plain: per-layer quantities (norms, phi, bias
+corrections, trust ratios) live in small device vectors and the zero-norm branch is a ``torch.where``.
+The one exception is ``found_inf`` (GradScaler): it is read on the host, as GradScaler's ordinary path does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._types import Bucket, LambHyper, LarsHyper
+
+
+def _clip(norms: Tensor, norm_clip: float | None) -> Tensor:
+    return norms.clamp(max=norm_clip) if norm_clip is not None else norms
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    return torch.stack(torch._foreach_norm(tensors)) if tensors else torch.zeros(0)
+
+
+def _float32(tensors: list[Tensor]) -> list[Tensor]:
+    """float32 working copies (never aliases: the inputs are gradients or parameters)."""
+    return [t.to(torch.float32, copy=True) for t in tensors]
+
+
+def _read(bucket: Bucket, grad_scale: Tensor | None, grad_mult: Tensor | None):
+    weights = bucket.masters if bucket.masters is not None else bucket.params
+    if weights[0].dtype != torch.float32:
+        weights = _float32(weights)
+    grads = _float32(bucket.grads)
+    if grad_scale is not None:
+        torch._foreach_div_(grads, grad_scale.float())
+    if grad_mult is not None:
+        torch._foreach_mul_(grads, grad_mult.float())
+    return weights, grads
+
+
+def _apply(bucket: Bucket, weights: list[Tensor], step_dirs: list[Tensor], lr: float | Tensor) -> None:
+    if isinstance(lr, Tensor):
+        torch._foreach_sub_(weights, torch._foreach_mul(step_dirs, lr.float()))
+    else:
+        torch._foreach_add_(weights, step_dirs, alpha=-lr)
+    if bucket.masters is not None and weights is not bucket.masters:
+        torch._foreach_copy_(bucket.masters, weights)
+    if weights is not bucket.params:
+        torch._foreach_copy_(bucket.params, weights)  # one rounding to the parameter dtype
+
+
+def _skip(found_inf: Tensor | None) -> bool:
+    return found_inf is not None and bool(found_inf.item())
+
+
+def bias_correction(beta: float, t: Tensor) -> Tensor:
+    """``1 - beta**t`` in float32 without cancellation: ``-expm1(t * log(beta))`` with ``log(beta)`` from
+    float64 (``1 - 0.999`` in float32 is off by 1e-5 relative; this form is within a few ulps)."""
+    return -torch.expm1(t * math.log(beta))
+
+
+def _scale_by_layer(tensors: list[Tensor], factors: Tensor) -> None:
+    """tensors[i] *= factors[i] for a device vector of per-layer factors, without reading it on the host."""
+    if tensors:
+        torch._foreach_mul_(tensors, list(factors.unbind(0)))
+
+
+def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
+              found_inf: Tensor | None = None) -> None:
+    if _skip(found_inf):
+        return
+    weights, grads = _read(bucket, grad_scale, None)
+    (bufs,) = bucket.states
+    torch._foreach_add_(bucket.steps, 1)
+
+    adapted = [i for i, e in enumerate(bucket.excluded) if not e]
+    updates = list(grads)  # excluded layers: u = g
+    if adapted:
+        w_a = [weights[i] for i in adapted]
+        g_a = [grads[i] for i in adapted]
+        d_a = torch._foreach_add(g_a, w_a, alpha=hp.weight_decay)
+        w_norm = _clip(_norms(w_a), hp.norm_clip)
+        if hp.sum_of_norms:
+            d_norm = _clip(_norms(g_a), hp.norm_clip) + hp.weight_decay * w_norm
+        else:
+            d_norm = _clip(_norms(d_a), hp.norm_clip)
+        ratio = hp.eta * w_norm / (d_norm + hp.eps)
+        if hp.use_phi:
+            t = torch.stack([bucket.steps[i] for i in adapted])
+            ratio = ratio * (1.0 / (hp.alpha + torch.exp(hp.lmbda * (t - hp.delay))) + hp.gamma_min)
+        trust_ratio = torch.where((w_norm > 0) & (d_norm > 0), ratio, torch.ones_like(ratio))
+        _scale_by_layer(d_a, trust_ratio)
+        for i, d in zip(adapted, d_a):
+            updates[i] = d
+
+    torch._foreach_mul_(bufs, hp.momentum)
+    torch._foreach_add_(bufs, updates)
+    step_dirs = torch._foreach_add(updates, bufs, alpha=hp.momentum) if hp.nesterov else bufs
+    _apply(bucket, weights, step_dirs, hp.lr)
+
+
+def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
+              found_inf: Tensor | None = None) -> None:
+    if _skip(found_inf):
+        return
+    weights, grads = _read(bucket, grad_scale, hp.clip_coef)
+    exp_avgs, exp_avg_sqs = bucket.states
+    torch._foreach_add_(bucket.steps, 1)
+
+    torch._foreach_mul_(exp_avgs, hp.beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - hp.beta1)
+    torch._foreach_mul_(exp_avg_sqs, hp.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - hp.beta2)
+
+    if hp.bias_correction:
+        t = torch.stack(bucket.steps)
+        m_hat = torch._foreach_div(exp_avgs, list(bias_correction(hp.beta1, t).unbind(0)))
+        v_hat = torch._foreach_div(exp_avg_sqs, list(bias_correction(hp.beta2, t).unbind(0)))
+    else:
+        m_hat, v_hat = exp_avgs, exp_avg_sqs
+    denom = torch._foreach_sqrt(v_hat)
+    torch._foreach_add_(denom, hp.eps)
+    updates = torch._foreach_div(m_hat, denom)
+    adapted = [i for i, e in enumerate(bucket.excluded) if not e]
+    if hp.weight_decay != 0 and adapted:
+        torch._foreach_add_([updates[i] for i in adapted], [weights[i] for i in adapted],
+                            alpha=hp.weight_decay)
+
+    w_norm = _clip(_norms(weights), hp.norm_clip)
+    u_norm = _norms(updates)
+    adapted_mask = bucket.cache.get("adapted_mask")
+    if adapted_mask is None or adapted_mask.numel() != len(bucket):
+        adapted_mask = torch.tensor([not e for e in bucket.excluded], device=w_norm.device)
+        bucket.cache["adapted_mask"] = adapted_mask
+    trust_ratio = torch.where((w_norm > 0) & (u_norm > 0) & adapted_mask, w_norm / u_norm,
+                              torch.ones_like(w_norm))
+    _scale_by_layer(updates, trust_ratio)
+    _apply(bucket, weights, updates, hp.lr)

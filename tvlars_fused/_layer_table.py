@@ -1,0 +1,116 @@
+"""The multi-tensor layer table that the fused backends (Triton, CUDA, C++ CPU twin) all read.
+
+One table describes one bucket (layers of one device and dtype). It is built on the host, copied to the
+bucket's device once, and cached: it is rebuilt only when a tensor behind it changes (a new gradient
+allocation, ``load_state_dict``, a parameter re-assigned), which is detected by comparing data pointers.
+Because the table lives in device memory, one kernel launch covers any number of layers (no 4 KB kernel
+argument limit) and all sizes and offsets are 64-bit.
+
+``layers`` is an int64 tensor of shape ``[num_layers, NUM_COLS]``; the columns are named below and the C++
+header ``csrc/layer_table.h`` mirrors them. Layer ``i`` owns the chunks ``first_chunk .. first_chunk +
+num_chunks - 1``; chunk ``c`` covers elements ``[(c - first_chunk) * chunk_size, min(numel, ...))`` of it.
+``chunk_layer`` (int32, ``[num_chunks]``) maps each chunk back to its layer. A layer of 0 elements owns no
+chunk but still has its row (its step count still advances).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ._types import Bucket
+
+COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_MASTER, COL_STEP = range(6)
+COL_NUMEL, COL_FIRST_CHUNK, COL_NUM_CHUNKS, COL_FLAGS = range(6, 10)
+NUM_COLS = 10
+FLAG_EXCLUDED = 1
+
+
+@dataclass
+class LayerTable:
+    layers: Tensor  # int64 [num_layers, NUM_COLS] on the bucket's device
+    chunk_layer: Tensor  # int32 [num_chunks] on the bucket's device
+    chunk_size: int
+    num_layers: int
+    num_chunks: int
+    max_layer_chunks: int  # chunks of the largest layer
+    key: tuple
+    # Scratch buffers a backend allocates once per table (partial sums, per-layer results).
+    workspace: dict = field(default_factory=dict)
+
+
+def table_fits(bucket: Bucket) -> list[bool]:
+    """Which layers a pointer-table kernel can update in place.
+
+    The kernels walk a flat range of ``numel`` elements, so parameter, gradient, state and master tensors
+    must each be dense (non-overlapping, no gaps) and share one memory layout. channels_last weights qualify;
+    strided views (``w[:, ::2]``) do not and are left to the ``foreach`` path, never copied and written back.
+    """
+    fits = []
+    for i, p in enumerate(bucket.params):
+        tensors = [p, bucket.grads[i]] + [s[i] for s in bucket.states]
+        if bucket.masters is not None:
+            tensors.append(bucket.masters[i])
+        ok = all(t.is_non_overlapping_and_dense() and t.stride() == p.stride() for t in tensors)
+        fits.append(ok or p.numel() <= 1)
+    return fits
+
+
+def _pointer_key(bucket: Bucket) -> tuple:
+    key = [t.data_ptr() for t in bucket.params]
+    key += [t.data_ptr() for t in bucket.grads]
+    for state in bucket.states:
+        key += [t.data_ptr() for t in state]
+    if bucket.masters is not None:
+        key += [t.data_ptr() for t in bucket.masters]
+    key += [t.data_ptr() for t in bucket.steps]
+    key += [t.numel() for t in bucket.params]
+    key += bucket.excluded
+    return tuple(key)
+
+
+def layer_table(bucket: Bucket, chunk_size: int) -> LayerTable:
+    """The bucket's table for ``chunk_size``, from the cache when no tensor behind it has changed."""
+    key = _pointer_key(bucket)
+    cached = bucket.cache.get(("layer_table", chunk_size))
+    if cached is not None and cached.key == key:
+        return cached
+
+    rows = []
+    chunk_layer = []
+    first_chunk = 0
+    max_layer_chunks = 0
+    two_states = len(bucket.states) > 1
+    for i, p in enumerate(bucket.params):
+        numel = p.numel()
+        num_chunks = -(-numel // chunk_size)
+        rows.append([
+            p.data_ptr(),
+            bucket.grads[i].data_ptr(),
+            bucket.states[0][i].data_ptr(),
+            bucket.states[1][i].data_ptr() if two_states else 0,
+            bucket.masters[i].data_ptr() if bucket.masters is not None else 0,
+            bucket.steps[i].data_ptr(),
+            numel,
+            first_chunk,
+            num_chunks,
+            FLAG_EXCLUDED if bucket.excluded[i] else 0,
+        ])
+        chunk_layer.extend([i] * num_chunks)
+        first_chunk += num_chunks
+        max_layer_chunks = max(max_layer_chunks, num_chunks)
+
+    device = bucket.device
+    table = LayerTable(
+        layers=torch.tensor(rows, dtype=torch.int64).reshape(-1, NUM_COLS).to(device),
+        chunk_layer=torch.tensor(chunk_layer, dtype=torch.int32).to(device),
+        chunk_size=chunk_size,
+        num_layers=len(rows),
+        num_chunks=first_chunk,
+        max_layer_chunks=max_layer_chunks,
+        key=key,
+    )
+    bucket.cache[("layer_table", chunk_size)] = table
+    return table

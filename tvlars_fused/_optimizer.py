@@ -1,0 +1,219 @@
+"""What TVLARS, LARS and LAMB share: validation, state, buckets, backend dispatch, checkpoints.
+
+A step first checks every group (sparse or complex gradients, parameters of one group on several devices,
+an unavailable backend) and only then touches state, so bad input leaves every tensor as it was. It then
+sorts each group's parameters that have a gradient into buckets by (device, dtype) and hands each bucket to
+the backend's ``lars_step`` / ``lamb_step``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from . import _backends
+from ._types import Bucket
+
+
+def exclude_1d(param: Tensor) -> bool:
+    """The default exclusion rule: biases and normalisation weights (``ndim <= 1``)."""
+    return param.ndim <= 1
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Group keys that are code, not data: kept out of state_dict() and kept from the live optimizer on load.
+_CODE_KEYS = ("exclude",)
+
+
+def _check_range(name: str, value, low: float, high: float | None = None, *, open_high: bool = True) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    ok = value >= low and (high is None or (value < high if open_high else value <= high))
+    if not ok:
+        bound = "" if high is None else (f", {high})" if open_high else f", {high}]")
+        raise ValueError(f"Invalid {name}: {value!r} (must be in [{low}{bound or ', inf)'})")
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Base of the package's optimizers. Subclasses set ``_state_keys`` and ``_step_name`` and implement
+    ``_validate_group`` and ``_hyper``."""
+
+    _state_keys: tuple[str, ...] = ()
+    _step_name: str = ""
+
+    def __init__(self, params, defaults: dict[str, Any], backend: str = "auto",
+                 master_weights: bool = False) -> None:
+        if backend not in _backends.BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r} (must be one of {', '.join(_backends.BACKENDS)})")
+        self.backend = backend
+        self.master_weights = bool(master_weights)
+        self._bucket_caches: dict[tuple, dict] = {}
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups and validation
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError  # each optimizer checks its own hyper-parameters
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+            exclude = group.get("exclude")
+            if exclude is not None and not callable(exclude):
+                raise ValueError(f"Invalid exclude: {exclude!r} (must be None or a predicate on a parameter)")
+            for device in {p.device for p in group["params"]}:
+                _backends.resolve(self.backend, device)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    # ----------------------------------------------------------------- AMP
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """True when every parameter goes through a fused backend, which unscales and skips in-kernel.
+
+        ``torch.amp.GradScaler`` then hands ``grad_scale`` / ``found_inf`` to ``step`` instead of unscaling
+        the gradients itself and synchronising with the host."""
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        return bool(devices) and all(
+            _backends.resolve(self.backend, d) in _backends.FUSED_BACKENDS for d in devices)
+
+    # ----------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+
+        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        extra = self._before_buckets(plans, grad_scale)
+        for group, buckets in plans:
+            hp = self._hyper(group, extra)
+            for backend, bucket in buckets:
+                step_fn = getattr(_backends.module(backend), self._step_name)
+                step_fn(bucket, hp, grad_scale, found_inf)
+        return loss
+
+    def _before_buckets(self, plans, grad_scale: Tensor | None):
+        """Work over all groups before any bucket is stepped (LAMB's global gradient norm)."""
+        return None
+
+    def _plan(self, index: int, group: dict[str, Any]):
+        """Check a group's gradients, then build its buckets (initialising state only after the checks)."""
+        name = type(self).__name__
+        with_grad = []
+        for position, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            where = f"parameter {position} of param group {index}"
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(f"{name} does not support sparse gradients ({where}, layout {g.layout})")
+            if p.is_complex() or g.is_complex():
+                raise ValueError(f"{name} does not support complex parameters or gradients ({where}, "
+                                 f"dtype {g.dtype}); view them as real with torch.view_as_real")
+            if not p.is_floating_point():
+                raise ValueError(f"{name} needs floating-point parameters ({where} has dtype {p.dtype})")
+            with_grad.append(p)
+        devices = {p.device for p in with_grad}
+        if len(devices) > 1:
+            raise RuntimeError(f"{name}: the parameters of param group {index} are on several devices "
+                               f"({', '.join(sorted(map(str, devices)))}); put each device's parameters "
+                               "in a param group of its own")
+        backends = {d: _backends.resolve(self.backend, d) for d in devices}
+
+        by_key: dict[tuple, list[Tensor]] = defaultdict(list)
+        for p in with_grad:
+            by_key[(p.device, p.dtype)].append(p)
+        buckets = []
+        for (device, dtype), params in by_key.items():
+            buckets.append((backends[device], self._bucket(index, group, device, dtype, params)))
+        return group, buckets
+
+    def _init_state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            for key in self._state_keys:
+                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        if self.master_weights and p.dtype in _LOW_PRECISION and "master_weight" not in state:
+            state["master_weight"] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
+                                                   copy=True)
+        return state
+
+    def _bucket(self, index, group, device, dtype, params: list[Tensor]) -> Bucket:
+        states = [self._init_state(p) for p in params]
+        exclude = group.get("exclude")
+        masters = None
+        if self.master_weights and dtype in _LOW_PRECISION:
+            masters = [s["master_weight"] for s in states]
+        cache_key = (index, device, dtype, tuple(id(p) for p in params))
+        cache = self._bucket_caches.get(cache_key)
+        if cache is None:
+            if len(self._bucket_caches) >= 64:  # layer sets that keep changing: keep memory bounded
+                self._bucket_caches.clear()
+            cache = self._bucket_caches[cache_key] = {}
+        return Bucket(
+            params=params,
+            grads=[p.grad for p in params],
+            states=[[s[key] for s in states] for key in self._state_keys],
+            steps=[s["step"] for s in states],
+            excluded=[bool(exclude(p)) if exclude is not None else False for p in params],
+            masters=masters,
+            cache=cache,
+        )
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in _CODE_KEYS:
+                group.pop(key, None)
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Like ``torch.optim.Optimizer.load_state_dict``, but state stays float32 (a bf16 parameter's
+        momentum and master weight are not down-cast) and ``step`` moves to the parameter's device, so a
+        checkpoint from any backend or device loads into any other."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {i} of the loaded state dict has {len(saved['params'])} "
+                                 f"parameters, this optimizer's has {len(group['params'])}")
+        id_to_param = {
+            saved_id: p
+            for saved, group in zip(saved_groups, self.param_groups)
+            for saved_id, p in zip(saved["params"], group["params"])
+        }
+        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for saved_id, saved_state in state_dict["state"].items():
+            p = id_to_param.get(saved_id)
+            if p is None:
+                continue
+            for key, value in saved_state.items():
+                if isinstance(value, Tensor):
+                    value = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                state[p][key] = deepcopy(value) if not isinstance(value, Tensor) else value
+        param_groups = []
+        for saved, group in zip(saved_groups, self.param_groups):
+            new_group = {key: deepcopy(value) for key, value in saved.items() if key != "params"}
+            for key in _CODE_KEYS:
+                if key in group:
+                    new_group[key] = group[key]
+            new_group["params"] = group["params"]
+            param_groups.append(new_group)
+        self.__setstate__({"state": state, "param_groups": param_groups})
+        self._bucket_caches.clear()

@@ -1,0 +1,87 @@
+"""The data every backend receives: one bucket of layers and the group's hyper-parameters.
+
+A *bucket* is the layers of one param group that share a device and a dtype and have a gradient this
+step. Every backend implements the same two functions on it::
+
+    lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None, found_inf: Tensor | None)
+    lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None, found_inf: Tensor | None)
+
+They update ``bucket.params`` (and ``bucket.masters``), the state tensors and ``bucket.steps`` in place,
+following ``shared/spec/ALGORITHMS.md``; they never write to a gradient. ``grad_scale`` (a float32 scalar
+tensor) means the gradients are multiplied by it and must be divided by it; ``found_inf`` (float32 scalar
+tensor) non-zero means the whole step is skipped: nothing, not even ``steps``, changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Bucket:
+    params: list[Tensor]
+    grads: list[Tensor]
+    # LARS family: [momentum_buffers]; LAMB: [exp_avgs, exp_avg_sqs]. float32, same shape as the params.
+    states: list[list[Tensor]]
+    steps: list[Tensor]  # float32 0-dim tensors on the params' device: times each layer has been stepped
+    excluded: list[bool]  # excluded from trust ratio and weight decay
+    masters: list[Tensor] | None = None  # float32 master weights of low-precision params, or None
+    # Per-bucket scratch that survives across steps (the cached layer tables live here).
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def subset(self, indices: list[int]) -> "Bucket":
+        """The same bucket restricted to some layers (no cache: it is a one-off)."""
+        return Bucket(
+            params=[self.params[i] for i in indices],
+            grads=[self.grads[i] for i in indices],
+            states=[[s[i] for i in indices] for s in self.states],
+            steps=[self.steps[i] for i in indices],
+            excluded=[self.excluded[i] for i in indices],
+            masters=None if self.masters is None else [self.masters[i] for i in indices],
+        )
+
+
+@dataclass(frozen=True)
+class LarsHyper:
+    """LARS and TVLARS: ``use_phi`` False is plain LARS (phi == 1)."""
+
+    lr: float | Tensor
+    momentum: float
+    weight_decay: float
+    eta: float
+    eps: float
+    norm_clip: float | None
+    sum_of_norms: bool  # trust_denominator == "sum_of_norms"
+    nesterov: bool
+    use_phi: bool
+    lmbda: float = 0.0
+    alpha: float = 1.0
+    delay: float = 0.0
+    gamma_min: float = 0.0
+
+
+@dataclass(frozen=True)
+class LambHyper:
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    bias_correction: bool
+    norm_clip: float | None
+    # min(1, max_grad_norm / global_grad_norm) as a float32 device scalar, or None when not clipping.
+    clip_coef: Tensor | None = None

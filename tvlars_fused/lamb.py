@@ -1,0 +1,74 @@
+"""LAMB (You et al. 2020), as in ``shared/spec/ALGORITHMS.md``.
+
+For each layer ``w`` with gradient ``g``, at its step ``t``::
+
+    g  = g * min(1, max_grad_norm / ||all gradients||)       (only when max_grad_norm is set)
+    m  = beta1 * m + (1 - beta1) * g
+    v  = beta2 * v + (1 - beta2) * g * g
+    u  = m_hat / (sqrt(v_hat) + eps) + weight_decay * w    (hats: bias-corrected when bias_correction)
+    q  = min(||w||, norm_clip) / ||u||                     (q = 1 when a norm is 0 or w is excluded)
+    w  = w - lr * q * u
+
+Exclusion is off by default; excluded layers get neither weight decay nor the trust ratio.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ._optimizer import LayerwiseOptimizer, _check_range
+from ._types import LambHyper
+
+
+class LAMB(LayerwiseOptimizer):
+    _state_keys = ("exp_avg", "exp_avg_sq")
+    _step_name = "lamb_step"
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
+                 norm_clip: float | None = 10.0, max_grad_norm: float | None = None,
+                 exclude: Callable[[Tensor], bool] | None = None, backend: str = "auto",
+                 master_weights: bool = False) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        norm_clip=norm_clip, max_grad_norm=max_grad_norm, exclude=exclude)
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        _check_range("lr", group["lr"], 0.0)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r} (must be a pair)")
+        _check_range("betas[0]", betas[0], 0.0, 1.0)
+        _check_range("betas[1]", betas[1], 0.0, 1.0)
+        _check_range("weight_decay", group["weight_decay"], 0.0)
+        if not group["eps"] > 0:
+            raise ValueError(f"Invalid eps: {group['eps']!r} (must be > 0)")
+        for key in ("norm_clip", "max_grad_norm"):
+            if group[key] is not None and not group[key] > 0:
+                raise ValueError(f"Invalid {key}: {group[key]!r} (must be None or > 0)")
+
+    def _before_buckets(self, plans, grad_scale: Tensor | None):
+        """The global gradient norm over all layers of all groups, when any group clips by it."""
+        if all(group["max_grad_norm"] is None for group, _ in plans):
+            return None
+        grads = [g for _, buckets in plans for _, bucket in buckets for g in bucket.grads]
+        if not grads:
+            return None
+        device = grads[0].device
+        norms = [n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(grads)]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if grad_scale is not None:
+            total = total / grad_scale.to(device)
+        return total
+
+    def _hyper(self, group: dict[str, Any], global_grad_norm: Tensor | None = None) -> LambHyper:
+        clip_coef = None
+        if group["max_grad_norm"] is not None and global_grad_norm is not None:
+            clip_coef = (group["max_grad_norm"] / global_grad_norm).clamp(max=1.0)
+        beta1, beta2 = group["betas"]
+        return LambHyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                         norm_clip=group["norm_clip"], clip_coef=clip_coef)
