@@ -58,6 +58,33 @@ def table_fits(bucket: Bucket) -> list[bool]:
     return fits
 
 
+def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable | None, Bucket | None]:
+    """Split a bucket for a fused backend: ``(covered, table, rest)``.
+
+    ``covered`` holds the layers the pointer table can update in place (usually the whole bucket) and
+    ``table`` is their layer table; ``rest`` (or None) holds the strided layers that must go through the
+    ``foreach`` backend instead; ``covered`` and ``table`` are None when no layer fits. Cached like the
+    table itself."""
+    key = _pointer_key(bucket)
+    cached = bucket.cache.get(("prepare", chunk_size))
+    if cached is not None and cached[0] == key:
+        _, covered, rest = cached
+    else:
+        fits = table_fits(bucket)
+        if all(fits):
+            covered, rest = bucket, None
+        elif not any(fits):
+            covered, rest = None, bucket
+        else:
+            covered = bucket.subset([i for i, ok in enumerate(fits) if ok])
+            rest = bucket.subset([i for i, ok in enumerate(fits) if not ok])
+        bucket.cache[("prepare", chunk_size)] = (key, covered, rest)
+    if covered is None:
+        return None, None, rest
+    table = layer_table(covered, chunk_size, key if covered is bucket else None)
+    return covered, table, rest
+
+
 def _pointer_key(bucket: Bucket) -> tuple:
     key = [t.data_ptr() for t in bucket.params]
     key += [t.data_ptr() for t in bucket.grads]
@@ -71,9 +98,10 @@ def _pointer_key(bucket: Bucket) -> tuple:
     return tuple(key)
 
 
-def layer_table(bucket: Bucket, chunk_size: int) -> LayerTable:
+def layer_table(bucket: Bucket, chunk_size: int, key: tuple | None = None) -> LayerTable:
     """The bucket's table for ``chunk_size``, from the cache when no tensor behind it has changed."""
-    key = _pointer_key(bucket)
+    if key is None:
+        key = _pointer_key(bucket)
     cached = bucket.cache.get(("layer_table", chunk_size))
     if cached is not None and cached.key == key:
         return cached

@@ -44,7 +44,7 @@ class Bucket:
         return len(self.params)
 
     def subset(self, indices: list[int]) -> "Bucket":
-        """The same bucket restricted to some layers (no cache: it is a one-off)."""
+        """The same bucket restricted to some layers, with a cache of its own."""
         return Bucket(
             params=[self.params[i] for i in indices],
             grads=[self.grads[i] for i in indices],
