@@ -41,6 +41,18 @@ class LayerTable:
     workspace: dict = field(default_factory=dict)
 
 
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping with no gaps: the elements fill ``numel`` consecutive slots in some order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def table_fits(bucket: Bucket) -> list[bool]:
     """Which layers a pointer-table kernel can update in place.
 
@@ -53,7 +65,7 @@ def table_fits(bucket: Bucket) -> list[bool]:
         tensors = [p, bucket.grads[i]] + [s[i] for s in bucket.states]
         if bucket.masters is not None:
             tensors.append(bucket.masters[i])
-        ok = all(t.is_non_overlapping_and_dense() and t.stride() == p.stride() for t in tensors)
+        ok = all(_dense(t) and t.stride() == p.stride() for t in tensors)
         fits.append(ok or p.numel() <= 1)
     return fits
 
