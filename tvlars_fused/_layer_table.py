@@ -9,8 +9,9 @@ argument limit) and all sizes and offsets are 64-bit.
 ``layers`` is an int64 tensor of shape ``[num_layers, NUM_COLS]``; the columns are named below and the C++
 header ``csrc/layer_table.h`` mirrors them. Layer ``i`` owns the chunks ``first_chunk .. first_chunk +
 num_chunks - 1``; chunk ``c`` covers elements ``[(c - first_chunk) * chunk_size, min(numel, ...))`` of it.
-``chunk_layer`` (int32, ``[num_chunks]``) maps each chunk back to its layer. A layer of 0 elements owns no
-chunk but still has its row (its step count still advances).
+``chunk_layer`` (int32, ``[num_chunks]``) maps each chunk back to its layer. A layer of 0 elements owns one
+empty chunk, so every layer has a "first chunk" whose program can do the layer's once-per-step work
+(advancing its step count).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def layer_table(bucket: Bucket, chunk_size: int, key: tuple | None = None) -> La
     two_states = len(bucket.states) > 1
     for i, p in enumerate(bucket.params):
         numel = p.numel()
-        num_chunks = -(-numel // chunk_size)
+        num_chunks = max(1, -(-numel // chunk_size))  # an empty layer still owns one (empty) chunk
         rows.append([
             p.data_ptr(),
             bucket.grads[i].data_ptr(),
