@@ -7,8 +7,6 @@ The one exception is ``found_inf`` (GradScaler): it is read on the host, as Grad
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -55,10 +53,9 @@ def _skip(found_inf: Tensor | None) -> bool:
     return found_inf is not None and bool(found_inf.item())
 
 
-def bias_correction(beta: float, t: Tensor) -> Tensor:
-    """``1 - beta**t`` in float32 without cancellation: ``-expm1(t * log(beta))`` with ``log(beta)`` from
-    float64 (``1 - 0.999`` in float32 is off by 1e-5 relative; this form is within a few ulps)."""
-    return -torch.expm1(t * math.log(beta))
+def _bias_correction(log_beta: float, t: Tensor) -> Tensor:
+    """``1 - beta**t`` in float32 as ``-expm1(t * log(beta))`` (see LambHyper.log_beta1)."""
+    return -torch.expm1(t * log_beta)
 
 
 def _scale_by_layer(tensors: list[Tensor], factors: Tensor) -> None:
@@ -116,8 +113,8 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
 
     if hp.bias_correction:
         t = torch.stack(bucket.steps)
-        m_hat = torch._foreach_div(exp_avgs, list(bias_correction(hp.beta1, t).unbind(0)))
-        v_hat = torch._foreach_div(exp_avg_sqs, list(bias_correction(hp.beta2, t).unbind(0)))
+        m_hat = torch._foreach_div(exp_avgs, list(_bias_correction(hp.log_beta1, t).unbind(0)))
+        v_hat = torch._foreach_div(exp_avg_sqs, list(_bias_correction(hp.log_beta2, t).unbind(0)))
     else:
         m_hat, v_hat = exp_avgs, exp_avg_sqs
     denom = torch._foreach_sqrt(v_hat)

@@ -95,7 +95,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
 
-        plans = [self._plan(index, group) for index, group in enumerate(self.param_groups)]
+        checked = [self._check(index, group) for index, group in enumerate(self.param_groups)]
+        plans = [self._plan(index, group, *c) for (index, group), c in zip(enumerate(self.param_groups), checked)]
         extra = self._before_buckets(plans, grad_scale)
         for group, buckets in plans:
             hp = self._hyper(group, extra)
@@ -108,8 +109,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Work over all groups before any bucket is stepped (LAMB's global gradient norm)."""
         return None
 
-    def _plan(self, index: int, group: dict[str, Any]):
-        """Check a group's gradients, then build its buckets (initialising state only after the checks)."""
+    def _check(self, index: int, group: dict[str, Any]):
+        """A group's parameters that have a gradient, and the backend of each device, after checking them.
+
+        Every group is checked before any state is created or any tensor is written."""
         name = type(self).__name__
         with_grad = []
         for position, p in enumerate(group["params"]):
@@ -131,7 +134,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                f"({', '.join(sorted(map(str, devices)))}); put each device's parameters "
                                "in a param group of its own")
         backends = {d: _backends.resolve(self.backend, d) for d in devices}
+        return with_grad, backends
 
+    def _plan(self, index: int, group: dict[str, Any], with_grad: list[Tensor], backends: dict):
+        """The group's buckets by (device, dtype), with their backend (state is initialised here)."""
         by_key: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in with_grad:
             by_key[(p.device, p.dtype)].append(p)

@@ -14,6 +14,7 @@ tensor) non-zero means the whole step is skipped: nothing, not even ``steps``, c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -85,3 +86,13 @@ class LambHyper:
     norm_clip: float | None
     # min(1, max_grad_norm / global_grad_norm) as a float32 device scalar, or None when not clipping.
     clip_coef: Tensor | None = None
+
+    # log(beta) in float64 for the bias correction 1 - beta**t = -expm1(t * log(beta)), which has no
+    # cancellation in float32 (1 - 0.999 in float32 is off by 1e-5 relative). beta = 0 gives -inf: 1 - 0 = 1.
+    @property
+    def log_beta1(self) -> float:
+        return math.log(self.beta1) if self.beta1 > 0 else -math.inf
+
+    @property
+    def log_beta2(self) -> float:
+        return math.log(self.beta2) if self.beta2 > 0 else -math.inf

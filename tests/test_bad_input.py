@@ -1,0 +1,110 @@
+"""Bad input: a clear error naming what is wrong, and every parameter and state tensor left untouched."""
+
+import pytest
+import torch
+
+from cases import SMALL_SHAPES, backend_or_skip, make_params, set_grads
+from tvlars_fused import LAMB, LARS, TVLARS, BackendUnavailableError
+
+BACKENDS = ["reference", "foreach", "cpp", "triton"]
+
+
+@pytest.mark.parametrize("cls,kwargs,match", [
+    (TVLARS, dict(lr=-0.1), "lr"),
+    (LARS, dict(lr=0.1, momentum=1.0), "momentum"),
+    (LARS, dict(lr=0.1, momentum=-0.1), "momentum"),
+    (LARS, dict(lr=0.1, weight_decay=-1e-4), "weight_decay"),
+    (LARS, dict(lr=0.1, eta=-1.0), "eta"),
+    (LARS, dict(lr=0.1, trust_denominator="mean"), "trust_denominator"),
+    (LARS, dict(lr=0.1, norm_clip=0.0), "norm_clip"),
+    (LARS, dict(lr=0.1, momentum=0.0, nesterov=True), "nesterov"),
+    (TVLARS, dict(lr=0.1, alpha=0.0), "alpha"),
+    (TVLARS, dict(lr=0.1, lmbda=-1.0), "lmbda"),
+    (TVLARS, dict(lr=0.1, backend="gpu"), "backend"),
+    (LAMB, dict(betas=(1.0, 0.999)), r"betas\[0\]"),
+    (LAMB, dict(betas=(0.9, -0.5)), r"betas\[1\]"),
+    (LAMB, dict(betas=(0.9,)), "betas"),
+    (LAMB, dict(eps=0.0), "eps"),
+    (LAMB, dict(max_grad_norm=-1.0), "max_grad_norm"),
+    (LAMB, dict(lr=-1.0), "lr"),
+    (LAMB, dict(exclude="1d"), "exclude"),
+])
+def test_bad_hyper_parameters_raise_at_construction(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(make_params([(2, 2)]), **kwargs)
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        TVLARS(make_params([(2, 2)]), lr=0.1, backend="cuda")
+
+
+def _bad_step(opt, params, make_bad):
+    """Step once fine, then make one gradient bad and check the failed step changed nothing."""
+    set_grads(params, 0)
+    opt.step()
+    set_grads(params, 1)
+    make_bad(params)
+    before = [p.detach().clone() for p in params]
+    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    return before, state_before
+
+
+def _assert_untouched(opt, params, before, state_before):
+    for p, b, s in zip(params, before, state_before):
+        assert torch.equal(p.detach(), b)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, s[k]), k
+
+
+@pytest.mark.parametrize("cls,kwargs", [(TVLARS, dict(lr=0.1)), (LAMB, dict(max_grad_norm=1.0))])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sparse_gradient_raises_and_changes_nothing(cls, kwargs, backend):
+    backend_or_skip(backend)
+    first, second = make_params(SMALL_SHAPES[:3]), make_params([(6, 4)], seed=9)
+    opt = cls([{"params": first}, {"params": second}], backend=backend, **kwargs)
+    params = first + second
+
+    def make_bad(ps):
+        ps[-1].grad = ps[-1].grad.to_sparse()
+
+    before, state_before = _bad_step(opt, params, make_bad)
+    with pytest.raises(RuntimeError, match="sparse gradients.*parameter 0 of param group 1"):
+        opt.step()
+    _assert_untouched(opt, params, before, state_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_complex_parameter_raises_and_changes_nothing(backend):
+    backend_or_skip(backend)
+    params = make_params(SMALL_SHAPES[:3])
+    z = torch.randn(3, 3, dtype=torch.complex64, requires_grad=True)
+    opt = LARS([{"params": params}, {"params": [z]}], lr=0.1, backend=backend)
+    set_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    z.grad = torch.randn_like(z)
+    with pytest.raises(ValueError, match="complex"):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    assert not opt.state
+
+
+def test_parameters_of_one_group_on_two_devices_raise_and_change_nothing():
+    cpu = make_params([(3, 3)])
+    meta = torch.nn.Parameter(torch.empty(3, 3, device="meta"))
+    opt = LARS(cpu + [meta], lr=0.1, backend="foreach")
+    set_grads(cpu, 0)
+    meta.grad = torch.empty(3, 3, device="meta")
+    before = cpu[0].detach().clone()
+    with pytest.raises(RuntimeError, match="several devices"):
+        opt.step()
+    assert torch.equal(cpu[0].detach(), before)
+    assert not opt.state
+
+
+def test_integer_parameter_is_rejected():
+    with pytest.raises(ValueError, match="floating-point"):
+        opt = LARS([torch.zeros(3, dtype=torch.int64)], lr=0.1)
+        opt.param_groups[0]["params"][0].grad = torch.zeros(3, dtype=torch.int64)
+        opt.step()
