@@ -1,0 +1,93 @@
+"""``python -m bench``: time one optimizer step of every backend side by side; see bench/README.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import harness, report
+from .param_sets import DEFAULT_SETS, all_sets
+
+
+def _csv(value: str) -> list[str]:
+    return [item for item in value.split(",") if item]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    sets = all_sets()
+    table = harness.contenders()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--optimizers", type=_csv, default=list(harness.OPTIMIZERS),
+                        help=f"comma-separated, from {','.join(harness.OPTIMIZERS)} (default: all)")
+    parser.add_argument("--backends", type=_csv, default=list(table),
+                        help="comma-separated contenders: our backends, the eager loop, foreach+compile, "
+                             f"peers and the SGD floor, from {','.join(table)} (default: all; the ones "
+                             "that cannot run here are listed as skipped with the reason)")
+    parser.add_argument("--sets", type=_csv, default=None,
+                        help=f"comma-separated parameter sets, from {','.join(sets)} "
+                             f"(default on cpu: {','.join(DEFAULT_SETS['cpu'])}; "
+                             f"on cuda: {','.join(DEFAULT_SETS['cuda'])})")
+    parser.add_argument("--dtype", type=_csv, default=["float32"],
+                        help="comma-separated parameter dtypes: float32, bfloat16, float16 (default: float32)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case (default: 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
+    parser.add_argument("--compile-sets", type=_csv, default=["resnet50"],
+                        help="sets on which foreach+compile runs, each compile costing tens of seconds "
+                             "(default: resnet50; '' for none)")
+    parser.add_argument("--time-budget", type=float, default=float("inf"),
+                        help="seconds after which cases not yet started are skipped (default: none)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); 1 keeps CPU numbers steady "
+                             "on a machine shared with other work")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"),
+                        help="folder for results.json, summary.md, step_time.png (default: bench/out)")
+    args = parser.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.sets is None:
+        args.sets = list(DEFAULT_SETS[args.device.type])
+    for option, chosen, known in (("--sets", args.sets, sets), ("--backends", args.backends, table),
+                                  ("--optimizers", args.optimizers, harness.OPTIMIZERS)):
+        unknown = [name for name in chosen if name not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    for name in args.dtype:
+        if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
+            parser.error(f"--dtype: {name} is not a floating-point torch dtype")
+    if args.steps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--steps and --threads must be >= 1, --warmup >= 0")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = harness.environment(args.device)
+    meta.update(dtypes=args.dtype, steps=args.steps, warmup=args.warmup, argv=sys.argv[1:] if argv is None else argv)
+    json_path = args.out / "results.json"
+    config = harness.RunConfig(
+        device=args.device, sets=[all_sets()[name] for name in args.sets], optimizers=args.optimizers,
+        contenders=args.backends, dtypes=[getattr(torch, name) for name in args.dtype], warmup=args.warmup,
+        steps=args.steps, compile_sets=set(args.compile_sets), time_budget_s=args.time_budget,
+        # Written after every case, so a run killed by an outer timeout still leaves its numbers.
+        on_case=lambda partial: report.write_json(json_path, partial, {**meta, "partial": True}),
+    )
+    run = harness.run(config)
+    report.write_json(json_path, run, meta)
+    (args.out / "summary.md").write_text(report.markdown(run, meta))
+    print(report.text_table(run))
+    why_no_plot = report.plot(args.out / "step_time.png", run)
+    print(f"\nwrote {json_path}, {args.out / 'summary.md'}"
+          + (f"\n{why_no_plot}" if why_no_plot else f", {args.out / 'step_time.png'}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
