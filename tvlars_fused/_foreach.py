@@ -17,8 +17,16 @@ def _clip(norms: Tensor, norm_clip: float | None) -> Tensor:
     return norms.clamp(max=norm_clip) if norm_clip is not None else norms
 
 
-def _norms(tensors: list[Tensor]) -> Tensor:
-    return torch.stack(torch._foreach_norm(tensors)) if tensors else torch.zeros(0)
+def _layer_norms(bucket: Bucket, *layer_lists: list[Tensor]) -> tuple[Tensor, ...]:
+    """One float32 vector of per-layer norms for each list. For sharded layers the local sums of squares
+    are summed over the ranks in a single all-reduce."""
+    norms = torch.stack([torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+                         for tensors in layer_lists])
+    if bucket.reduce_sums is not None:
+        sums = norms.square()
+        bucket.reduce_sums(sums)
+        norms = sums.sqrt()
+    return tuple(norms.unbind(0))
 
 
 def _float32(tensors: list[Tensor]) -> list[Tensor]:
@@ -78,11 +86,12 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
         w_a = [weights[i] for i in adapted]
         g_a = [grads[i] for i in adapted]
         d_a = torch._foreach_add(g_a, w_a, alpha=hp.weight_decay)
-        w_norm = _clip(_norms(w_a), hp.norm_clip)
+        w_norm, other_norm = _layer_norms(bucket, w_a, g_a if hp.sum_of_norms else d_a)
+        w_norm = _clip(w_norm, hp.norm_clip)
         if hp.sum_of_norms:
-            d_norm = _clip(_norms(g_a), hp.norm_clip) + hp.weight_decay * w_norm
+            d_norm = _clip(other_norm, hp.norm_clip) + hp.weight_decay * w_norm
         else:
-            d_norm = _clip(_norms(d_a), hp.norm_clip)
+            d_norm = _clip(other_norm, hp.norm_clip)
         ratio = hp.eta * w_norm / (d_norm + hp.eps)
         if hp.use_phi:
             t = torch.stack([bucket.steps[i] for i in adapted])
@@ -125,8 +134,8 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
         torch._foreach_add_([updates[i] for i in adapted], [weights[i] for i in adapted],
                             alpha=hp.weight_decay)
 
-    w_norm = _clip(_norms(weights), hp.norm_clip)
-    u_norm = _norms(updates)
+    w_norm, u_norm = _layer_norms(bucket, weights, updates)
+    w_norm = _clip(w_norm, hp.norm_clip)
     adapted_mask = bucket.cache.get("adapted_mask")
     if adapted_mask is None or adapted_mask.numel() != len(bucket):
         adapted_mask = torch.tensor([not e for e in bucket.excluded], device=w_norm.device)

@@ -18,6 +18,11 @@ from torch import Tensor
 from . import _backends
 from ._types import Bucket
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support
+    _DTensor = None
+
 
 def exclude_1d(param: Tensor) -> bool:
     """The default exclusion rule: biases and normalisation weights (``ndim <= 1``)."""
@@ -38,6 +43,36 @@ def _check_range(name: str, value, low: float, high: float | None = None, *, ope
     if not ok:
         bound = "" if high is None else (f", {high})" if open_high else f", {high}]")
         raise ValueError(f"Invalid {name}: {value!r} (must be in [{low}{bound or ', inf)'})")
+
+
+def _sharding(t: Tensor):
+    """(mesh, placements) of a DTensor, None for an ordinary tensor."""
+    if _DTensor is not None and isinstance(t, _DTensor):
+        return t.device_mesh, tuple(t.placements)
+    return None
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (in-place updates of it update the DTensor), else the tensor itself."""
+    return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+def _all_reduce_over(mesh, placements) -> Callable[[Tensor], None]:
+    """Sum over the mesh dimensions along which the tensors are sharded (replicated ones hold copies)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    groups = [mesh.get_group(dim) for dim, placement in enumerate(placements) if isinstance(placement, Shard)]
+    if len(placements) != sum(isinstance(pl, Shard) for pl in placements) + sum(
+            type(pl).__name__ == "Replicate" for pl in placements):
+        raise ValueError(f"sharded parameters with placements {placements} are not supported "
+                         "(only Shard and Replicate)")
+
+    def reduce_sums(sums: Tensor) -> None:
+        for group in groups:
+            dist.all_reduce(sums, group=group)
+
+    return reduce_sums
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -140,10 +175,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """The group's buckets by (device, dtype), with their backend (state is initialised here)."""
         by_key: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in with_grad:
-            by_key[(p.device, p.dtype)].append(p)
+            by_key[(p.device, p.dtype, _sharding(p))].append(p)
         buckets = []
-        for (device, dtype), params in by_key.items():
-            buckets.append((backends[device], self._bucket(index, group, device, dtype, params)))
+        for (device, dtype, sharding), params in by_key.items():
+            bucket = self._bucket(index, group, device, dtype, params)
+            backend = backends[device]
+            if sharding is not None:
+                bucket.reduce_sums = _all_reduce_over(*sharding)
+                # The fused kernels read whole-layer norms in-kernel; sharded layers take foreach's path,
+                # which reduces the local sums of squares with one all-reduce per bucket.
+                backend = "foreach" if backend in _backends.FUSED_BACKENDS else backend
+            buckets.append((backend, bucket))
         return group, buckets
 
     def _init_state(self, p: Tensor) -> dict[str, Tensor]:
@@ -170,12 +212,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 self._bucket_caches.clear()
             cache = self._bucket_caches[cache_key] = {}
         return Bucket(
-            params=params,
-            grads=[p.grad for p in params],
-            states=[[s[key] for s in states] for key in self._state_keys],
+            params=[_local(p) for p in params],
+            grads=[_local(p.grad) for p in params],
+            states=[[_local(s[key]) for s in states] for key in self._state_keys],
             steps=[s["step"] for s in states],
             excluded=[bool(exclude(p)) if exclude is not None else False for p in params],
-            masters=masters,
+            masters=None if masters is None else [_local(m) for m in masters],
             cache=cache,
         )
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -32,6 +33,10 @@ class Bucket:
     masters: list[Tensor] | None = None  # float32 master weights of low-precision params, or None
     # Per-bucket scratch that survives across steps (the cached layer tables live here).
     cache: dict = field(default_factory=dict)
+    # Sharded parameters (FSDP2 / DTensor): the tensors above are each rank's local shards, and this sums a
+    # float32 tensor of per-layer sums of squares over the ranks in place (one all-reduce), so every norm
+    # is the norm of the whole layer. None for ordinary tensors.
+    reduce_sums: Callable[[Tensor], None] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -53,6 +58,7 @@ class Bucket:
             steps=[self.steps[i] for i in indices],
             excluded=[self.excluded[i] for i in indices],
             masters=None if self.masters is None else [self.masters[i] for i in indices],
+            reduce_sums=self.reduce_sums,
         )
 
 

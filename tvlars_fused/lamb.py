@@ -54,14 +54,19 @@ class LAMB(LayerwiseOptimizer):
         """The global gradient norm over all layers of all groups, when any group clips by it."""
         if all(group["max_grad_norm"] is None for group, _ in plans):
             return None
-        grads = [g for _, buckets in plans for _, bucket in buckets for g in bucket.grads]
-        if not grads:
+        total = None
+        for _, buckets in plans:
+            for _, bucket in buckets:
+                norms = torch._foreach_norm(bucket.grads, 2, dtype=torch.float32)
+                sum_of_squares = torch.stack(norms).square().sum().reshape(1)
+                if bucket.reduce_sums is not None:  # sharded: sum the ranks' shards
+                    bucket.reduce_sums(sum_of_squares)
+                total = sum_of_squares if total is None else total + sum_of_squares.to(total.device)
+        if total is None:
             return None
-        device = grads[0].device
-        norms = [n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(grads)]
-        total = torch.linalg.vector_norm(torch.stack(norms))
+        total = total.sqrt()[0]
         if grad_scale is not None:
-            total = total / grad_scale.to(device)
+            total = total / grad_scale.to(total.device)
         return total
 
     def _hyper(self, group: dict[str, Any], global_grad_norm: Tensor | None = None) -> LambHyper:

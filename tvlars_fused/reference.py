@@ -30,8 +30,14 @@ def _clip(norm: float, norm_clip: float | None) -> float:
     return min(norm, norm_clip) if norm_clip is not None else norm
 
 
-def _norm(x: Tensor) -> float:
-    return torch.linalg.vector_norm(x, dtype=torch.float32).item()
+def _norm(bucket: Bucket, x: Tensor) -> float:
+    """||x|| of the whole layer: for a sharded layer, the local sum of squares summed over the ranks."""
+    norm = torch.linalg.vector_norm(x, dtype=torch.float32)
+    if bucket.reduce_sums is not None:
+        sum_of_squares = norm.square().reshape(1)
+        bucket.reduce_sums(sum_of_squares)
+        norm = sum_of_squares.sqrt()
+    return norm.item()
 
 
 def _read(bucket: Bucket, i: int, grad_scale: Tensor | None, grad_mult: Tensor | None):
@@ -69,11 +75,11 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
             u = g
         else:
             d = g + hp.weight_decay * w
-            wn = _clip(_norm(w), hp.norm_clip)
+            wn = _clip(_norm(bucket, w), hp.norm_clip)
             if hp.sum_of_norms:
-                dn = _clip(_norm(g), hp.norm_clip) + hp.weight_decay * wn
+                dn = _clip(_norm(bucket, g), hp.norm_clip) + hp.weight_decay * wn
             else:
-                dn = _clip(_norm(d), hp.norm_clip)
+                dn = _clip(_norm(bucket, d), hp.norm_clip)
             factor = phi(t, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min) if hp.use_phi else 1.0
             q = hp.eta * factor * wn / (dn + hp.eps) if wn > 0 and dn > 0 else 1.0
             u = q * d
@@ -103,7 +109,7 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
             mh, vh = m, v
         decay = 0.0 if bucket.excluded[i] else hp.weight_decay
         u = mh / (vh.sqrt() + hp.eps) + decay * w
-        wn = _clip(_norm(w), hp.norm_clip)
-        un = _norm(u)
+        wn = _clip(_norm(bucket, w), hp.norm_clip)
+        un = _norm(bucket, u)
         q = wn / un if wn > 0 and un > 0 and not bucket.excluded[i] else 1.0
         _write(bucket, i, w - lr * q * u)
