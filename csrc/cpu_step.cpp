@@ -1,0 +1,296 @@
+// The CPU twin of the CUDA kernel: same layer table, same math header, same phases.
+//
+// Pass 1 writes per-chunk partial sums of squares to the workspace (LAMB also updates the moments here);
+// the per-layer step reduces each layer's partials in chunk order (no atomics, so two runs are
+// bit-identical whatever the thread count), advances the step count once and computes the trust ratio;
+// pass 2 applies the update. Chunks are split into one contiguous block per OpenMP thread and pass 2 walks
+// each block backwards, so a thread starts on the chunks it read last (still in its cache).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+
+#include "layer_table.h"
+#include "optimizer_math.h"
+#include "step_inputs.h"
+#include "step_ops.h"
+
+namespace tvlars {
+namespace {
+
+// Independent accumulators per chunk: the inner loop vectorises without -ffast-math, and the lanes are
+// summed in a fixed order afterwards.
+constexpr int kLanes = 16;
+
+struct CpuTable {
+  const int64_t* rows;
+  const int32_t* chunk_layer;
+  int64_t num_layers;
+  int64_t num_chunks;
+  int64_t chunk_size;
+  float* chunk_partials;  // [num_chunks][2]
+  float* layer_results;   // [num_layers][2]: trust ratio, new step count
+};
+
+inline float ordered_sum(const float (&lanes)[kLanes]) {
+  float total = 0.0f;
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+// This thread's contiguous block of [0, n).
+inline ElementRange thread_block(int64_t n) {
+  const int64_t threads = omp_get_num_threads();
+  const int64_t id = omp_get_thread_num();
+  return {n * id / threads, n * (id + 1) / threads};
+}
+
+template <typename weight_t>
+inline const weight_t* weights_of(const int64_t* row) {
+  return column_ptr<const weight_t>(row, row[COL_MASTER] != 0 ? COL_MASTER : COL_PARAM);
+}
+
+// Stores the new weight: into the master copy when there is one, and (rounded once) into the parameter.
+template <typename scalar_t, bool kHasMaster>
+inline void store_weight(scalar_t* __restrict__ param, float* __restrict__ master, int64_t i, float w) {
+  if (kHasMaster) master[i] = w;
+  param[i] = static_cast<scalar_t>(w);
+}
+
+// ---------------------------------------------------------------- LARS family
+
+template <typename scalar_t, typename weight_t>
+void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, const LarsHyper& h, float* out) {
+  const weight_t* __restrict__ w = weights_of<weight_t>(row);
+  const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
+  float w_sq[kLanes] = {};
+  float denom_sq[kLanes] = {};
+  auto accumulate = [&](int64_t i, int j) {
+    const float wi = static_cast<float>(w[i]);
+    const float gi = effective_grad(static_cast<float>(g[i]), grad_scale, 1.0f);
+    const float term = lars_denominator_term(gi, lars_decayed_grad(gi, wi, h.weight_decay, false), h.sum_of_norms);
+    w_sq[j] += wi * wi;
+    denom_sq[j] += term * term;
+  };
+  int64_t i = r.begin;
+  for (; i + kLanes <= r.end; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) accumulate(i + j, j);
+  }
+  for (int j = 0; i + j < r.end; ++j) accumulate(i + j, j);
+  out[0] = ordered_sum(w_sq);
+  out[1] = ordered_sum(denom_sq);
+}
+
+template <typename scalar_t, bool kHasMaster>
+void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, float lr, float q, const LarsHyper& h) {
+  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
+  scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
+  float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
+  const weight_t* __restrict__ w_in = weights_of<weight_t>(row);
+  const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
+  float* __restrict__ buf = column_ptr<float>(row, COL_STATE0);
+  const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
+  for (int64_t i = r.begin; i < r.end; ++i) {
+    float w = static_cast<float>(w_in[i]);
+    const float d = lars_decayed_grad(effective_grad(static_cast<float>(g[i]), grad_scale, 1.0f), w,
+                                      h.weight_decay, excluded);
+    float b = buf[i];
+    lars_apply(h, lr, q, d, w, b);
+    buf[i] = b;
+    store_weight<scalar_t, kHasMaster>(param, master, i, w);
+  }
+}
+
+template <typename scalar_t, bool kHasMaster>
+void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float lr) {
+  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const ElementRange mine = thread_block(tab.num_chunks);
+    for (int64_t c = mine.begin; c < mine.end; ++c) {
+      const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
+      float* out = tab.chunk_partials + 2 * c;
+      if (row[COL_FLAGS] & FLAG_EXCLUDED) {  // no trust ratio: nothing to sum
+        out[0] = out[1] = 0.0f;
+        continue;
+      }
+      lars_chunk_partials<scalar_t, weight_t>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, h, out);
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t layer = 0; layer < tab.num_layers; ++layer) {
+      const int64_t* row = tab.rows + layer * NUM_COLS;
+      float w_sq = 0.0f, denom_sq = 0.0f;
+      for (int64_t c = row[COL_FIRST_CHUNK]; c < row[COL_FIRST_CHUNK] + row[COL_NUM_CHUNKS]; ++c) {
+        w_sq += tab.chunk_partials[2 * c];
+        denom_sq += tab.chunk_partials[2 * c + 1];
+      }
+      float* step = column_ptr<float>(row, COL_STEP);
+      const float t = *step + 1.0f;
+      *step = t;
+      tab.layer_results[2 * layer] = lars_trust_ratio(h, w_sq, denom_sq, t, row[COL_FLAGS] & FLAG_EXCLUDED);
+      tab.layer_results[2 * layer + 1] = t;
+    }  // implicit barrier
+    for (int64_t c = mine.end - 1; c >= mine.begin; --c) {
+      const int64_t layer = tab.chunk_layer[c];
+      const int64_t* row = tab.rows + layer * NUM_COLS;
+      lars_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr,
+                                             tab.layer_results[2 * layer], h);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- LAMB
+
+struct BiasCorrections {
+  float first;
+  float second;
+};
+
+inline BiasCorrections bias_corrections(const LambHyper& h, float t) {
+  if (!h.bias_correction) return {1.0f, 1.0f};
+  return {bias_correction(t, h.log_beta1), bias_correction(t, h.log_beta2)};
+}
+
+// Updates the moments of one chunk and sums w^2 and u^2 over it.
+template <typename scalar_t, typename weight_t>
+void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, float grad_mult, BiasCorrections bc,
+                        const LambHyper& h, float* out) {
+  const weight_t* __restrict__ w = weights_of<weight_t>(row);
+  const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
+  float* __restrict__ m = column_ptr<float>(row, COL_STATE0);
+  float* __restrict__ v = column_ptr<float>(row, COL_STATE1);
+  const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
+  float w_sq[kLanes] = {};
+  float u_sq[kLanes] = {};
+  auto accumulate = [&](int64_t i, int j) {
+    const float wi = static_cast<float>(w[i]);
+    float mi = m[i], vi = v[i];
+    lamb_moments(h, effective_grad(static_cast<float>(g[i]), grad_scale, grad_mult), mi, vi);
+    m[i] = mi;
+    v[i] = vi;
+    const float u = lamb_update(h, mi, vi, wi, bc.first, bc.second, excluded);
+    w_sq[j] += wi * wi;
+    u_sq[j] += u * u;
+  };
+  int64_t i = r.begin;
+  for (; i + kLanes <= r.end; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) accumulate(i + j, j);
+  }
+  for (int j = 0; i + j < r.end; ++j) accumulate(i + j, j);
+  out[0] = ordered_sum(w_sq);
+  out[1] = ordered_sum(u_sq);
+}
+
+// Recomputes u from the stored moments (bit-identical to pass 1's) and applies w -= lr*q*u.
+template <typename scalar_t, bool kHasMaster>
+void lamb_chunk_apply(const int64_t* row, ElementRange r, BiasCorrections bc, float lr_q, const LambHyper& h) {
+  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
+  scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
+  float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
+  const weight_t* __restrict__ w_in = weights_of<weight_t>(row);
+  const float* __restrict__ m = column_ptr<const float>(row, COL_STATE0);
+  const float* __restrict__ v = column_ptr<const float>(row, COL_STATE1);
+  const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
+  for (int64_t i = r.begin; i < r.end; ++i) {
+    const float w = static_cast<float>(w_in[i]);
+    const float u = lamb_update(h, m[i], v[i], w, bc.first, bc.second, excluded);
+    store_weight<scalar_t, kHasMaster>(param, master, i, w - lr_q * u);
+  }
+}
+
+template <typename scalar_t, bool kHasMaster>
+void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float grad_mult, float lr) {
+  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const ElementRange mine = thread_block(tab.num_chunks);
+    for (int64_t c = mine.begin; c < mine.end; ++c) {
+      const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
+      const float t = *column_ptr<const float>(row, COL_STEP) + 1.0f;  // written back only after the barrier
+      lamb_chunk_moments<scalar_t, weight_t>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, grad_mult,
+                                             bias_corrections(h, t), h, tab.chunk_partials + 2 * c);
+    }
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t layer = 0; layer < tab.num_layers; ++layer) {
+      const int64_t* row = tab.rows + layer * NUM_COLS;
+      float w_sq = 0.0f, u_sq = 0.0f;
+      for (int64_t c = row[COL_FIRST_CHUNK]; c < row[COL_FIRST_CHUNK] + row[COL_NUM_CHUNKS]; ++c) {
+        w_sq += tab.chunk_partials[2 * c];
+        u_sq += tab.chunk_partials[2 * c + 1];
+      }
+      float* step = column_ptr<float>(row, COL_STEP);
+      const float t = *step + 1.0f;
+      *step = t;
+      tab.layer_results[2 * layer] = lamb_trust_ratio(h, w_sq, u_sq, row[COL_FLAGS] & FLAG_EXCLUDED);
+      tab.layer_results[2 * layer + 1] = t;
+    }  // implicit barrier
+    for (int64_t c = mine.end - 1; c >= mine.begin; --c) {
+      const int64_t layer = tab.chunk_layer[c];
+      const int64_t* row = tab.rows + layer * NUM_COLS;
+      const float lr_q = lr * tab.layer_results[2 * layer];
+      lamb_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size),
+                                             bias_corrections(h, tab.layer_results[2 * layer + 1]), lr_q, h);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dispatch
+
+inline float scalar_or(const std::optional<at::Tensor>& t, float otherwise) {
+  return t.has_value() ? *t->data_ptr<float>() : otherwise;
+}
+
+CpuTable cpu_table(const at::Tensor& rows, const at::Tensor& chunk_layer, int64_t num_chunks, int64_t chunk_size,
+                   const at::Tensor& workspace) {
+  float* partials = workspace.data_ptr<float>();
+  return {rows.data_ptr<int64_t>(), chunk_layer.data_ptr<int32_t>(), rows.size(0), num_chunks, chunk_size,
+          partials, partials + 2 * num_chunks};
+}
+
+}  // namespace
+
+void lars_step_cpu(TVLARS_LARS_STEP_ARGS) {
+  const TensorColumns cols{params, grads, momentum_buffers, {}, masters, steps};
+  const int64_t num_chunks = check_step_inputs("lars_step", layers, layers_host, chunk_layer, cols, workspace,
+                                               chunk_size);
+  const at::Device device = params[0].device();
+  check_scalar("lars_step", "lr_tensor", lr_tensor, device);
+  check_scalar("lars_step", "grad_scale", grad_scale, device);
+  check_scalar("lars_step", "found_inf", found_inf, device);
+  if (scalar_or(found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
+  const std::optional<at::Tensor> fresh_rows = rows_for_lists(layers_host, cols);
+  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, num_chunks, chunk_size, workspace);
+  const LarsHyper h = make_lars_hyper(lr, momentum, weight_decay, eta, eps, norm_clip, sum_of_norms, nesterov,
+                                      use_phi, lmbda, alpha, delay, gamma_min);
+  const float scale = scalar_or(grad_scale, 1.0f);
+  const float lr_now = scalar_or(lr_tensor, h.lr);
+  dispatch_dtype(params[0].scalar_type(), !masters.empty(), [&](auto scalar, auto has_master) {
+    lars_cpu<decltype(scalar), decltype(has_master)::value>(tab, h, scale, lr_now);
+  });
+}
+
+void lamb_step_cpu(TVLARS_LAMB_STEP_ARGS) {
+  const TensorColumns cols{params, grads, exp_avgs, exp_avg_sqs, masters, steps};
+  const int64_t num_chunks = check_step_inputs("lamb_step", layers, layers_host, chunk_layer, cols, workspace,
+                                               chunk_size);
+  TORCH_CHECK(!exp_avg_sqs.empty(), "lamb_step: exp_avg_sqs is empty");
+  const at::Device device = params[0].device();
+  check_scalar("lamb_step", "lr_tensor", lr_tensor, device);
+  check_scalar("lamb_step", "grad_scale", grad_scale, device);
+  check_scalar("lamb_step", "found_inf", found_inf, device);
+  check_scalar("lamb_step", "clip_coef", clip_coef, device);
+  if (scalar_or(found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
+  const std::optional<at::Tensor> fresh_rows = rows_for_lists(layers_host, cols);
+  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, num_chunks, chunk_size, workspace);
+  const LambHyper h = make_lamb_hyper(lr, beta1, beta2, eps, weight_decay, bias_correction, norm_clip);
+  const float scale = scalar_or(grad_scale, 1.0f);
+  const float mult = scalar_or(clip_coef, 1.0f);
+  const float lr_now = scalar_or(lr_tensor, h.lr);
+  dispatch_dtype(params[0].scalar_type(), !masters.empty(), [&](auto scalar, auto has_master) {
+    lamb_cpu<decltype(scalar), decltype(has_master)::value>(tab, h, scale, mult, lr_now);
+  });
+}
+
+}  // namespace tvlars

@@ -1,0 +1,41 @@
+// The tvlars_fused op schemas. Every tensor a step writes is declared mutable (alias annotations), so
+// torch.compile and functionalization see the mutations; the fake impls live in tvlars_fused/_extension.py.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "build_marker.h"
+#include "layer_table.h"
+#include "step_ops.h"
+
+namespace {
+
+// The element range [begin, end) of one chunk, computed by the same int64 code the kernels use: lets the
+// tests check offsets beyond 2^31 without allocating such a layer.
+std::vector<int64_t> chunk_elements_op(int64_t numel, int64_t first_chunk, int64_t chunk, int64_t chunk_size) {
+  const tvlars::ElementRange range = tvlars::chunk_elements(numel, first_chunk, chunk, chunk_size);
+  return {range.begin, range.end};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tvlars_fused, m) {
+  m.def(
+      "lars_step(Tensor layers, Tensor layers_host, Tensor chunk_layer, Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, Tensor(d!)[] steps, Tensor(e!) workspace, "
+      "Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, float weight_decay, "
+      "float eta, float eps, float? norm_clip, bool sum_of_norms, bool nesterov, bool use_phi, float lmbda, "
+      "float alpha, float delay, float gamma_min, int chunk_size) -> ()");
+  m.def(
+      "lamb_step(Tensor layers, Tensor layers_host, Tensor chunk_layer, Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] steps, "
+      "Tensor(f!) workspace, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, bool bias_correction, "
+      "float? norm_clip, int chunk_size) -> ()");
+  m.def("chunk_elements(int numel, int first_chunk, int chunk, int chunk_size) -> int[]", &chunk_elements_op);
+}
+
+TORCH_LIBRARY_IMPL(tvlars_fused, CPU, m) {
+  m.impl("lars_step", &tvlars::lars_step_cpu);
+  m.impl("lamb_step", &tvlars::lamb_step_cpu);
+}

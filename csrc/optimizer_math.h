@@ -1,0 +1,127 @@
+// The per-element and per-layer math of TVLARS, LARS and LAMB (shared/spec/ALGORITHMS.md), in float32.
+//
+// One header for both compilers: nvcc sees __host__ __device__ functions, g++ sees plain inline ones, so the
+// CPU twin and the CUDA kernel cannot drift apart. Every function takes float32 values; storage dtypes are
+// converted by the callers (one rounding on store).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define TVLARS_HD __host__ __device__ __forceinline__
+#else
+#define TVLARS_HD inline
+#endif
+
+namespace tvlars {
+
+struct LarsHyper {
+  float lr;
+  float momentum;
+  float weight_decay;
+  float eta;
+  float eps;
+  float norm_clip;  // only when has_norm_clip
+  bool has_norm_clip;
+  bool sum_of_norms;  // trust denominator ||g|| + beta*||w|| instead of ||g + beta*w||
+  bool nesterov;
+  bool use_phi;  // TVLARS; plain LARS has phi == 1
+  float lmbda;
+  float alpha;
+  float delay;
+  float gamma_min;
+};
+
+struct LambHyper {
+  float lr;
+  float beta1;
+  float beta2;
+  float one_minus_beta1;  // 1 - beta computed in float64 on the host, then rounded once
+  float one_minus_beta2;
+  float log_beta1;  // log(beta) computed in float64 on the host (bias correction without cancellation)
+  float log_beta2;
+  float eps;
+  float weight_decay;
+  float norm_clip;  // only when has_norm_clip
+  bool has_norm_clip;
+  bool bias_correction;
+};
+
+// TVLARS's time-varying factor. expf overflows to inf for large lmbda*(t-delay): 1/inf is 0, so phi is
+// gamma_min, never NaN.
+TVLARS_HD float tvlars_phi(float t, float lmbda, float alpha, float delay, float gamma_min) {
+  return 1.0f / (alpha + expf(lmbda * (t - delay))) + gamma_min;
+}
+
+TVLARS_HD float clip_norm(float norm, bool has_clip, float clip) {
+  return (has_clip && norm > clip) ? clip : norm;
+}
+
+// The gradient as the step sees it: divided by GradScaler's scale, times LAMB's global clip coefficient.
+// Both factors are 1 when absent; dividing or multiplying by 1 is exact.
+TVLARS_HD float effective_grad(float g, float grad_scale, float grad_mult) {
+  return g / grad_scale * grad_mult;
+}
+
+// ---------------------------------------------------------------- LARS family
+
+// d = g + beta*w for adapted layers; excluded layers take neither weight decay nor trust ratio (u = g).
+TVLARS_HD float lars_decayed_grad(float g, float w, float weight_decay, bool excluded) {
+  return excluded ? g : g + weight_decay * w;
+}
+
+// The square summed for the trust denominator: d for "norm_of_sum", g for "sum_of_norms".
+TVLARS_HD float lars_denominator_term(float g, float d, bool sum_of_norms) {
+  return sum_of_norms ? g : d;
+}
+
+// q from the layer's summed squares: w_sq = sum w^2, denom_sq = sum d^2 or sum g^2 (lars_denominator_term).
+// Zero norms take the q = 1 branch, so a zero-initialised layer or a zero gradient never gives NaN.
+TVLARS_HD float lars_trust_ratio(const LarsHyper& h, float w_sq, float denom_sq, float t, bool excluded) {
+  if (excluded) return 1.0f;
+  const float wn = clip_norm(sqrtf(w_sq), h.has_norm_clip, h.norm_clip);
+  float dn;
+  if (h.sum_of_norms) {
+    dn = clip_norm(sqrtf(denom_sq), h.has_norm_clip, h.norm_clip) + h.weight_decay * wn;
+  } else {
+    dn = clip_norm(sqrtf(denom_sq), h.has_norm_clip, h.norm_clip);
+  }
+  if (!(wn > 0.0f && dn > 0.0f)) return 1.0f;
+  const float factor = h.use_phi ? tvlars_phi(t, h.lmbda, h.alpha, h.delay, h.gamma_min) : 1.0f;
+  return h.eta * factor * wn / (dn + h.eps);
+}
+
+// u = q*d; buf = mu*buf + u; w -= lr * (nesterov ? u + mu*buf : buf). Updates w and buf in place.
+TVLARS_HD void lars_apply(const LarsHyper& h, float lr, float q, float d, float& w, float& buf) {
+  const float u = q * d;
+  buf = h.momentum * buf + u;
+  const float step_dir = h.nesterov ? u + h.momentum * buf : buf;
+  w = w - lr * step_dir;
+}
+
+// ---------------------------------------------------------------- LAMB
+
+// 1 - beta**t as -expm1(t*log(beta)): no cancellation when beta is close to 1.
+TVLARS_HD float bias_correction(float t, float log_beta) {
+  return -expm1f(t * log_beta);
+}
+
+// m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g, in place.
+TVLARS_HD void lamb_moments(const LambHyper& h, float g, float& m, float& v) {
+  m = h.beta1 * m + h.one_minus_beta1 * g;
+  v = h.beta2 * v + (h.one_minus_beta2 * g) * g;
+}
+
+// u = mh / (sqrt(vh) + eps) + beta*w, with mh = m/bc1, vh = v/bc2 (bc = 1 without bias correction).
+TVLARS_HD float lamb_update(const LambHyper& h, float m, float v, float w, float bc1, float bc2, bool excluded) {
+  const float decay = excluded ? 0.0f : h.weight_decay;
+  return (m / bc1) / (sqrtf(v / bc2) + h.eps) + decay * w;
+}
+
+TVLARS_HD float lamb_trust_ratio(const LambHyper& h, float w_sq, float u_sq, bool excluded) {
+  const float wn = clip_norm(sqrtf(w_sq), h.has_norm_clip, h.norm_clip);
+  const float un = sqrtf(u_sq);
+  return (wn > 0.0f && un > 0.0f && !excluded) ? wn / un : 1.0f;
+}
+
+}  // namespace tvlars

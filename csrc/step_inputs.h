@@ -1,0 +1,201 @@
+// Checking the arguments of the tvlars_fused ops and turning them into what the CPU and CUDA steps read.
+//
+// The kernels walk the layer table's pointers, not the tensor lists; the lists are in the schema so that
+// torch.compile sees every mutated tensor. Under functionalization the lists can hold copies of the tensors
+// the table was built for, so `current_rows` compares the two and builds fresh rows from the lists when
+// they differ: the op always writes to exactly the tensors it was given.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "layer_table.h"
+
+namespace tvlars {
+
+struct TensorColumns {
+  at::TensorList params;
+  at::TensorList grads;
+  at::TensorList state0;
+  at::TensorList state1;  // empty for LARS
+  at::TensorList masters;  // empty when there are no master weights
+  at::TensorList steps;
+};
+
+inline void check_list(const char* op, const char* name, at::TensorList list, int64_t num_layers,
+                       const at::Tensor& layers_host, at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(static_cast<int64_t>(list.size()) == num_layers, op, ": ", name, " has ", list.size(),
+              " tensors but the layer table has ", num_layers, " layers");
+  const int64_t* rows = layers_host.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_layers; ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+                ", expected ", dtype);
+    TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), ", expected ", device);
+    TORCH_CHECK(t.numel() == rows[i * NUM_COLS + COL_NUMEL], op, ": ", name, "[", i, "] has ", t.numel(),
+                " elements but the layer table says ", rows[i * NUM_COLS + COL_NUMEL]);
+    TORCH_CHECK(t.numel() <= 1 || t.is_non_overlapping_and_dense(), op, ": ", name, "[", i,
+                "] is not dense (strided layers belong to the foreach path)");
+  }
+}
+
+inline void check_scalar(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                         const at::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), ", expected ", device);
+}
+
+// Checks everything the kernels rely on; returns the number of chunks.
+inline int64_t check_step_inputs(const char* op, const at::Tensor& layers, const at::Tensor& layers_host,
+                                 const at::Tensor& chunk_layer, const TensorColumns& cols,
+                                 const at::Tensor& workspace, int64_t chunk_size) {
+  TORCH_CHECK(!cols.params.empty(), op, ": params is empty");
+  const at::Device device = cols.params[0].device();
+  const at::ScalarType dtype = cols.params[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              ": params must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(layers_host.device().is_cpu() && layers_host.scalar_type() == at::kLong && layers_host.dim() == 2 &&
+                  layers_host.size(1) == NUM_COLS && layers_host.is_contiguous(),
+              op, ": layers_host must be a contiguous CPU int64 tensor of shape [num_layers, ", NUM_COLS, "]");
+  TORCH_CHECK(layers.device() == device && layers.sizes() == layers_host.sizes() &&
+                  layers.scalar_type() == at::kLong && layers.is_contiguous(),
+              op, ": layers must be layers_host's copy on ", device);
+  const int64_t num_layers = layers_host.size(0);
+  TORCH_CHECK(chunk_size > 0 && chunk_size % 4 == 0, op, ": chunk_size must be a positive multiple of 4, got ",
+              chunk_size);
+  TORCH_CHECK(chunk_layer.device() == device && chunk_layer.scalar_type() == at::kInt && chunk_layer.dim() == 1 &&
+                  chunk_layer.is_contiguous(),
+              op, ": chunk_layer must be a contiguous int32 vector on ", device);
+  const int64_t* rows = layers_host.data_ptr<int64_t>();
+  const int64_t num_chunks = num_layers == 0 ? 0
+      : rows[(num_layers - 1) * NUM_COLS + COL_FIRST_CHUNK] + rows[(num_layers - 1) * NUM_COLS + COL_NUM_CHUNKS];
+  TORCH_CHECK(chunk_layer.numel() == num_chunks, op, ": chunk_layer has ", chunk_layer.numel(),
+              " entries but the layer table has ", num_chunks, " chunks");
+  check_list(op, "params", cols.params, num_layers, layers_host, dtype, device);
+  check_list(op, "grads", cols.grads, num_layers, layers_host, dtype, device);
+  check_list(op, "state", cols.state0, num_layers, layers_host, at::kFloat, device);
+  if (!cols.state1.empty()) check_list(op, "exp_avg_sqs", cols.state1, num_layers, layers_host, at::kFloat, device);
+  if (!cols.masters.empty()) {
+    TORCH_CHECK(dtype != at::kFloat, op, ": master weights are for bfloat16/float16 params only");
+    check_list(op, "masters", cols.masters, num_layers, layers_host, at::kFloat, device);
+  }
+  TORCH_CHECK(static_cast<int64_t>(cols.steps.size()) == num_layers, op, ": steps has ", cols.steps.size(),
+              " tensors but the layer table has ", num_layers, " layers");
+  for (int64_t i = 0; i < num_layers; ++i) {
+    const at::Tensor& s = cols.steps[i];
+    TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device, op, ": steps[", i,
+                "] must be a float32 scalar on ", device);
+    for (at::TensorList list : {cols.grads, cols.state0, cols.state1, cols.masters}) {
+      if (!list.empty() && cols.params[i].numel() > 1) {
+        TORCH_CHECK(list[i].strides() == cols.params[i].strides(), op, ": layer ", i,
+                    " has tensors of different memory layouts");
+      }
+    }
+  }
+  TORCH_CHECK(workspace.device() == device && workspace.scalar_type() == at::kFloat && workspace.is_contiguous() &&
+                  workspace.numel() >= 2 * (num_chunks + num_layers),
+              op, ": workspace must be a contiguous float32 tensor of at least 2 * (num_chunks + num_layers) = ",
+              2 * (num_chunks + num_layers), " elements on ", device);
+  return num_chunks;
+}
+
+// The table's rows with the lists' pointers: nullopt when the table already points at these tensors.
+inline std::optional<at::Tensor> rows_for_lists(const at::Tensor& layers_host, const TensorColumns& cols) {
+  const int64_t num_layers = layers_host.size(0);
+  const int64_t* rows = layers_host.data_ptr<int64_t>();
+  auto ptr = [](at::TensorList list, int64_t i) -> int64_t {
+    return list.empty() ? 0 : reinterpret_cast<intptr_t>(list[i].data_ptr());
+  };
+  const std::pair<int, at::TensorList> columns[] = {{COL_PARAM, cols.params},   {COL_GRAD, cols.grads},
+                                                    {COL_STATE0, cols.state0},  {COL_STATE1, cols.state1},
+                                                    {COL_MASTER, cols.masters}, {COL_STEP, cols.steps}};
+  bool same = true;
+  for (int64_t i = 0; i < num_layers && same; ++i) {
+    for (const auto& column : columns) same = same && rows[i * NUM_COLS + column.first] == ptr(column.second, i);
+  }
+  if (same) return std::nullopt;
+  at::Tensor fresh = layers_host.clone();
+  int64_t* out = fresh.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num_layers; ++i) {
+    for (const auto& column : columns) out[i * NUM_COLS + column.first] = ptr(column.second, i);
+  }
+  return fresh;
+}
+
+// Calls fn(scalar_t{}, std::integral_constant<bool, has master weights>{}) for the parameters' dtype.
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, bool has_master, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      fn(float{}, std::false_type{});
+      break;
+    case at::kBFloat16:
+      has_master ? fn(c10::BFloat16{}, std::true_type{}) : fn(c10::BFloat16{}, std::false_type{});
+      break;
+    case at::kHalf:
+      has_master ? fn(c10::Half{}, std::true_type{}) : fn(c10::Half{}, std::false_type{});
+      break;
+    default:
+      TORCH_CHECK(false, "unsupported parameter dtype ", dtype);
+  }
+}
+
+inline const float* optional_ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+}  // namespace tvlars
+
+namespace tvlars {
+
+inline LarsHyper make_lars_hyper(double lr, double momentum, double weight_decay, double eta, double eps,
+                                 std::optional<double> norm_clip, bool sum_of_norms, bool nesterov, bool use_phi,
+                                 double lmbda, double alpha, double delay, double gamma_min) {
+  LarsHyper h;
+  h.lr = static_cast<float>(lr);
+  h.momentum = static_cast<float>(momentum);
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.eta = static_cast<float>(eta);
+  h.eps = static_cast<float>(eps);
+  h.has_norm_clip = norm_clip.has_value();
+  h.norm_clip = static_cast<float>(norm_clip.value_or(0.0));
+  h.sum_of_norms = sum_of_norms;
+  h.nesterov = nesterov;
+  h.use_phi = use_phi;
+  h.lmbda = static_cast<float>(lmbda);
+  h.alpha = static_cast<float>(alpha);
+  h.delay = static_cast<float>(delay);
+  h.gamma_min = static_cast<float>(gamma_min);
+  return h;
+}
+
+inline LambHyper make_lamb_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                 bool bias_correction, std::optional<double> norm_clip) {
+  TORCH_CHECK(beta1 > 0.0 && beta1 < 1.0, "lamb_step: beta1 must be in (0, 1), got ", beta1);
+  TORCH_CHECK(beta2 > 0.0 && beta2 < 1.0, "lamb_step: beta2 must be in (0, 1), got ", beta2);
+  LambHyper h;
+  h.lr = static_cast<float>(lr);
+  h.beta1 = static_cast<float>(beta1);
+  h.beta2 = static_cast<float>(beta2);
+  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  h.log_beta1 = static_cast<float>(std::log(beta1));
+  h.log_beta2 = static_cast<float>(std::log(beta2));
+  h.eps = static_cast<float>(eps);
+  h.weight_decay = static_cast<float>(weight_decay);
+  h.has_norm_clip = norm_clip.has_value();
+  h.norm_clip = static_cast<float>(norm_clip.value_or(0.0));
+  h.bias_correction = bias_correction;
+  return h;
+}
+
+}  // namespace tvlars

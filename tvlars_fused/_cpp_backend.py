@@ -1,0 +1,83 @@
+"""The compiled backends: ``backend="cuda"`` (one cooperative kernel launch per step) and its CPU twin
+``backend="cpp"`` (OpenMP over chunks), both the ``tvlars_fused`` ops of ``csrc/``.
+
+A bucket is split by ``prepare``: the layers the layer table covers go to one op call; strided layers (rare)
+go through the ``foreach`` backend. The ops read ``lr``, ``grad_scale``, ``found_inf`` and LAMB's clip
+coefficient from device scalars, so a step never synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _extension, _foreach
+from ._layer_table import LayerTable, prepare
+from ._types import Bucket, LambHyper, LarsHyper
+
+# Elements per chunk: the unit of work of one CUDA block or one OpenMP iteration (a multiple of 4 for the
+# kernel's 16-byte loads). 16384 gives the GPU enough chunks to balance ResNet-sized buckets.
+CHUNK = 16384
+
+
+def _workspace(table: LayerTable) -> tuple[Tensor, Tensor]:
+    """(per-table scratch for partial sums and per-layer results, host copy of the layer table)."""
+    ws = table.workspace
+    if "cpp_partials" not in ws:
+        device = table.layers.device
+        ws["cpp_partials"] = torch.empty(2 * (table.num_chunks + table.num_layers), dtype=torch.float32,
+                                         device=device)
+        ws["cpp_layers_host"] = table.layers if device.type == "cpu" else table.layers.cpu()
+    return ws["cpp_partials"], ws["cpp_layers_host"]
+
+
+def _device_scalar(value: Tensor | None, name: str, device: torch.device) -> Tensor | None:
+    """A one-element float32 tensor on ``device`` (no copy when it already is one)."""
+    if value is None:
+        return None
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar tensor, got shape {tuple(value.shape)}")
+    return value.to(device=device, dtype=torch.float32).reshape(())
+
+
+def _lr(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
+    if isinstance(lr, Tensor):
+        return 0.0, _device_scalar(lr, "lr", device)
+    return float(lr), None
+
+
+def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
+              found_inf: Tensor | None = None) -> None:
+    covered, table, rest = prepare(bucket, CHUNK)
+    if rest is not None:
+        _foreach.lars_step(rest, hp, grad_scale, found_inf)
+    if covered is None:
+        return
+    device = covered.device
+    workspace, layers_host = _workspace(table)
+    lr, lr_tensor = _lr(hp.lr, device)
+    _extension.ops().lars_step(
+        table.layers, layers_host, table.chunk_layer, covered.params, covered.grads, covered.states[0],
+        covered.masters or [], covered.steps, workspace, lr_tensor,
+        _device_scalar(grad_scale, "grad_scale", device), _device_scalar(found_inf, "found_inf", device),
+        lr, hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.norm_clip, hp.sum_of_norms, hp.nesterov, hp.use_phi,
+        hp.lmbda, hp.alpha, hp.delay, hp.gamma_min, CHUNK)
+
+
+def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
+              found_inf: Tensor | None = None) -> None:
+    covered, table, rest = prepare(bucket, CHUNK)
+    if rest is not None:
+        _foreach.lamb_step(rest, hp, grad_scale, found_inf)
+    if covered is None:
+        return
+    device = covered.device
+    workspace, layers_host = _workspace(table)
+    lr, lr_tensor = _lr(hp.lr, device)
+    exp_avgs, exp_avg_sqs = covered.states
+    _extension.ops().lamb_step(
+        table.layers, layers_host, table.chunk_layer, covered.params, covered.grads, exp_avgs, exp_avg_sqs,
+        covered.masters or [], covered.steps, workspace, lr_tensor,
+        _device_scalar(grad_scale, "grad_scale", device), _device_scalar(found_inf, "found_inf", device),
+        _device_scalar(hp.clip_coef, "clip_coef", device), lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay,
+        hp.bias_correction, hp.norm_clip, CHUNK)
