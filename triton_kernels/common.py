@@ -1,0 +1,110 @@
+"""Device helpers shared by the LARS-family and LAMB kernels: reading the layer table, reducing a layer's
+per-chunk partial sums in a fixed order, phi and the bias correction in float32.
+
+Every kernel runs one program per chunk of the layer table (``tvlars_fused/_layer_table.py``); a program
+finds its layer through ``chunk_layer`` and walks the elements ``[start, end)`` of its chunk in tiles of
+``BLOCK`` with 64-bit offsets.
+"""
+
+import triton
+import triton.language as tl
+
+from .._layer_table import (COL_FIRST_CHUNK, COL_FLAGS, COL_GRAD, COL_MASTER, COL_NUM_CHUNKS, COL_NUMEL,
+                            COL_PARAM, COL_STATE0, COL_STATE1, COL_STEP, FLAG_EXCLUDED, NUM_COLS)
+
+# Globals a @triton.jit function reads must be constexpr.
+NUM_COLS_C = tl.constexpr(NUM_COLS)
+COL_PARAM_C = tl.constexpr(COL_PARAM)
+COL_GRAD_C = tl.constexpr(COL_GRAD)
+COL_STATE0_C = tl.constexpr(COL_STATE0)
+COL_STATE1_C = tl.constexpr(COL_STATE1)
+COL_MASTER_C = tl.constexpr(COL_MASTER)
+COL_STEP_C = tl.constexpr(COL_STEP)
+COL_NUMEL_C = tl.constexpr(COL_NUMEL)
+COL_FIRST_CHUNK_C = tl.constexpr(COL_FIRST_CHUNK)
+COL_NUM_CHUNKS_C = tl.constexpr(COL_NUM_CHUNKS)
+COL_FLAGS_C = tl.constexpr(COL_FLAGS)
+FLAG_EXCLUDED_C = tl.constexpr(FLAG_EXCLUDED)
+
+# expm1(x) by its Taylor series for |x| below this, by exp(x) - 1 above (where the cancellation costs at most
+# a few ulps: |exp(x) - 1| >= 0.39 there).
+EXPM1_SERIES_LIMIT = tl.constexpr(0.5)
+
+
+@triton.jit
+def table_pointer(row_ptr, col: tl.constexpr, dtype: tl.constexpr):
+    """The tensor address stored in column ``col`` of a layer's row, as a pointer to ``dtype``."""
+    return tl.load(row_ptr + col).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def chunk_span(layers_ptr, chunk_layer_ptr, CHUNK: tl.constexpr):
+    """This program's chunk: (its layer's row pointer, layer index, first element, end element, whether it is
+    the layer's first chunk). Offsets are int64, so layers beyond 2**31 elements work."""
+    chunk = tl.program_id(0)
+    layer = tl.load(chunk_layer_ptr + chunk).to(tl.int64)
+    row_ptr = layers_ptr + layer * NUM_COLS_C
+    numel = tl.load(row_ptr + COL_NUMEL_C)
+    first_chunk = tl.load(row_ptr + COL_FIRST_CHUNK_C)
+    index_in_layer = chunk.to(tl.int64) - first_chunk
+    start = index_in_layer * CHUNK
+    end = tl.minimum(start + CHUNK, numel)
+    return row_ptr, layer, start, end, index_in_layer == 0
+
+
+@triton.jit
+def is_excluded(row_ptr):
+    return (tl.load(row_ptr + COL_FLAGS_C) & FLAG_EXCLUDED_C) != 0
+
+
+@triton.jit
+def layer_sum(partials_ptr, row_ptr, RBLOCK: tl.constexpr):
+    """The sum of a layer's per-chunk partials, always added in the same order (chunk by chunk in tiles of
+    RBLOCK, then one tree reduction), so every program of the layer and every run gets the same bits."""
+    first = tl.load(row_ptr + COL_FIRST_CHUNK_C)
+    count = tl.load(row_ptr + COL_NUM_CHUNKS_C)
+    acc = tl.zeros([RBLOCK], dtype=tl.float32)
+    for offset in range(0, count, RBLOCK):
+        index = offset + tl.arange(0, RBLOCK)
+        acc += tl.load(partials_ptr + first + index, mask=index < count, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def phi(t, lmbda, alpha, delay, gamma_min):
+    """TVLARS's 1 / (alpha + exp(lmbda * (t - delay))) + gamma_min in float32; an overflowing exp gives
+    1 / inf = 0, so phi = gamma_min and never NaN."""
+    return 1.0 / (alpha + tl.exp(lmbda * (t - delay))) + gamma_min
+
+
+@triton.jit
+def one_minus_pow(log_beta, t):
+    """1 - beta**t = -expm1(t * log(beta)) in float32 (``log_beta`` from float64 on the host). Triton has no
+    portable expm1 (the interpreter has no libdevice), so: Taylor series to x**9 for small |x| (truncation
+    below 1e-9 relative), exp(x) - 1 elsewhere."""
+    x = t * log_beta
+    series = 1.0 + x / 9.0  # Horner: x * (1 + x/2 * (1 + x/3 * (... * (1 + x/9))))
+    series = 1.0 + x / 8.0 * series
+    series = 1.0 + x / 7.0 * series
+    series = 1.0 + x / 6.0 * series
+    series = 1.0 + x / 5.0 * series
+    series = 1.0 + x / 4.0 * series
+    series = 1.0 + x / 3.0 * series
+    series = 1.0 + x / 2.0 * series
+    series = x * series
+    expm1 = tl.where(tl.abs(x) < EXPM1_SERIES_LIMIT, series, tl.exp(x) - 1.0)
+    return -expm1
+
+
+@triton.jit
+def to_param_dtype(x, PARAM_DTYPE: tl.constexpr):
+    """float32 -> the parameter dtype, rounded once to nearest-even. bfloat16 rounds by hand on the bits: the
+    Triton interpreter's own float32 -> bfloat16 cast truncates (and its round-to-nearest mode does not carry
+    into the exponent), and hand rounding keeps what CI checks identical to what a GPU runs. NaN stays NaN."""
+    if PARAM_DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        quiet_nan = (bits >> 16) | 0x40
+        return tl.where(x != x, quiet_nan, nearest_even).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(PARAM_DTYPE)

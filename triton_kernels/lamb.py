@@ -1,0 +1,129 @@
+"""LAMB in two launches per bucket, whatever the number of layers.
+
+The trust ratio needs ||u|| over the whole layer, and u needs the layer's new moments, so the work is split:
+
+Pass 1 (``lamb_moments_kernel``), one program per chunk: reads the state step and uses t = step + 1 (no
+program writes the state step in this pass; the layer's first-chunk program records t in ``new_steps``).
+It computes the new m and v of its own chunk's elements and stores them (no other program reads them in
+this pass, and pass 2 always follows on the same stream), forms u from them, and writes the chunk's partial
+sums of ||w||^2 and ||u||^2 to ``partials`` (``[2, num_chunks]``). Weights and gradients are not written.
+
+Pass 2 (``lamb_update_kernel``), one program per chunk: re-reduces its own layer's partials in a fixed order
+(deterministic, no atomics), reads t from ``new_steps``, recomputes u from the stored new moments with the
+same code as pass 1, and applies w -= lr * q * u; the layer's first-chunk program stores t in the state step.
+
+``found_inf`` non-zero empties every loop and masks every persistent store of both passes.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import (COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STATE1_C, COL_STEP_C, chunk_span,
+                     is_excluded, layer_sum, one_minus_pow, table_pointer, to_param_dtype)
+
+
+@triton.jit
+def bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION: tl.constexpr):
+    if BIAS_CORRECTION:
+        return one_minus_pow(log_beta1, t), one_minus_pow(log_beta2, t)
+    else:
+        return 1.0, 1.0
+
+
+@triton.jit
+def lamb_update_direction(m, v, w, correction1, correction2, eps, decay):
+    """u = m_hat / (sqrt(v_hat) + eps) + decay * w, shared by both passes so they compute the same u."""
+    return (m / correction1) / (tl.sqrt(v / correction2) + eps) + decay * w
+
+
+@triton.jit
+def lamb_moments_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, grad_scale_ptr, found_inf_ptr,
+                        clip_coef_ptr, num_chunks, beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1,
+                        log_beta2, eps, weight_decay,
+                        PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                        HAS_CLIP_COEF: tl.constexpr, BIAS_CORRECTION: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # 1 - beta comes from float64 on the host: in float32, 1 - 0.999 is off by 1e-5 relative.
+    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, CHUNK)
+    skip = tl.load(found_inf_ptr) != 0
+    end = tl.where(skip, start, end)
+    t = tl.load(table_pointer(row_ptr, COL_STEP_C, tl.float32)) + 1.0
+    tl.store(new_steps_ptr + layer, t, mask=first)
+    correction1, correction2 = bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION)
+    decay = tl.where(is_excluded(row_ptr), 0.0, weight_decay)
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+    if HAS_CLIP_COEF:
+        clip_coef = tl.load(clip_coef_ptr)
+
+    grad_ptr = table_pointer(row_ptr, COL_GRAD_C, PARAM_DTYPE)
+    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32)
+    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32)
+    if HAS_MASTER:
+        weight_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32)
+    else:
+        weight_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE)
+    w_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    u_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    for offset in range(start, end, BLOCK):
+        index = offset + tl.arange(0, BLOCK)
+        mask = index < end
+        g = tl.load(grad_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GRAD_SCALE:
+            g = g / grad_scale
+        if HAS_CLIP_COEF:
+            g = g * clip_coef
+        m = beta1 * tl.load(m_ptr + index, mask=mask, other=0.0) + one_minus_beta1 * g
+        v = beta2 * tl.load(v_ptr + index, mask=mask, other=0.0) + one_minus_beta2 * g * g
+        tl.store(m_ptr + index, m, mask=mask)
+        tl.store(v_ptr + index, v, mask=mask)
+        w = tl.load(weight_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        u = lamb_update_direction(m, v, w, correction1, correction2, eps, decay)
+        w_sq += w * w
+        u_sq += tl.where(mask, u * u, 0.0)
+    chunk = tl.program_id(0)
+    tl.store(partials_ptr + chunk, tl.sum(w_sq, axis=0))
+    tl.store(partials_ptr + num_chunks + chunk, tl.sum(u_sq, axis=0))
+
+
+@triton.jit
+def lamb_update_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, found_inf_ptr, lr_ptr,
+                       num_chunks, lr, log_beta1, log_beta2, eps, weight_decay, norm_clip,
+                       PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+                       BIAS_CORRECTION: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                       RBLOCK: tl.constexpr):
+    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, CHUNK)
+    skip = tl.load(found_inf_ptr) != 0
+    end = tl.where(skip, start, end)
+    t = tl.load(new_steps_ptr + layer)
+    correction1, correction2 = bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION)
+
+    adapted = ~is_excluded(row_ptr)
+    decay = tl.where(adapted, weight_decay, 0.0)
+    w_norm = tl.minimum(tl.sqrt(layer_sum(partials_ptr, row_ptr, RBLOCK)), norm_clip)
+    u_norm = tl.sqrt(layer_sum(partials_ptr + num_chunks, row_ptr, RBLOCK))
+    trusted = adapted & (w_norm > 0) & (u_norm > 0)
+    q = tl.where(trusted, w_norm / tl.where(trusted, u_norm, 1.0), 1.0)  # no 0 / 0 on the q = 1 branch
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr)
+    scale = lr * q
+
+    param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE)
+    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32)
+    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32)
+    if HAS_MASTER:
+        master_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32)
+    for offset in range(start, end, BLOCK):
+        index = offset + tl.arange(0, BLOCK)
+        mask = index < end
+        if HAS_MASTER:
+            w = tl.load(master_ptr + index, mask=mask, other=0.0)
+        else:
+            w = tl.load(param_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + index, mask=mask, other=0.0)
+        v = tl.load(v_ptr + index, mask=mask, other=0.0)
+        w = w - scale * lamb_update_direction(m, v, w, correction1, correction2, eps, decay)
+        if HAS_MASTER:
+            tl.store(master_ptr + index, w, mask=mask)
+        tl.store(param_ptr + index, to_param_dtype(w, PARAM_DTYPE), mask=mask)  # the one rounding
+    tl.store(table_pointer(row_ptr, COL_STEP_C, tl.float32), t, mask=first & ~skip)

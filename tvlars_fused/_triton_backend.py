@@ -1,0 +1,150 @@
+"""The Triton backend: each bucket is stepped by two kernel launches over the shared layer table.
+
+The kernels (``tvlars_fused.triton_kernels``) run one program per chunk of the table; pass 1 writes per-chunk
+partial sums of squares, pass 2 reduces each layer's partials in a fixed order and applies the update (the
+kernel modules say how steps and LAMB's moments are ordered between the passes). Nothing here reads a device
+value on the host, so a step is CUDA-graph safe: ``lr`` may be a device tensor, steps, phi, bias corrections
+and the zero-norm branch live on the device, and ``found_inf`` is honoured in-kernel. Layers the table cannot
+cover (strided views) go through the ``foreach`` backend.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+from . import _foreach
+from ._layer_table import LayerTable, prepare
+from ._types import Bucket, LambHyper, LarsHyper
+from .triton_kernels.lamb import lamb_moments_kernel, lamb_update_kernel
+from .triton_kernels.lars import lars_norms_kernel, lars_update_kernel
+
+_PARAM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class LaunchSizes:
+    chunk: int  # elements per program
+    block: int  # elements per tile of a program's loop
+    num_warps: int = 4
+
+
+def launch_sizes(bucket: Bucket) -> LaunchSizes:
+    """Chunk and tile sizes for a bucket.
+
+    Pass 2 re-reduces a layer's partials in each of its programs, so a layer of n elements costs
+    (n / chunk)^2 partial reads in all: chunks grow like sqrt(n) of the largest layer (4 * sqrt(n), so 2**31
+    elements give 2**16-element chunks and 2**15 partials per program, a few percent of its element traffic).
+    The interpreter runs one tile as one numpy operation, so there a tile covers a whole chunk."""
+    largest = max(p.numel() for p in bucket.params)
+    if bucket.device.type == "cuda":
+        chunk = min(max(triton.next_power_of_2(4 * math.isqrt(largest)), 4096), 65536)
+        return LaunchSizes(chunk=chunk, block=1024)
+    chunk = min(max(triton.next_power_of_2(largest), 16), 65536)
+    return LaunchSizes(chunk=chunk, block=chunk)
+
+
+def _reduce_block(table: LayerTable) -> int:
+    return min(max(triton.next_power_of_2(table.max_layer_chunks), 16), 1024)
+
+
+def _workspace(table: LayerTable) -> dict:
+    """Scratch allocated once per table: per-chunk partial sums ([2, num_chunks]), each layer's new step count,
+    and a zero standing in for an absent ``found_inf``."""
+    ws = table.workspace
+    if not ws:
+        device = table.layers.device
+        ws["partials"] = torch.empty(2 * table.num_chunks, dtype=torch.float32, device=device)
+        ws["new_steps"] = torch.empty(table.num_layers, dtype=torch.float32, device=device)
+        ws["zero"] = torch.zeros((), dtype=torch.float32, device=device)
+    return ws
+
+
+def _device_scalar(value: Tensor, device: torch.device) -> Tensor:
+    return value.to(device=device, dtype=torch.float32)  # no copy (and no launch) when already so
+
+
+def _common_args(bucket: Bucket, lr: float | Tensor, grad_scale: Tensor | None):
+    """Pointer stand-ins for absent optional tensors (never read: the matching constexpr flag is off)."""
+    device = bucket.device
+    lr_on_device = isinstance(lr, Tensor)
+    lr_tensor = _device_scalar(lr, device) if lr_on_device else None
+    scale = _device_scalar(grad_scale, device) if grad_scale is not None else None
+    return lr_on_device, lr_tensor, scale
+
+
+def _norm_clip(norm_clip: float | None) -> float:
+    return math.inf if norm_clip is None else float(norm_clip)
+
+
+def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
+              found_inf: Tensor | None = None) -> None:
+    sizes = launch_sizes(bucket)
+    covered, table, rest = prepare(bucket, sizes.chunk)
+    if rest is not None:
+        _foreach.lars_step(rest, hp, grad_scale, found_inf)
+    if covered is None:
+        return
+    ws = _workspace(table)
+    lr_on_device, lr_tensor, scale = _common_args(covered, hp.lr, grad_scale)
+    found = _device_scalar(found_inf, covered.device) if found_inf is not None else ws["zero"]
+    partials, new_steps = ws["partials"], ws["new_steps"]
+    param_dtype = getattr(triton.language, _PARAM_DTYPES[covered.dtype])
+    has_master = covered.masters is not None
+    grid = (table.num_chunks,)
+    lars_norms_kernel[grid](
+        table.layers, table.chunk_layer, partials, new_steps, scale if scale is not None else partials,
+        table.num_chunks, hp.weight_decay,
+        PARAM_DTYPE=param_dtype, HAS_MASTER=has_master, HAS_GRAD_SCALE=scale is not None,
+        SUM_OF_NORMS=hp.sum_of_norms, CHUNK=sizes.chunk, BLOCK=sizes.block, num_warps=sizes.num_warps)
+    lars_update_kernel[grid](
+        table.layers, table.chunk_layer, partials, new_steps, scale if scale is not None else partials, found,
+        lr_tensor if lr_on_device else partials, table.num_chunks, 0.0 if lr_on_device else float(hp.lr),
+        hp.momentum, hp.weight_decay, hp.eta, hp.eps, _norm_clip(hp.norm_clip), hp.lmbda, hp.alpha,
+        hp.delay, hp.gamma_min,
+        PARAM_DTYPE=param_dtype, HAS_MASTER=has_master, HAS_GRAD_SCALE=scale is not None,
+        LR_ON_DEVICE=lr_on_device, SUM_OF_NORMS=hp.sum_of_norms, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi,
+        CHUNK=sizes.chunk, BLOCK=sizes.block, RBLOCK=_reduce_block(table), num_warps=sizes.num_warps)
+
+
+def _log(beta: float) -> float:
+    """log(beta) in float64 for the in-kernel bias correction -expm1(t * log(beta)); beta = 0 gives -inf,
+    so 1 - 0**t = 1."""
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
+              found_inf: Tensor | None = None) -> None:
+    sizes = launch_sizes(bucket)
+    covered, table, rest = prepare(bucket, sizes.chunk)
+    if rest is not None:
+        _foreach.lamb_step(rest, hp, grad_scale, found_inf)
+    if covered is None:
+        return
+    ws = _workspace(table)
+    lr_on_device, lr_tensor, scale = _common_args(covered, hp.lr, grad_scale)
+    found = _device_scalar(found_inf, covered.device) if found_inf is not None else ws["zero"]
+    clip_coef = _device_scalar(hp.clip_coef, covered.device) if hp.clip_coef is not None else None
+    partials, new_steps = ws["partials"], ws["new_steps"]
+    param_dtype = getattr(triton.language, _PARAM_DTYPES[covered.dtype])
+    has_master = covered.masters is not None
+    log_beta1, log_beta2 = _log(hp.beta1), _log(hp.beta2)
+    grid = (table.num_chunks,)
+    lamb_moments_kernel[grid](
+        table.layers, table.chunk_layer, partials, new_steps, scale if scale is not None else partials, found,
+        clip_coef if clip_coef is not None else partials, table.num_chunks, hp.beta1, hp.beta2,
+        1.0 - hp.beta1, 1.0 - hp.beta2, log_beta1, log_beta2, hp.eps, hp.weight_decay,
+        PARAM_DTYPE=param_dtype, HAS_MASTER=has_master, HAS_GRAD_SCALE=scale is not None,
+        HAS_CLIP_COEF=clip_coef is not None, BIAS_CORRECTION=hp.bias_correction, CHUNK=sizes.chunk,
+        BLOCK=sizes.block, num_warps=sizes.num_warps)
+    lamb_update_kernel[grid](
+        table.layers, table.chunk_layer, partials, new_steps, found, lr_tensor if lr_on_device else partials,
+        table.num_chunks, 0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, hp.eps,
+        hp.weight_decay, _norm_clip(hp.norm_clip),
+        PARAM_DTYPE=param_dtype, HAS_MASTER=has_master, LR_ON_DEVICE=lr_on_device,
+        BIAS_CORRECTION=hp.bias_correction, CHUNK=sizes.chunk, BLOCK=sizes.block, RBLOCK=_reduce_block(table),
+        num_warps=sizes.num_warps)
