@@ -1,0 +1,38 @@
+"""One optimizer step per (parameter set, optimizer, contender), timed by pytest-benchmark.
+
+The same contenders as ``python -m bench`` except the slow-to-build ones (foreach+compile) and the PyPI peers;
+sizes stay small enough for a CPU. Cases that cannot run here are skipped with the reason."""
+
+import pytest
+import torch
+
+from bench import byte_model
+from bench.harness import OPTIMIZERS, contenders
+from bench.param_sets import all_sets
+
+SETS = ("resnet50", "many-tiny-1M")
+CONTENDERS = [name for name, c in contenders().items() if c.kind in ("ours", "baseline", "sgd")]
+CASES = [(s, o, c) for s in SETS for o in ("sgd", *OPTIMIZERS) for c in CONTENDERS
+         if o in contenders()[c].optimizers]
+
+
+@pytest.mark.parametrize("set_name,optimizer,contender", CASES, ids=["-".join(case) for case in CASES])
+def test_step(benchmark, params_of, device, set_name, optimizer, contender):
+    entry = contenders()[contender]
+    reason = entry.why_not(optimizer, device)
+    if reason is not None:
+        pytest.skip(reason)
+    params = params_of(set_name)
+    step = entry.build(optimizer, params)
+    step()  # allocates the state outside the timing
+
+    def timed_step():
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    param_set = all_sets()[set_name]
+    benchmark.group = f"{set_name} {optimizer}"
+    benchmark.extra_info.update(numel=param_set.numel, num_tensors=param_set.num_tensors,
+                                bytes_per_step=byte_model.bytes_per_step(optimizer, torch.float32, param_set.numel))
+    benchmark.pedantic(timed_step, rounds=5, warmup_rounds=2, iterations=1)
