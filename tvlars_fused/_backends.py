@@ -80,5 +80,12 @@ def resolve(backend: str, device: torch.device) -> str:
     return name
 
 
+_loaded: dict[str, ModuleType] = {}
+
+
 def module(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])
+    # A dict lookup after the first import: torch.compile traces through it, not through importlib.
+    loaded = _loaded.get(name)
+    if loaded is None:
+        loaded = _loaded[name] = importlib.import_module(_MODULES[name])
+    return loaded
