@@ -1,0 +1,267 @@
+"""The CPU twin (backend="cpp") beyond the parity table: GradScaler inputs, lr as a tensor, reproducibility,
+many layers, strided layers, master weights, the op schemas and their checks."""
+
+import pytest
+import torch
+
+from cases import CASES, SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
+from tvlars_fused import LAMB, TVLARS
+from tvlars_fused import _cpp_backend, _foreach, reference
+from tvlars_fused._layer_table import prepare
+from tvlars_fused._types import Bucket, LambHyper, LarsHyper
+
+pytestmark = pytest.mark.usefixtures("cpp_backend")
+
+TVLARS_HP = LarsHyper(lr=0.5, momentum=0.9, weight_decay=5e-4, eta=1e-3, eps=0.0, norm_clip=None,
+                      sum_of_norms=False, nesterov=False, use_phi=True, lmbda=1e-3, alpha=1.0, delay=0.0,
+                      gamma_min=0.0)
+LAMB_HP = LambHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True,
+                    norm_clip=10.0)
+
+
+@pytest.fixture
+def cpp_backend():
+    backend_or_skip("cpp")
+
+
+def make_bucket(shapes, *, lamb=False, dtype=torch.float32, masters=False, seed=0, grad_factor=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * grad_factor).to(dtype) for s in shapes]
+    num_states = 2 if lamb else 1
+    return Bucket(
+        params=params,
+        grads=grads,
+        states=[[torch.rand(s, generator=gen) * 0.01 for s in shapes] for _ in range(num_states)],
+        steps=[torch.tensor(float(i % 3)) for i in range(len(shapes))],
+        excluded=[len(s) <= 1 for s in shapes],
+        masters=[p.float() for p in params] if masters else None,
+    )
+
+
+def bucket_tensors(bucket, grads=True):
+    tensors = bucket.params + bucket.steps + [t for s in bucket.states for t in s] + (bucket.masters or [])
+    return tensors + (bucket.grads if grads else [])
+
+
+def clone_bucket(bucket):
+    return Bucket(
+        params=[t.clone() for t in bucket.params],
+        grads=[t.clone() for t in bucket.grads],
+        states=[[t.clone() for t in s] for s in bucket.states],
+        steps=[t.clone() for t in bucket.steps],
+        excluded=list(bucket.excluded),
+        masters=None if bucket.masters is None else [t.clone() for t in bucket.masters],
+    )
+
+
+def step(bucket, lamb, backend, grad_scale=None, found_inf=None, **hyper):
+    if lamb:
+        backend.lamb_step(bucket, LambHyper(**{**LAMB_HP.__dict__, **hyper}), grad_scale, found_inf)
+    else:
+        backend.lars_step(bucket, LarsHyper(**{**TVLARS_HP.__dict__, **hyper}), grad_scale, found_inf)
+
+
+def assert_buckets_close(bucket, expected, tol):
+    for got, want in zip(bucket_tensors(bucket), bucket_tensors(expected)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def assert_buckets_equal(bucket, expected, grads=True):
+    for got, want in zip(bucket_tensors(bucket, grads), bucket_tensors(expected, grads)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+@pytest.mark.parametrize("masters", [False, True], ids=["params", "masters"])
+def test_found_inf_writes_nothing(lamb, masters):
+    bucket = make_bucket(SHAPES, lamb=lamb, dtype=torch.bfloat16 if masters else torch.float32, masters=masters)
+    before = clone_bucket(bucket)
+    step(bucket, lamb, _cpp_backend, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))
+    assert_buckets_equal(bucket, before)
+    step(bucket, lamb, _cpp_backend, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
+    assert not torch.equal(bucket.params[0], before.params[0])
+    assert all(s == b + 1 for s, b in zip(bucket.steps, before.steps))
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_grad_scale_divides_gradients(lamb):
+    scale = torch.tensor(1024.0)
+    bucket = make_bucket(SHAPES, lamb=lamb, grad_factor=1024.0)
+    expected = clone_bucket(bucket)
+    for _ in range(3):
+        step(bucket, lamb, _cpp_backend, grad_scale=scale)
+        step(expected, lamb, reference, grad_scale=scale)
+    assert_buckets_close(bucket, expected, 1e-6)
+    unscaled = make_bucket(SHAPES, lamb=lamb)  # the same gradients, not scaled (1024 is a power of two)
+    for _ in range(3):
+        step(unscaled, lamb, _cpp_backend)
+    assert_buckets_equal(bucket, unscaled, grads=False)
+
+
+def test_lamb_clip_coef_multiplies_gradients():
+    bucket = make_bucket(SHAPES, lamb=True)
+    expected = clone_bucket(bucket)
+    coef = torch.tensor(0.37)
+    step(bucket, True, _cpp_backend, grad_scale=torch.tensor(2.0), clip_coef=coef)
+    step(expected, True, reference, grad_scale=torch.tensor(2.0), clip_coef=coef)
+    assert_buckets_close(bucket, expected, 1e-6)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_lr_tensor_is_read_at_each_step(lamb):
+    lr = torch.tensor(0.25)
+    with_tensor = make_bucket(SHAPES, lamb=lamb)
+    with_float = clone_bucket(with_tensor)
+    for value in (0.25, 0.1, 0.0):
+        lr.fill_(value)  # like an LR scheduler writing a tensor lr in place
+        step(with_tensor, lamb, _cpp_backend, lr=lr)
+        step(with_float, lamb, _cpp_backend, lr=value)
+    assert_buckets_equal(with_tensor, with_float)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_bit_identical_across_runs_and_thread_counts(case):
+    threads = torch.get_num_threads()
+    first, first_opt = run(case, "cpp", steps=5)
+    try:
+        torch.set_num_threads(1)
+        second, second_opt = run(case, "cpp", steps=5)
+    finally:
+        torch.set_num_threads(threads)
+    assert_matches(first, second, first_opt, second_opt, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(TVLARS, dict(lr=0.5)), (LAMB, dict(lr=1e-2))], ids=["tvlars", "lamb"])
+def test_thousands_of_tiny_layers_in_one_call(cls, kwargs):
+    shapes = [(1 + i % 7, 1 + i % 5) if i % 3 else (i % 11,) for i in range(3000)]
+    params = make_params(shapes)
+    ref_params = make_params(shapes)
+    opt = cls(params, backend="cpp", **kwargs)
+    ref_opt = cls(ref_params, backend="reference", **kwargs)
+    for k in range(3):
+        set_grads(params, k)
+        set_grads(ref_params, k)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+        ref_opt.step()
+        op = "tvlars_fused::lamb_step" if cls is LAMB else "tvlars_fused::lars_step"
+        assert sum(e.name == op for e in prof.events()) == 1
+    assert_matches(params, ref_params, opt, ref_opt, rtol=1e-6, atol=1e-6)
+
+
+def test_master_weights_match_reference():
+    case = next(c for c in CASES if c.name == "tvlars")
+    kwargs = dict(dtype=torch.bfloat16, steps=10, optimizer_kwargs=dict(master_weights=True))
+    params, opt = run(case, "cpp", **kwargs)
+    ref_params, ref_opt = run(case, "reference", **kwargs)
+    for p, r in zip(params, ref_params):
+        assert p.dtype == torch.bfloat16
+        torch.testing.assert_close(opt.state[p]["master_weight"], ref_opt.state[r]["master_weight"],
+                                   rtol=1e-6, atol=1e-6)
+        assert torch.equal(p, opt.state[p]["master_weight"].to(torch.bfloat16))  # one rounding from the master
+    assert_matches(params, ref_params, opt, ref_opt, rtol=2 * 2.0 ** -8, atol=2 * 2.0 ** -8)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_strided_layers_go_to_foreach_in_place(lamb):
+    bucket = make_bucket(SHAPES, lamb=lamb)
+    base = torch.randn(16, 32)
+    bucket.params[0] = base[:, ::2]  # not dense: the table cannot cover it
+    bucket.grads[0] = torch.randn(16, 16)
+    for s in bucket.states:
+        s[0] = torch.zeros(16, 16)
+    expected = clone_bucket(bucket)
+    pointer = bucket.params[0].data_ptr()
+    step(bucket, lamb, _cpp_backend)
+    step(expected, lamb, reference)
+    _, _, rest = prepare(bucket, _cpp_backend.CHUNK)
+    assert rest is not None and len(rest) == 1
+    assert bucket.params[0].data_ptr() == pointer and torch.equal(base[:, ::2], bucket.params[0])
+    assert_buckets_close(bucket, expected, 1e-6)
+
+
+def test_chunk_elements_uses_64_bit_offsets():
+    # Layers above 2^31 elements need > 24 GB with their gradient and state: the full step on such a layer is
+    # tested on the GPU machine (tests/test_cuda_gpu.py); here the kernels' own int64 chunk arithmetic is checked.
+    ops = torch.ops.tvlars_fused
+    numel, chunk = 3 * 2 ** 31 + 5, 16384
+    num_chunks = -(-numel // chunk)
+    first = 7
+    assert ops.chunk_elements(numel, first, first, chunk) == [0, chunk]
+    assert ops.chunk_elements(numel, first, first + 2 ** 17 + 3, chunk) == [(2 ** 17 + 3) * chunk,
+                                                                          (2 ** 17 + 4) * chunk]
+    assert ops.chunk_elements(numel, first, first + num_chunks - 1, chunk) == [(num_chunks - 1) * chunk, numel]
+    assert ops.chunk_elements(0, first, first, chunk) == [0, 0]
+
+
+def op_args(bucket, lamb, lists=None):
+    """The op's arguments for the bucket's table; the tensor lists from ``lists`` (default: the bucket)."""
+    covered, table, _ = prepare(bucket, _cpp_backend.CHUNK)
+    lists = lists or covered
+    workspace, layers_host = _cpp_backend._workspace(table)
+    head = [table.layers, layers_host, table.chunk_layer, lists.params, lists.grads, *lists.states,
+            lists.masters or [], lists.steps, workspace, None, None, None]
+    if lamb:
+        return head + [None, 1e-2, 0.9, 0.999, 1e-6, 0.01, True, 10.0, _cpp_backend.CHUNK]
+    return head + [0.5, 0.9, 5e-4, 1e-3, 0.0, None, False, False, True, 1e-3, 1.0, 0.0, 0.0, _cpp_backend.CHUNK]
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["lars_step", "lamb_step"])
+def test_opcheck(lamb):
+    op = torch.ops.tvlars_fused.lamb_step.default if lamb else torch.ops.tvlars_fused.lars_step.default
+    args = op_args(make_bucket([(4, 3), (5,), (0,), (2, 2)], lamb=lamb), lamb)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["lars_step", "lamb_step"])
+def test_op_writes_the_tensors_it_is_given(lamb):
+    """Under functionalization the lists hold copies of the tabled tensors: the copies must be updated."""
+    bucket = make_bucket(SHAPES, lamb=lamb)
+    copies = clone_bucket(bucket)
+    before = clone_bucket(bucket)
+    args = op_args(bucket, lamb, lists=copies)
+    (torch.ops.tvlars_fused.lamb_step if lamb else torch.ops.tvlars_fused.lars_step)(*args)
+    assert_buckets_equal(bucket, before)
+    expected = clone_bucket(before)
+    step(expected, lamb, _cpp_backend)
+    assert_buckets_equal(copies, expected)
+
+
+@pytest.mark.parametrize("position, value, message", [
+    (11, torch.tensor([1.0, 2.0]), "found_inf must have one element"),
+    (10, torch.tensor(2.0, dtype=torch.float64), "grad_scale must be float32"),
+    (9, torch.zeros(1, dtype=torch.int32), "lr_tensor must be float32"),
+    (8, torch.zeros(3), "workspace must be"),
+    (-1, 6, "chunk_size must be a positive multiple of 4"),
+])
+def test_bad_arguments_name_the_parameter(position, value, message):
+    bucket = make_bucket(SHAPES)
+    before = clone_bucket(bucket)
+    args = op_args(bucket, False)
+    args[position] = value
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.tvlars_fused.lars_step(*args)
+    assert_buckets_equal(bucket, before)
+
+
+def test_mismatched_lists_are_rejected():
+    bucket = make_bucket(SHAPES)
+    args = op_args(bucket, False)
+    args[4] = args[4][:-1]
+    with pytest.raises(RuntimeError, match="grads has 9 tensors but the layer table has 10 layers"):
+        torch.ops.tvlars_fused.lars_step(*args)
+    args = op_args(bucket, False)
+    args[5] = [s.double() for s in args[5]]
+    with pytest.raises(RuntimeError, match=r"state\[0\] has dtype Double, expected Float"):
+        torch.ops.tvlars_fused.lars_step(*args)
+
+
+def test_foreach_and_cpp_agree_on_a_mixed_bucket():
+    """Sanity on the comparison itself: a real difference (another lr) is caught at the tolerance used above."""
+    bucket = make_bucket(SHAPES)
+    other = clone_bucket(bucket)
+    step(bucket, False, _cpp_backend)
+    step(other, False, _foreach, lr=0.5 * (1 + 1e-5))
+    with pytest.raises(AssertionError):
+        assert_buckets_close(bucket, other, 1e-6)
