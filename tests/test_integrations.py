@@ -103,3 +103,22 @@ def test_master_weights_survive_a_checkpoint_in_float32():
         m, m2 = opt.state[p]["master_weight"], opt2.state[q]["master_weight"]
         assert m2.dtype == torch.float32 and torch.equal(m, m2)
     assert any((opt.state[p]["master_weight"] != p.float()).any() for p in params)  # masters hold more bits
+
+
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("backend", ["foreach", "cpp"])
+def test_compiled_step_matches_eager_without_graph_breaks(cls, kwargs, backend):
+    backend_or_skip(backend)
+    compiled_params, eager_params = make_params(SMALL_SHAPES), make_params(SMALL_SHAPES)
+    opt = cls(compiled_params, backend=backend, **kwargs)
+    eager = cls(eager_params, backend=backend, **kwargs)
+    compiled_step = torch.compile(opt.step)
+    for step in range(3):
+        set_grads(compiled_params, step), set_grads(eager_params, step)
+        compiled_step()
+        eager.step()
+    for p, q in zip(compiled_params, eager_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    set_grads(compiled_params, 3)
+    explanation = torch._dynamo.explain(opt.step)()
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
