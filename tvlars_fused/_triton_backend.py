@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from . import _foreach
@@ -30,6 +31,7 @@ _PARAM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.flo
 class LaunchSizes:
     chunk: int  # elements per program
     block: int  # elements per tile of a program's loop
+    max_reduce_block: int = 1024  # partials per tile when pass 2 reduces a layer's chunks
     num_warps: int = 4
 
 
@@ -48,13 +50,9 @@ def launch_sizes(bucket: Bucket) -> LaunchSizes:
     return LaunchSizes(chunk=chunk, block=chunk)
 
 
-def _reduce_block(table: LayerTable) -> int:
-    return min(max(triton.next_power_of_2(table.max_layer_chunks), 16), 1024)
-
-
 def _workspace(table: LayerTable) -> dict:
-    """Scratch allocated once per table: per-chunk partial sums ([2, num_chunks]), each layer's new step count,
-    and a zero standing in for an absent ``found_inf``."""
+    """Scratch allocated once per table: per-chunk partial sums of squares ([2, num_chunks]), each layer's
+    step count t for this step, and a zero standing in for an absent ``found_inf``."""
     ws = table.workspace
     if not ws:
         device = table.layers.device
@@ -64,21 +62,24 @@ def _workspace(table: LayerTable) -> dict:
     return ws
 
 
-def _device_scalar(value: Tensor, device: torch.device) -> Tensor:
-    return value.to(device=device, dtype=torch.float32)  # no copy (and no launch) when already so
+def _device_scalar(value: Tensor | None, device: torch.device, absent: Tensor) -> Tensor:
+    """An optional scalar as a float32 tensor on ``device`` (no copy, no launch when it already is one), or
+    ``absent`` in its place: a stand-in pointer the kernel never reads, since the matching flag is off."""
+    return absent if value is None else value.to(device=device, dtype=torch.float32)
 
 
-def _common_args(bucket: Bucket, lr: float | Tensor, grad_scale: Tensor | None):
-    """Pointer stand-ins for absent optional tensors (never read: the matching constexpr flag is off)."""
-    device = bucket.device
-    lr_on_device = isinstance(lr, Tensor)
-    lr_tensor = _device_scalar(lr, device) if lr_on_device else None
-    scale = _device_scalar(grad_scale, device) if grad_scale is not None else None
-    return lr_on_device, lr_tensor, scale
+def _reduce_block(table: LayerTable, sizes: LaunchSizes) -> int:
+    return min(max(triton.next_power_of_2(table.max_layer_chunks), 16), sizes.max_reduce_block)
 
 
 def _norm_clip(norm_clip: float | None) -> float:
     return math.inf if norm_clip is None else float(norm_clip)
+
+
+def _log(beta: float) -> float:
+    """log(beta) in float64 for the in-kernel bias correction -expm1(t * log(beta)); beta = 0 gives -inf,
+    so 1 - 0**t = 1."""
+    return math.log(beta) if beta > 0 else -math.inf
 
 
 def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
@@ -90,31 +91,22 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     if covered is None:
         return
     ws = _workspace(table)
-    lr_on_device, lr_tensor, scale = _common_args(covered, hp.lr, grad_scale)
-    found = _device_scalar(found_inf, covered.device) if found_inf is not None else ws["zero"]
-    partials, new_steps = ws["partials"], ws["new_steps"]
-    param_dtype = getattr(triton.language, _PARAM_DTYPES[covered.dtype])
-    has_master = covered.masters is not None
+    device, partials, new_steps = covered.device, ws["partials"], ws["new_steps"]
+    lr_on_device = isinstance(hp.lr, Tensor)
+    scale = _device_scalar(grad_scale, device, partials)
+    flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
+                 HAS_GRAD_SCALE=grad_scale is not None, SUM_OF_NORMS=hp.sum_of_norms, CHUNK=sizes.chunk,
+                 BLOCK=sizes.block, num_warps=sizes.num_warps)
     grid = (table.num_chunks,)
-    lars_norms_kernel[grid](
-        table.layers, table.chunk_layer, partials, new_steps, scale if scale is not None else partials,
-        table.num_chunks, hp.weight_decay,
-        PARAM_DTYPE=param_dtype, HAS_MASTER=has_master, HAS_GRAD_SCALE=scale is not None,
-        SUM_OF_NORMS=hp.sum_of_norms, CHUNK=sizes.chunk, BLOCK=sizes.block, num_warps=sizes.num_warps)
+    lars_norms_kernel[grid](table.layers, table.chunk_layer, partials, new_steps, scale, table.num_chunks,
+                            hp.weight_decay, **flags)
     lars_update_kernel[grid](
-        table.layers, table.chunk_layer, partials, new_steps, scale if scale is not None else partials, found,
-        lr_tensor if lr_on_device else partials, table.num_chunks, 0.0 if lr_on_device else float(hp.lr),
-        hp.momentum, hp.weight_decay, hp.eta, hp.eps, _norm_clip(hp.norm_clip), hp.lmbda, hp.alpha,
-        hp.delay, hp.gamma_min,
-        PARAM_DTYPE=param_dtype, HAS_MASTER=has_master, HAS_GRAD_SCALE=scale is not None,
-        LR_ON_DEVICE=lr_on_device, SUM_OF_NORMS=hp.sum_of_norms, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi,
-        CHUNK=sizes.chunk, BLOCK=sizes.block, RBLOCK=_reduce_block(table), num_warps=sizes.num_warps)
-
-
-def _log(beta: float) -> float:
-    """log(beta) in float64 for the in-kernel bias correction -expm1(t * log(beta)); beta = 0 gives -inf,
-    so 1 - 0**t = 1."""
-    return math.log(beta) if beta > 0 else -math.inf
+        table.layers, table.chunk_layer, partials, new_steps, scale, _device_scalar(found_inf, device, ws["zero"]),
+        _device_scalar(hp.lr if lr_on_device else None, device, partials), table.num_chunks,
+        0.0 if lr_on_device else float(hp.lr), hp.momentum, hp.weight_decay, hp.eta, hp.eps,
+        _norm_clip(hp.norm_clip), hp.lmbda, hp.alpha, hp.delay, hp.gamma_min,
+        LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi,
+        RBLOCK=_reduce_block(table, sizes), **flags)
 
 
 def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
@@ -126,25 +118,21 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     if covered is None:
         return
     ws = _workspace(table)
-    lr_on_device, lr_tensor, scale = _common_args(covered, hp.lr, grad_scale)
-    found = _device_scalar(found_inf, covered.device) if found_inf is not None else ws["zero"]
-    clip_coef = _device_scalar(hp.clip_coef, covered.device) if hp.clip_coef is not None else None
-    partials, new_steps = ws["partials"], ws["new_steps"]
-    param_dtype = getattr(triton.language, _PARAM_DTYPES[covered.dtype])
-    has_master = covered.masters is not None
+    device, partials, new_steps = covered.device, ws["partials"], ws["new_steps"]
+    lr_on_device = isinstance(hp.lr, Tensor)
+    found = _device_scalar(found_inf, device, ws["zero"])
     log_beta1, log_beta2 = _log(hp.beta1), _log(hp.beta2)
+    flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
+                 BIAS_CORRECTION=hp.bias_correction, CHUNK=sizes.chunk, BLOCK=sizes.block,
+                 num_warps=sizes.num_warps)
     grid = (table.num_chunks,)
     lamb_moments_kernel[grid](
-        table.layers, table.chunk_layer, partials, new_steps, scale if scale is not None else partials, found,
-        clip_coef if clip_coef is not None else partials, table.num_chunks, hp.beta1, hp.beta2,
-        1.0 - hp.beta1, 1.0 - hp.beta2, log_beta1, log_beta2, hp.eps, hp.weight_decay,
-        PARAM_DTYPE=param_dtype, HAS_MASTER=has_master, HAS_GRAD_SCALE=scale is not None,
-        HAS_CLIP_COEF=clip_coef is not None, BIAS_CORRECTION=hp.bias_correction, CHUNK=sizes.chunk,
-        BLOCK=sizes.block, num_warps=sizes.num_warps)
+        table.layers, table.chunk_layer, partials, new_steps, _device_scalar(grad_scale, device, partials), found,
+        _device_scalar(hp.clip_coef, device, partials), table.num_chunks, hp.beta1, hp.beta2, 1.0 - hp.beta1,
+        1.0 - hp.beta2, log_beta1, log_beta2, hp.eps, hp.weight_decay,
+        HAS_GRAD_SCALE=grad_scale is not None, HAS_CLIP_COEF=hp.clip_coef is not None, **flags)
     lamb_update_kernel[grid](
-        table.layers, table.chunk_layer, partials, new_steps, found, lr_tensor if lr_on_device else partials,
-        table.num_chunks, 0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, hp.eps,
-        hp.weight_decay, _norm_clip(hp.norm_clip),
-        PARAM_DTYPE=param_dtype, HAS_MASTER=has_master, LR_ON_DEVICE=lr_on_device,
-        BIAS_CORRECTION=hp.bias_correction, CHUNK=sizes.chunk, BLOCK=sizes.block, RBLOCK=_reduce_block(table),
-        num_warps=sizes.num_warps)
+        table.layers, table.chunk_layer, partials, new_steps, found,
+        _device_scalar(hp.lr if lr_on_device else None, device, partials), table.num_chunks,
+        0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, hp.eps, hp.weight_decay,
+        _norm_clip(hp.norm_clip), LR_ON_DEVICE=lr_on_device, RBLOCK=_reduce_block(table, sizes), **flags)
