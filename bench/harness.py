@@ -381,6 +381,7 @@ def environment(device: torch.device) -> dict:
                                 timeout=10, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    commit = commit or os.environ.get("BENCH_GIT_COMMIT", "")  # a copy of the tree without .git
     try:
         import triton
 

@@ -90,6 +90,6 @@ def all_sets() -> dict[str, ParamSet]:
 # span 1 M .. 1 G parameters. BERT-large fp32 with state is ~5 GB per optimizer: GPU only by default.
 DEFAULT_SETS = {
     "cpu": ("resnet50", "many-tiny-1M", "few-huge-1M", "few-huge-4M", "few-huge-16M"),
-    "cuda": ("resnet50", "bert-large", "many-tiny-1M", "many-tiny-16M", "few-huge-1M", "few-huge-16M",
+    "cuda": ("resnet50", "bert-large", "many-tiny-1M", "many-tiny-4M", "few-huge-1M", "few-huge-16M",
              "few-huge-256M", "few-huge-1G"),
 }
