@@ -18,9 +18,19 @@
 namespace tvlars {
 namespace {
 
-// Independent accumulators per chunk: the inner loop vectorises without -ffast-math, and the lanes are
-// summed in a fixed order afterwards.
+// The chunk functions take the hyper-parameters by value: a local copy cannot alias the float32 state they
+// store to.
+//
+// Sums of squares go to kLanes independent accumulators (lane j takes elements begin + j, begin + j + kLanes,
+// ...), summed in lane order at the end: the order depends neither on the thread count nor on addresses, and
+// `omp simd` on the lane loop vectorises it without -ffast-math.
 constexpr int kLanes = 16;
+
+inline float ordered_sum(const float (&lanes)[kLanes]) {
+  float total = 0.0f;
+  for (int j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
 
 struct CpuTable {
   const int64_t* rows;
@@ -31,12 +41,6 @@ struct CpuTable {
   float* chunk_partials;  // [num_chunks][2]
   float* layer_results;   // [num_layers][2]: trust ratio, new step count
 };
-
-inline float ordered_sum(const float (&lanes)[kLanes]) {
-  float total = 0.0f;
-  for (int j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
 
 // This thread's contiguous block of [0, n).
 inline ElementRange thread_block(int64_t n) {
@@ -60,7 +64,7 @@ inline void store_weight(scalar_t* __restrict__ param, float* __restrict__ maste
 // ---------------------------------------------------------------- LARS family
 
 template <typename scalar_t, typename weight_t>
-void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, const LarsHyper& h, float* out) {
+void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, const LarsHyper h, float* out) {
   const weight_t* __restrict__ w = weights_of<weight_t>(row);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   float w_sq[kLanes] = {};
@@ -74,6 +78,7 @@ void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, c
   };
   int64_t i = r.begin;
   for (; i + kLanes <= r.end; i += kLanes) {
+#pragma omp simd
     for (int j = 0; j < kLanes; ++j) accumulate(i + j, j);
   }
   for (int j = 0; i + j < r.end; ++j) accumulate(i + j, j);
@@ -82,7 +87,7 @@ void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, c
 }
 
 template <typename scalar_t, bool kHasMaster>
-void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, float lr, float q, const LarsHyper& h) {
+void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, float lr, float q, const LarsHyper h) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
   float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
@@ -90,6 +95,7 @@ void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, floa
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   float* __restrict__ buf = column_ptr<float>(row, COL_STATE0);
   const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
+#pragma omp simd
   for (int64_t i = r.begin; i < r.end; ++i) {
     float w = static_cast<float>(w_in[i]);
     const float d = lars_decayed_grad(effective_grad(static_cast<float>(g[i]), grad_scale, 1.0f), w,
@@ -155,12 +161,12 @@ inline BiasCorrections bias_corrections(const LambHyper& h, float t) {
 // Updates the moments of one chunk and sums w^2 and u^2 over it.
 template <typename scalar_t, typename weight_t>
 void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, float grad_mult, BiasCorrections bc,
-                        const LambHyper& h, float* out) {
+                        const LambHyper h, float* out) {
   const weight_t* __restrict__ w = weights_of<weight_t>(row);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   float* __restrict__ m = column_ptr<float>(row, COL_STATE0);
   float* __restrict__ v = column_ptr<float>(row, COL_STATE1);
-  const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
+  const float decay = lamb_decay(h, row[COL_FLAGS] & FLAG_EXCLUDED);
   float w_sq[kLanes] = {};
   float u_sq[kLanes] = {};
   auto accumulate = [&](int64_t i, int j) {
@@ -169,12 +175,13 @@ void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, fl
     lamb_moments(h, effective_grad(static_cast<float>(g[i]), grad_scale, grad_mult), mi, vi);
     m[i] = mi;
     v[i] = vi;
-    const float u = lamb_update(h, mi, vi, wi, bc.first, bc.second, excluded);
+    const float u = lamb_update(mi, vi, wi, bc.first, bc.second, h.eps, decay);
     w_sq[j] += wi * wi;
     u_sq[j] += u * u;
   };
   int64_t i = r.begin;
   for (; i + kLanes <= r.end; i += kLanes) {
+#pragma omp simd
     for (int j = 0; j < kLanes; ++j) accumulate(i + j, j);
   }
   for (int j = 0; i + j < r.end; ++j) accumulate(i + j, j);
@@ -184,17 +191,18 @@ void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, fl
 
 // Recomputes u from the stored moments (bit-identical to pass 1's) and applies w -= lr*q*u.
 template <typename scalar_t, bool kHasMaster>
-void lamb_chunk_apply(const int64_t* row, ElementRange r, BiasCorrections bc, float lr_q, const LambHyper& h) {
+void lamb_chunk_apply(const int64_t* row, ElementRange r, BiasCorrections bc, float lr_q, const LambHyper h) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
   float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
   const weight_t* __restrict__ w_in = weights_of<weight_t>(row);
   const float* __restrict__ m = column_ptr<const float>(row, COL_STATE0);
   const float* __restrict__ v = column_ptr<const float>(row, COL_STATE1);
-  const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
+  const float decay = lamb_decay(h, row[COL_FLAGS] & FLAG_EXCLUDED);
+#pragma omp simd
   for (int64_t i = r.begin; i < r.end; ++i) {
     const float w = static_cast<float>(w_in[i]);
-    const float u = lamb_update(h, m[i], v[i], w, bc.first, bc.second, excluded);
+    const float u = lamb_update(m[i], v[i], w, bc.first, bc.second, h.eps, decay);
     store_weight<scalar_t, kHasMaster>(param, master, i, w - lr_q * u);
   }
 }

@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kThreads) lamb_step_kernel(DeviceTable tab, La
     const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
     const ElementRange r = chunk_elements(row, c, tab.chunk_size);
     const bool vec = packable(row);
-    const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
+    const float decay = lamb_decay(h, row[COL_FLAGS] & FLAG_EXCLUDED);
     const BiasCorrections bc = bias_corrections(h, *column_ptr<const float>(row, COL_STEP) + 1.0f);
     const weight_t* w_in = weights_of<weight_t>(row);
     const scalar_t* g_in = column_ptr<const scalar_t>(row, COL_GRAD);
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(kThreads) lamb_step_kernel(DeviceTable tab, La
       for (int j = 0; j < kPack; ++j) {
         if (i + j >= r.end) continue;
         lamb_moments(h, effective_grad(g[j], grad_scale, grad_mult), m[j], v[j]);
-        const float u = lamb_update(h, m[j], v[j], w[j], bc.first, bc.second, excluded);
+        const float u = lamb_update(m[j], v[j], w[j], bc.first, bc.second, h.eps, decay);
         w_sq += w[j] * w[j];
         u_sq += u * u;
       }
@@ -312,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) lamb_step_kernel(DeviceTable tab, La
     const int64_t* row = tab.rows + layer * NUM_COLS;
     const float lr_q = lr * tab.layer_results[2 * layer];
     const BiasCorrections bc = bias_corrections(h, tab.layer_results[2 * layer + 1]);
-    const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
+    const float decay = lamb_decay(h, row[COL_FLAGS] & FLAG_EXCLUDED);
     const ElementRange r = chunk_elements(row, c, tab.chunk_size);
     const bool vec = packable(row);
     const weight_t* w_in = weights_of<weight_t>(row);
@@ -324,7 +324,9 @@ __global__ void __launch_bounds__(kThreads) lamb_step_kernel(DeviceTable tab, La
       load_pack(m_in, i, r.end, vec, m);
       load_pack(v_in, i, r.end, vec, v);
 #pragma unroll
-      for (int j = 0; j < kPack; ++j) w[j] = w[j] - lr_q * lamb_update(h, m[j], v[j], w[j], bc.first, bc.second, excluded);
+      for (int j = 0; j < kPack; ++j) {
+        w[j] = w[j] - lr_q * lamb_update(m[j], v[j], w[j], bc.first, bc.second, h.eps, decay);
+      }
       store_weights<scalar_t, kHasMaster>(row, i, r.end, vec, w);
     }
   }

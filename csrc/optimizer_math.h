@@ -112,10 +112,14 @@ TVLARS_HD void lamb_moments(const LambHyper& h, float g, float& m, float& v) {
   v = h.beta2 * v + (h.one_minus_beta2 * g) * g;
 }
 
-// u = mh / (sqrt(vh) + eps) + beta*w, with mh = m/bc1, vh = v/bc2 (bc = 1 without bias correction).
-TVLARS_HD float lamb_update(const LambHyper& h, float m, float v, float w, float bc1, float bc2, bool excluded) {
-  const float decay = excluded ? 0.0f : h.weight_decay;
-  return (m / bc1) / (sqrtf(v / bc2) + h.eps) + decay * w;
+// The weight decay of a layer: none for excluded layers.
+TVLARS_HD float lamb_decay(const LambHyper& h, bool excluded) {
+  return excluded ? 0.0f : h.weight_decay;
+}
+
+// u = mh / (sqrt(vh) + eps) + decay*w, with mh = m/bc1, vh = v/bc2 (bc = 1 without bias correction).
+TVLARS_HD float lamb_update(float m, float v, float w, float bc1, float bc2, float eps, float decay) {
+  return (m / bc1) / (sqrtf(v / bc2) + eps) + decay * w;
 }
 
 TVLARS_HD float lamb_trust_ratio(const LambHyper& h, float w_sq, float u_sq, bool excluded) {
