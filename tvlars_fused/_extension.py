@@ -26,18 +26,21 @@ LIBRARY_NAMES = {"cpu": "_C", "cuda": "_C_cuda"}
 DEFAULT_CUDA_ARCH = "9.0"  # the H200 test machine
 
 
-def version_define() -> str:
-    return f'-DTVLARS_TORCH_VERSION="{torch.__version__}"'
+def version_define(jit: bool) -> str:
+    """The torch version as a C string macro. setup.py's ninja file quotes each flag; the JIT's passes them
+    through the shell unquoted, so the quotes must be escaped there."""
+    quote = '\\"' if jit else '"'
+    return f"-DTVLARS_TORCH_VERSION={quote}{torch.__version__}{quote}"
 
 
-def cxx_flags() -> list[str]:
+def cxx_flags(jit: bool = False) -> list[str]:
     # no -std: torch.utils.cpp_extension picks the standard its headers need (C++17 or C++20)
     # -fno-math-errno lets sqrtf vectorise (results are unchanged: only errno is no longer set)
-    return ["-O3", "-g0", "-fopenmp", "-fno-math-errno", version_define()]
+    return ["-O3", "-g0", "-fopenmp", "-fno-math-errno", version_define(jit)]
 
 
-def nvcc_flags() -> list[str]:
-    return ["-O3", version_define()]  # nvcc emits no debug info unless asked (-g0 is a host flag)
+def nvcc_flags(jit: bool = False) -> list[str]:
+    return ["-O3", version_define(jit)]  # nvcc emits no debug info unless asked (-g0 is a host flag)
 
 
 def omp_link_flags() -> list[str]:
@@ -93,19 +96,21 @@ def _cache_dir(kind: str) -> Path:
 
 
 def _jit_build(kind: str) -> None:
+    configure_cuda_env()  # before torch.utils.cpp_extension is first imported: it reads CUDA_HOME once
     from torch.utils import cpp_extension
 
-    if kind == "cuda" and cpp_extension.CUDA_HOME is None:
-        # imported before configure_cuda_env() could set CUDA_HOME
+    home = cpp_extension.CUDA_HOME
+    if kind == "cuda" and (home is None or not (Path(home) / "include" / "cuda_runtime.h").exists()):
+        # imported by someone else before configure_cuda_env() could set CUDA_HOME
         cpp_extension.CUDA_HOME = cuda_home()
     name = f"tvlars_fused{LIBRARY_NAMES[kind]}"
     common = dict(name=name, build_directory=str(_cache_dir(kind)), is_python_module=False, verbose=False)
     if kind == "cpu":
-        cpp_extension.load(sources=[str(CSRC / s) for s in CPU_SOURCES], extra_cflags=cxx_flags(),
+        cpp_extension.load(sources=[str(CSRC / s) for s in CPU_SOURCES], extra_cflags=cxx_flags(jit=True),
                            extra_ldflags=omp_link_flags(), **common)
     else:
-        cpp_extension.load(sources=[str(CSRC / s) for s in CUDA_SOURCES], extra_cflags=cxx_flags(),
-                           extra_cuda_cflags=nvcc_flags(), with_cuda=True, **common)
+        cpp_extension.load(sources=[str(CSRC / s) for s in CUDA_SOURCES], extra_cflags=cxx_flags(jit=True),
+                           extra_cuda_cflags=nvcc_flags(jit=True), with_cuda=True, **common)
 
 
 def _missing_tools(kind: str, jit: bool = True) -> str | None:
