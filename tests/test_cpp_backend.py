@@ -265,3 +265,17 @@ def test_foreach_and_cpp_agree_on_a_mixed_bucket():
     step(other, False, _foreach, lr=0.5 * (1 + 1e-5))
     with pytest.raises(AssertionError):
         assert_buckets_close(bucket, other, 1e-6)
+
+
+def test_missing_build_tools_are_named(monkeypatch):
+    from tvlars_fused import _extension
+
+    with pytest.raises(ValueError, match="must be 'cpu' or 'cuda'"):
+        _extension.unavailable_reason("gpu")
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert _extension._missing_tools("cpu") == "no C++ compiler ('no-such-compiler' is not on PATH; set CXX)"
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("TVLARS_FUSED_JIT", "0")
+    assert _extension._missing_tools("cpu") == "TVLARS_FUSED_JIT=0 forbids building it"
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "is a CPU-only build" in _extension._missing_tools("cuda")

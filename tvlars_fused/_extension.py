@@ -53,7 +53,7 @@ def configure_cuda_env() -> None:
     ``CUDA_HOME``: /usr/local/bin/nvcc is a wrapper script, from which torch guesses /usr/local and misses the
     headers. ``TORCH_CUDA_ARCH_LIST``: the local GPU's architecture, else Hopper (unset without a GPU, torch's
     build fails)."""
-    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
         nvcc = shutil.which("nvcc")
         if (nvcc is None or Path(nvcc).resolve().parent == Path("/usr/local/bin")) and \
                 Path("/usr/local/cuda/include/cuda_runtime.h").exists():
@@ -144,9 +144,14 @@ def _load(kind: str) -> str | None:
             return f"the CPU library that defines the ops is unavailable: {reason}"
         configure_cuda_env()
     path = _prebuilt(kind)
+    loaded = False
     if path is not None:
-        torch.ops.load_library(str(path))
-    else:
+        try:
+            torch.ops.load_library(str(path))
+            loaded = True
+        except OSError:  # e.g. a missing CUDA runtime library: a JIT build may still work
+            pass
+    if not loaded:
         reason = _missing_tools(kind)
         if reason is not None:
             return f"the tvlars_fused {kind} extension is not built and cannot be JIT-built: {reason}"
