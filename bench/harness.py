@@ -278,25 +278,27 @@ def run(config: RunConfig) -> dict:
     skipped: list[dict] = []
     cases = list(_cases(config))
     started = time.monotonic()
-    current_key, params = None, None
+    current_key, params, unfit = None, None, None
     for index, (param_set, dtype, optimizer, contender) in enumerate(cases, 1):
         where = dict(set=param_set.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,
                      contender=contender.name)
+        if current_key != (param_set.name, dtype):
+            params = None  # the last set's tensors go before the next set's memory is judged
+            _free(device)
+            current_key = (param_set.name, dtype)
+            unfit = does_not_fit(param_set, dtype, device)
         reason = contender.why_not(optimizer, device)
         if reason is None and contender.kind == "compiled" and param_set.name not in config.compile_sets:
             reason = "torch.compile runs only on --compile-sets (each compile takes tens of seconds)"
         if reason is None:
-            reason = does_not_fit(param_set, dtype, device)
+            reason = unfit
         if reason is None and time.monotonic() - started > config.time_budget_s:
             reason = f"time budget of {config.time_budget_s:.0f} s spent before this case"
         if reason is not None:
             skipped.append({**where, "reason": reason})
             continue
-        if current_key != (param_set.name, dtype):
-            params = None
-            _free(device)
+        if params is None:
             params = make_params(param_set, dtype, device)
-            current_key = (param_set.name, dtype)
         print(f"[{index:3d}/{len(cases)}] {param_set.name} {where['dtype']} {optimizer} {contender.name} ...",
               end="", file=sys.stderr, flush=True)
         try:

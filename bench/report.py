@@ -63,13 +63,12 @@ def text_table(run: dict) -> str:
             lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                    for i, (cell, w) in enumerate(zip(row, widths))))
     if run["skipped"]:
-        lines += ["", "skipped:"]
-        seen = set()
-        for s in run["skipped"]:  # one line per reason and contender, not per set
-            key = (s["contender"], s["optimizer"] if s["contender"] == "timm" else "", s["reason"])
-            if key not in seen:
-                seen.add(key)
-                lines.append(f"  {s['contender']} ({s['optimizer']}, {s['set']}...): {s['reason']}")
+        lines += ["", "skipped (results.json lists every case):"]
+        counts: dict[tuple[str, str], int] = {}
+        for s in run["skipped"]:  # one line per contender and reason, not per case
+            key = (s["contender"], s["reason"])
+            counts[key] = counts.get(key, 0) + 1
+        lines += [f"  {contender} ({n} cases): {reason}" for (contender, reason), n in counts.items()]
     return "\n".join(lines)
 
 
