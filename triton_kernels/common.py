@@ -83,15 +83,16 @@ def one_minus_pow(log_beta, t):
     portable expm1 (the interpreter has no libdevice), so: Taylor series to x**9 for small |x| (truncation
     below 1e-9 relative), exp(x) - 1 elsewhere."""
     x = t * log_beta
-    series = 1.0 + x / 9.0  # Horner: x * (1 + x/2 * (1 + x/3 * (... * (1 + x/9))))
-    series = 1.0 + x / 8.0 * series
-    series = 1.0 + x / 7.0 * series
-    series = 1.0 + x / 6.0 * series
-    series = 1.0 + x / 5.0 * series
-    series = 1.0 + x / 4.0 * series
-    series = 1.0 + x / 3.0 * series
-    series = 1.0 + x / 2.0 * series
-    series = x * series
+    small = tl.minimum(tl.maximum(x, -EXPM1_SERIES_LIMIT), EXPM1_SERIES_LIMIT)  # no overflow in the unused branch
+    series = 1.0 + small / 9.0  # Horner: x * (1 + x/2 * (1 + x/3 * (... * (1 + x/9))))
+    series = 1.0 + small / 8.0 * series
+    series = 1.0 + small / 7.0 * series
+    series = 1.0 + small / 6.0 * series
+    series = 1.0 + small / 5.0 * series
+    series = 1.0 + small / 4.0 * series
+    series = 1.0 + small / 3.0 * series
+    series = 1.0 + small / 2.0 * series
+    series = small * series
     expm1 = tl.where(tl.abs(x) < EXPM1_SERIES_LIMIT, series, tl.exp(x) - 1.0)
     return -expm1
 

@@ -1,0 +1,401 @@
+"""The Triton backend beyond the parity table: layers split over many chunks, the launch count, GradScaler
+inputs, lr as a tensor, reproducibility, strided layers, phi and bias-correction numerics, bfloat16 rounding.
+
+On the CPU the kernels run under the Triton interpreter (tests/conftest.py); the tests marked ``gpu`` need CUDA.
+"""
+
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from cases import CASES, SHAPES, SMALL_SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
+from tvlars_fused import LAMB, LARS, TVLARS, reference
+from tvlars_fused._types import Bucket, LambHyper, LarsHyper
+from tvlars_fused.triton_kernels.common import one_minus_pow, phi, to_param_dtype
+
+pytestmark = pytest.mark.usefixtures("triton_backend")
+
+
+@pytest.fixture
+def triton_backend():
+    backend_or_skip("triton")
+
+
+def _triton_module():
+    from tvlars_fused import _triton_backend
+
+    return _triton_backend
+
+
+TVLARS_HP = LarsHyper(lr=0.5, momentum=0.9, weight_decay=5e-4, eta=1e-3, eps=0.0, norm_clip=None,
+                      sum_of_norms=False, nesterov=False, use_phi=True, lmbda=0.1, alpha=1.0, delay=2.0,
+                      gamma_min=0.05)
+LAMB_HP = LambHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True,
+                    norm_clip=10.0)
+# Tiny chunks: these layers span 1 to 5 chunks, which pass 2 reduces in tiles of 2 partials (the interpreter
+# runs a program in milliseconds, so the layers stay few and small).
+MANY_CHUNKS = dict(chunk=32, block=16, max_reduce_block=2)
+MULTI_CHUNK_SHAPES = [s for s in SMALL_SHAPES if s != (300, 7)]
+
+
+@pytest.fixture
+def many_chunks(monkeypatch):
+    backend = _triton_module()
+    monkeypatch.setattr(backend, "launch_sizes", lambda bucket: backend.LaunchSizes(**MANY_CHUNKS))
+
+
+def make_bucket(shapes, *, lamb=False, dtype=torch.float32, masters=False, seed=0, grad_factor=1.0,
+                device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * grad_factor).to(device=device, dtype=dtype) for s in shapes]
+    return Bucket(
+        params=params,
+        grads=grads,
+        states=[[(torch.rand(s, generator=gen) * 0.01).to(device) for s in shapes] for _ in range(1 + lamb)],
+        steps=[torch.tensor(float(i % 3), device=device) for i in range(len(shapes))],
+        excluded=[len(s) <= 1 for s in shapes],
+        masters=[p.float() for p in params] if masters else None,
+    )
+
+
+def clone_bucket(bucket):
+    return Bucket(
+        params=[t.clone() for t in bucket.params],
+        grads=[t.clone() for t in bucket.grads],
+        states=[[t.clone() for t in s] for s in bucket.states],
+        steps=[t.clone() for t in bucket.steps],
+        excluded=list(bucket.excluded),
+        masters=None if bucket.masters is None else [t.clone() for t in bucket.masters],
+    )
+
+
+def bucket_tensors(bucket):
+    return bucket.params + bucket.grads + bucket.steps + [t for s in bucket.states for t in s] + (bucket.masters
+                                                                                                  or [])
+
+
+def step(bucket, lamb, backend, grad_scale=None, found_inf=None, **hyper):
+    if lamb:
+        backend.lamb_step(bucket, LambHyper(**{**LAMB_HP.__dict__, **hyper}), grad_scale, found_inf)
+    else:
+        backend.lars_step(bucket, LarsHyper(**{**TVLARS_HP.__dict__, **hyper}), grad_scale, found_inf)
+
+
+def assert_buckets_close(bucket, expected, tol):
+    for got, want in zip(bucket_tensors(bucket), bucket_tensors(expected)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def assert_buckets_equal(bucket, expected):
+    for got, want in zip(bucket_tensors(bucket), bucket_tensors(expected)):
+        assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- layers over many chunks
+MULTI_CHUNK_CASES = [c for c in CASES if c.name in ("tvlars", "tvlars-delay-floor-sum", "lars-nesterov-noexclude",
+                                                    "lamb", "lamb-max-grad-norm-exclude")]
+
+
+@pytest.mark.parametrize("case", MULTI_CHUNK_CASES, ids=repr)
+def test_layers_split_over_many_chunks_match_reference(case, many_chunks):
+    params, opt = run(case, "triton", shapes=MULTI_CHUNK_SHAPES, steps=8)
+    ref_params, ref_opt = run(case, "reference", shapes=MULTI_CHUNK_SHAPES, steps=8)
+    assert_matches(params, ref_params, opt, ref_opt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", [c for c in MULTI_CHUNK_CASES if c.name in ("tvlars", "lamb")], ids=repr)
+def test_master_weights_over_many_chunks_match_reference(case, many_chunks):
+    kwargs = dict(dtype=torch.bfloat16, shapes=MULTI_CHUNK_SHAPES, steps=5, optimizer_kwargs=dict(master_weights=True))
+    params, opt = run(case, "triton", **kwargs)
+    ref_params, ref_opt = run(case, "reference", **kwargs)
+    # The float32 masters and states agree to float32 accuracy; parameters are their one rounding.
+    for p, r in zip(params, ref_params):
+        for key in ref_opt.state[r]:
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[r][key], rtol=1e-5, atol=1e-5)
+        assert torch.equal(p.detach(), opt.state[p]["master_weight"].to(torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- launches per step
+@contextmanager
+def count_kernel_launches(device):
+    """Yields a one-element list holding the number of kernels launched in the block: Triton grids run by the
+    interpreter on the CPU, every CUDA kernel in the profiler's trace on a GPU."""
+    counter = [0]
+    if device == "cpu":
+        from triton.runtime import interpreter
+
+        run_grid = interpreter.GridExecutor.__call__
+
+        def counting(self, *args, **kwargs):
+            counter[0] += 1
+            return run_grid(self, *args, **kwargs)
+
+        interpreter.GridExecutor.__call__ = counting
+        try:
+            yield counter
+        finally:
+            interpreter.GridExecutor.__call__ = run_grid
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            yield counter
+            torch.cuda.synchronize()
+        counter[0] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                         and not e.name.startswith("Memcpy") and not e.name.startswith("Memset"))
+
+
+def _tiny_shapes(count):
+    return [[(3, 2), (4,), (1,), (0,), (2, 2, 2)][i % 5] for i in range(count)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("num_layers", [3, 300])
+@pytest.mark.parametrize("cls, kwargs", [(TVLARS, dict(lr=0.5)), (LARS, dict(lr=0.5, nesterov=True)),
+                                         (LAMB, dict(lr=1e-2))], ids=["tvlars", "lars", "lamb"])
+def test_at_most_two_launches_per_step(cls, kwargs, num_layers, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if device == "cpu" and torch.cuda.is_available():
+        pytest.skip("the interpreter count runs where the kernels are interpreted (no GPU)")
+    shapes = _tiny_shapes(num_layers)
+    params = make_params(shapes, device=device)
+    ref_params = make_params(shapes, device=device)
+    opt = cls(params, backend="triton", **kwargs)
+    ref_opt = cls(ref_params, backend="reference", **kwargs)
+    for step_index in range(2):
+        set_grads(params, step_index)
+        set_grads(ref_params, step_index)
+        if step_index == 0:
+            opt.step()  # the first step builds the state and the layer table
+        else:
+            with count_kernel_launches(device) as launches:
+                opt.step()
+            assert launches[0] == 2, f"{launches[0]} kernel launches for one step of {num_layers} layers"
+        ref_opt.step()
+    assert_matches(params, ref_params, opt, ref_opt, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GradScaler inputs
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+@pytest.mark.parametrize("masters", [False, True], ids=["params", "masters"])
+def test_found_inf_writes_nothing(lamb, masters):
+    backend = _triton_module()
+    dtype = torch.bfloat16 if masters else torch.float32
+    bucket = make_bucket(SMALL_SHAPES, lamb=lamb, dtype=dtype, masters=masters)
+    before = clone_bucket(bucket)
+    step(bucket, lamb, backend, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))
+    assert_buckets_equal(bucket, before)
+    step(bucket, lamb, backend, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
+    assert not torch.equal(bucket.params[0], before.params[0])
+    assert all(s == b + 1 for s, b in zip(bucket.steps, before.steps))
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_grad_scale_divides_gradients(lamb):
+    backend = _triton_module()
+    scale = torch.tensor(3.0)  # not a power of two: the division must really happen in-kernel
+    bucket = make_bucket(SMALL_SHAPES, lamb=lamb, grad_factor=3.0)
+    expected = clone_bucket(bucket)
+    for _ in range(3):
+        step(bucket, lamb, backend, grad_scale=scale)
+        step(expected, lamb, reference, grad_scale=scale)
+    assert_buckets_close(bucket, expected, 1e-5)
+
+
+def test_lamb_clip_coef_multiplies_gradients():
+    backend = _triton_module()
+    bucket = make_bucket(SMALL_SHAPES, lamb=True)
+    expected = clone_bucket(bucket)
+    coef = torch.tensor(0.37)
+    for _ in range(2):
+        step(bucket, True, backend, grad_scale=torch.tensor(2.0), clip_coef=coef)
+        step(expected, True, reference, grad_scale=torch.tensor(2.0), clip_coef=coef)
+    assert_buckets_close(bucket, expected, 1e-5)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_lr_tensor_is_read_in_kernel_at_each_step(lamb):
+    backend = _triton_module()
+    lr = torch.tensor(0.25)
+    with_tensor = make_bucket(SMALL_SHAPES, lamb=lamb)
+    with_float = clone_bucket(with_tensor)
+    for value in (0.25, 0.1, 0.0):
+        lr.fill_(value)  # like an LR scheduler writing a tensor lr in place
+        step(with_tensor, lamb, backend, lr=lr)
+        step(with_float, lamb, backend, lr=value)
+    assert_buckets_equal(with_tensor, with_float)
+
+
+# ----------------------------------------------------------------------------- determinism, strided layers
+@pytest.mark.parametrize("case", [c for c in MULTI_CHUNK_CASES if c.name in ("tvlars", "lamb")], ids=repr)
+def test_bit_identical_across_runs(case, many_chunks):
+    first, first_opt = run(case, "triton", shapes=MULTI_CHUNK_SHAPES, steps=4)
+    second, second_opt = run(case, "triton", shapes=MULTI_CHUNK_SHAPES, steps=4)
+    assert_matches(first, second, first_opt, second_opt, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_strided_layers_are_updated_in_place_through_foreach(lamb):
+    backend = _triton_module()
+    bucket = make_bucket([(8, 6), (5,), (6, 4)], lamb=lamb)
+    base = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    bucket.params[2] = base[:, ::2]  # a strided view: the table cannot cover it
+    original = base.clone()
+    expected = clone_bucket(bucket)
+    for _ in range(2):
+        step(bucket, lamb, backend)
+        step(expected, lamb, reference)
+    assert_buckets_close(bucket, expected, 1e-5)
+    assert not torch.equal(base[:, ::2], original[:, ::2])  # the view's own storage moved ...
+    assert torch.equal(base[:, 1::2], original[:, 1::2])  # ... and nothing between its elements
+
+
+# ----------------------------------------------------------------------------- device numerics
+# exp overflowing to inf is the point (phi = gamma_min); numpy says so when it interprets the kernel.
+EXP_OVERFLOW_IS_EXPECTED = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+
+@triton.jit
+def _scalar_math_kernel(t_ptr, phi_ptr, correction_ptr, n, lmbda, alpha, delay, gamma_min, log_beta,
+                        BLOCK: tl.constexpr):
+    index = tl.arange(0, BLOCK)
+    mask = index < n
+    t = tl.load(t_ptr + index, mask=mask, other=1.0)
+    tl.store(phi_ptr + index, phi(t, lmbda, alpha, delay, gamma_min), mask=mask)
+    tl.store(correction_ptr + index, one_minus_pow(log_beta, t), mask=mask)
+
+
+def _scalar_math(t, lmbda, alpha, delay, gamma_min, beta):
+    phis, corrections = torch.empty_like(t), torch.empty_like(t)
+    _scalar_math_kernel[(1,)](t, phis, corrections, t.numel(), lmbda, alpha, delay, gamma_min, math.log(beta),
+                              BLOCK=triton.next_power_of_2(t.numel()))
+    return phis, corrections
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.99, 0.999, 0.9999, 0.5])
+def test_bias_correction_is_float32_accurate(beta):
+    t = torch.cat([torch.arange(1.0, 2001.0), torch.tensor([5e3, 1e4, 1e5, 1e6])])
+    _, corrections = _scalar_math(t, 0.0, 1.0, 0.0, 0.0, beta)
+    exact = torch.tensor([1 - beta ** s for s in t.tolist()], dtype=torch.float64)
+    # A few float32 ulps; plain 1 - beta**t in float32 is off by 1e-4 relative at t = 1 for beta = 0.999.
+    torch.testing.assert_close(corrections.double(), exact, rtol=5e-7, atol=0)
+
+
+@EXP_OVERFLOW_IS_EXPECTED
+def test_phi_matches_float64_and_overflow_gives_gamma_min():
+    t = torch.arange(1.0, 200.0)
+    for lmbda, alpha, delay, gamma_min in [(0.1, 0.1, 0.0, 0.0), (0.05, 1.0, 10.0, 0.2), (5.0, 0.5, 3.0, 0.01)]:
+        phis, _ = _scalar_math(t, lmbda, alpha, delay, gamma_min, 0.9)
+        exact = torch.tensor([reference.phi(s, lmbda, alpha, delay, gamma_min) for s in t.tolist()],
+                             dtype=torch.float64)
+        assert torch.isfinite(phis).all()
+        torch.testing.assert_close(phis.double(), exact, rtol=1e-6, atol=1e-7)
+    overflowing, _ = _scalar_math(t, 5.0, 0.5, 3.0, 0.01, 0.9)
+    assert (overflowing[t > 30] == torch.tensor(0.01)).all()  # exp(5 * 27) overflows float32
+
+
+@EXP_OVERFLOW_IS_EXPECTED
+def test_tvlars_with_overflowing_exp_matches_reference():
+    kwargs = dict(lr=0.5, lmbda=40.0, alpha=0.5, delay=0, gamma_min=0.1)  # exp(40 t) overflows from t = 3
+    params = make_params(SMALL_SHAPES)
+    ref_params = make_params(SMALL_SHAPES)
+    opt, ref_opt = TVLARS(params, backend="triton", **kwargs), TVLARS(ref_params, backend="reference", **kwargs)
+    for step_index in range(4):
+        set_grads(params, step_index)
+        set_grads(ref_params, step_index)
+        opt.step()
+        ref_opt.step()
+    assert all(torch.isfinite(p).all() for p in params)
+    assert_matches(params, ref_params, opt, ref_opt, rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    index = tl.arange(0, BLOCK)
+    mask = index < n
+    tl.store(y_ptr + index, to_param_dtype(tl.load(x_ptr + index, mask=mask), tl.bfloat16), mask=mask)
+
+
+def test_bfloat16_store_rounds_to_nearest_even():
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 10
+    halfway = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3.3e38, 3.4e38, 1e-40, -0.0])
+    x = torch.cat([x, halfway, torch.tensor([math.inf, -math.inf])])
+    y = torch.empty_like(x, dtype=torch.bfloat16)
+    _round_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    assert torch.equal(y.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    nan = torch.full((4,), math.nan)
+    _round_kernel[(1,)](nan, y, 4, BLOCK=4)
+    assert y[:4].isnan().all()
+
+
+# ----------------------------------------------------------------------------- GPU only
+def _cuda_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_gpu_matches_reference(case):
+    _cuda_or_skip()
+    shapes = SHAPES + [(1 << 20) + 3]  # a layer over many chunks of the GPU chunk size
+    params, opt = run(case, "triton", shapes=shapes, steps=50, device="cuda")
+    ref_params, ref_opt = run(case, "reference", shapes=shapes, steps=50, device="cuda")
+    assert_matches(params, ref_params, opt, ref_opt, rtol=1e-5, atol=1e-5)
+    again, again_opt = run(case, "triton", shapes=shapes, steps=50, device="cuda")
+    assert_matches(params, again, opt, again_opt, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_gpu_step_replays_in_a_cuda_graph(lamb):
+    _cuda_or_skip()
+    backend = _triton_module()
+    lr = torch.tensor(0.1, device="cuda")
+    graphed = make_bucket(SHAPES, lamb=lamb, device="cuda")
+    eager = clone_bucket(graphed)
+    scale, found_inf = torch.tensor(2.0, device="cuda"), torch.tensor(0.0, device="cuda")
+    step(graphed, lamb, backend, grad_scale=scale, found_inf=found_inf, lr=lr)  # warm-up: compile, build tables
+    step(eager, lamb, backend, grad_scale=scale, found_inf=found_inf, lr=lr)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(graphed, lamb, backend, grad_scale=scale, found_inf=found_inf, lr=lr)
+    for value in (0.1, 0.05):
+        lr.fill_(value)
+        graph.replay()
+        step(eager, lamb, backend, grad_scale=scale, found_inf=found_inf, lr=lr)
+    found_inf.fill_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_buckets_equal(graphed, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_layer_beyond_two_to_the_31_elements():
+    _cuda_or_skip()
+    numel = (1 << 31) + 4099
+    if torch.cuda.get_device_properties(0).total_memory < 12 * numel:
+        pytest.skip("needs about 12 bytes of GPU memory per element of a 2**31-element layer")
+    backend = _triton_module()
+    bucket = Bucket(params=[torch.ones(numel, dtype=torch.bfloat16, device="cuda")],
+                    grads=[torch.ones(numel, dtype=torch.bfloat16, device="cuda")],
+                    states=[[torch.zeros(numel, device="cuda")]], steps=[torch.zeros((), device="cuda")],
+                    excluded=[False])
+    bucket.grads[0][-5:] = 0.0  # elements beyond 2**31 must see their own gradient
+    # No decay, lmbda = 0 so phi = 1/2, eta = lr = 1: q = ||w|| / (2 ||g||) ~ 1/2 and w -= q * g.
+    step(bucket, False, backend, lmbda=0.0, alpha=1.0, delay=0.0, gamma_min=0.0, weight_decay=0.0, lr=1.0,
+         eta=1.0)
+    q = 0.5 * math.sqrt(numel) / math.sqrt(numel - 5)
+    tail = bucket.params[0][-8:].float().cpu()
+    assert torch.equal(tail, torch.tensor([0.5] * 3 + [1.0] * 5))
+    torch.testing.assert_close(bucket.states[0][0][-8:].cpu(), torch.tensor([q] * 3 + [0.0] * 5))
+    assert bucket.steps[0].item() == 1.0
