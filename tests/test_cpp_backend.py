@@ -279,3 +279,29 @@ def test_missing_build_tools_are_named(monkeypatch):
     assert _extension._missing_tools("cpu") == "TVLARS_FUSED_JIT=0 forbids building it"
     monkeypatch.setattr(torch.version, "cuda", None)
     assert "is a CPU-only build" in _extension._missing_tools("cuda")
+
+
+@pytest.mark.parametrize("cls, kwargs", [(TVLARS, dict(lr=0.5)), (LAMB, dict(lr=1e-2))], ids=["tvlars", "lamb"])
+def test_grad_scaler_unscales_in_the_op_and_skips_inf_steps(cls, kwargs):
+    params = make_params(SHAPES)
+    ref_params = make_params(SHAPES)
+    opt = cls(params, backend="cpp", **kwargs)
+    ref_opt = cls(ref_params, backend="reference", **kwargs)
+    assert opt._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    for k in range(3):
+        set_grads(ref_params, k)
+        ref_opt.step()
+        set_grads(params, k)
+        scale = scaler.scale(torch.tensor(1.0))  # as scaler.scale(loss).backward() would scale the gradients
+        for p in params:
+            p.grad.mul_(scale)
+        scaler.step(opt)
+        scaler.update()
+    assert_matches(params, ref_params, opt, ref_opt, rtol=1e-6, atol=1e-6)
+    before = [p.clone() for p in params] + [t.clone() for p in params for t in opt.state[p].values()]
+    set_grads(params, 3)
+    params[1].grad[0, 0, 0, 0] = float("inf")
+    scaler.step(opt)
+    after = [p for p in params] + [t for p in params for t in opt.state[p].values()]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
