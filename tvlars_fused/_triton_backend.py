@@ -97,14 +97,17 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
                  HAS_GRAD_SCALE=grad_scale is not None, SUM_OF_NORMS=hp.sum_of_norms, CHUNK=sizes.chunk,
                  BLOCK=sizes.block, num_warps=sizes.num_warps)
+    # Python floats throughout: an int hyper-parameter (weight_decay=0) would change the kernel signature.
+    momentum, weight_decay, eta, eps, lmbda, alpha, delay, gamma_min = map(float, (
+        hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min))
     grid = (table.num_chunks,)
     lars_norms_kernel[grid](table.layers, table.chunk_layer, partials, new_steps, scale, table.num_chunks,
-                            hp.weight_decay, **flags)
+                            weight_decay, **flags)
     lars_update_kernel[grid](
         table.layers, table.chunk_layer, partials, new_steps, scale, _device_scalar(found_inf, device, ws["zero"]),
         _device_scalar(hp.lr if lr_on_device else None, device, partials), table.num_chunks,
-        0.0 if lr_on_device else float(hp.lr), hp.momentum, hp.weight_decay, hp.eta, hp.eps,
-        _norm_clip(hp.norm_clip), hp.lmbda, hp.alpha, hp.delay, hp.gamma_min,
+        0.0 if lr_on_device else float(hp.lr), momentum, weight_decay, eta, eps, _norm_clip(hp.norm_clip),
+        lmbda, alpha, delay, gamma_min,
         LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi,
         RBLOCK=_reduce_block(table, sizes), **flags)
 
@@ -122,17 +125,18 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     lr_on_device = isinstance(hp.lr, Tensor)
     found = _device_scalar(found_inf, device, ws["zero"])
     log_beta1, log_beta2 = _log(hp.beta1), _log(hp.beta2)
+    beta1, beta2, eps, weight_decay = map(float, (hp.beta1, hp.beta2, hp.eps, hp.weight_decay))
     flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
                  BIAS_CORRECTION=hp.bias_correction, CHUNK=sizes.chunk, BLOCK=sizes.block,
                  num_warps=sizes.num_warps)
     grid = (table.num_chunks,)
     lamb_moments_kernel[grid](
         table.layers, table.chunk_layer, partials, new_steps, _device_scalar(grad_scale, device, partials), found,
-        _device_scalar(hp.clip_coef, device, partials), table.num_chunks, hp.beta1, hp.beta2, 1.0 - hp.beta1,
-        1.0 - hp.beta2, log_beta1, log_beta2, hp.eps, hp.weight_decay,
+        _device_scalar(hp.clip_coef, device, partials), table.num_chunks, beta1, beta2, 1.0 - beta1, 1.0 - beta2,
+        log_beta1, log_beta2, eps, weight_decay,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_CLIP_COEF=hp.clip_coef is not None, **flags)
     lamb_update_kernel[grid](
         table.layers, table.chunk_layer, partials, new_steps, found,
         _device_scalar(hp.lr if lr_on_device else None, device, partials), table.num_chunks,
-        0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, hp.eps, hp.weight_decay,
+        0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, eps, weight_decay,
         _norm_clip(hp.norm_clip), LR_ON_DEVICE=lr_on_device, RBLOCK=_reduce_block(table, sizes), **flags)
