@@ -168,17 +168,22 @@ def _available_bytes(device: torch.device) -> int:
     return sys.maxsize
 
 
-# Working memory per parameter beyond weights and gradients: the largest state (LAMB's two float32 moments)
-# plus the eager baselines' temporaries (about three float32 copies of the biggest layers).
-_STATE_AND_TEMPORARIES = 8 + 12
+# Working memory per parameter beyond weights and gradients: the largest state of one contender (LAMB's two
+# float32 moments), and the temporaries of a step (about three float32 copies of the layers).
+_STATE_BYTES = 8
+_TEMPORARY_BYTES = 12
 
 
-def does_not_fit(param_set: ParamSet, dtype: torch.dtype, device: torch.device) -> str | None:
+def does_not_fit(param_set: ParamSet, dtype: torch.dtype, device: torch.device, contenders: int,
+                 params_made: bool = False) -> str | None:
+    """Why the set cannot be stepped by ``contenders`` optimizers alive at once (None when it can); with
+    ``params_made`` its weights and gradients already take their share of the memory."""
     element = torch.empty((), dtype=dtype).element_size()
-    need = param_set.numel * (2 * element + _STATE_AND_TEMPORARIES)
+    weights_and_grads = 0 if params_made else 2 * element
+    need = param_set.numel * (weights_and_grads + _STATE_BYTES * contenders + _TEMPORARY_BYTES)
     have = _available_bytes(device)
     if need * 1.2 > have:
-        return (f"needs about {need / 2**30:.1f} GiB with optimizer state and temporaries, "
+        return (f"needs about {need / 2**30:.1f} GiB with {contenders} optimizers' state and temporaries, "
                 f"{have / 2**30:.1f} GiB available on {device.type}")
     return None
 
@@ -189,32 +194,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Step, device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Seconds per step after ``warmup`` untimed steps: CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
+def time_one_step(step: Step, device: torch.device) -> float:
+    """Seconds one step takes from an idle device: CUDA events on a GPU (host launch gaps included), perf_counter
+    on the CPU."""
     if device.type == "cuda":
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        events[0].record()
-        for i in range(steps):
-            step()
-            events[i + 1].record()
         torch.cuda.synchronize(device)
-        return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         step()
-        times.append(time.perf_counter() - start)
-    return times
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    step()
+    return time.perf_counter() - start_s
 
 
 def copy_bandwidth(device: torch.device, numel: int, reps: int = 5) -> float:
     """Bytes per second of a plain ``dst.copy_(src)`` of ``numel`` float32: what the memory system can do."""
     src = torch.ones(numel, device=device)
     dst = torch.empty_like(src)
-    times = time_steps(lambda: dst.copy_(src), device, warmup=2, steps=reps)
+    dst.copy_(src)
+    times = [time_one_step(lambda: dst.copy_(src), device) for _ in range(reps)]
     return byte_model.copy_bytes(numel) / statistics.median(times)
 
 
@@ -255,63 +256,65 @@ class RunConfig:
     steps: int
     compile_sets: set[str]  # parameter sets on which foreach+compile runs (compiling is slow)
     time_budget_s: float  # cases not started by then are skipped, so a run always ends with results
-    on_case: Callable[[dict], None] = lambda record: None  # called after each case (incremental output)
+    on_case: Callable[[dict], None] = lambda run: None  # called after each group of cases (incremental output)
 
 
-def _cases(config: RunConfig):
-    """(set, dtype, optimizer, contender) in run order, only where the contender has that optimizer; SGD,
-    the floor, first in each set and dtype."""
+def _groups(config: RunConfig):
+    """(set, dtype, optimizer, contenders that have it) in run order; SGD, the floor, first in each set and
+    dtype."""
     table = contenders()
     for param_set in config.sets:
         for dtype in config.dtypes:
             for optimizer in ("sgd", *config.optimizers):
-                for name in config.contenders:
-                    if optimizer in table[name].optimizers:
-                        yield param_set, dtype, optimizer, table[name]
+                group = [table[name] for name in config.contenders if optimizer in table[name].optimizers]
+                if group:
+                    yield param_set, dtype, optimizer, group
 
 
 def run(config: RunConfig) -> dict:
-    """Time every case; returns {"results": [...], "skipped": [...], "copy_bandwidth": bytes/s}."""
+    """Time every case; returns {"results": [...], "skipped": [...], "copy_bandwidth": bytes/s}.
+
+    The contenders of one (set, dtype, optimizer) are timed in interleaved rounds, one step each per round,
+    so that a load that comes and goes on the machine hits them all alike."""
     device = config.device
     bandwidth = copy_bandwidth(device, numel=2**28 if device.type == "cuda" else 2**26)
     results: list[dict] = []
     skipped: list[dict] = []
-    cases = list(_cases(config))
+    groups = list(_groups(config))
     started = time.monotonic()
-    current_key, params, unfit = None, None, None
-    for index, (param_set, dtype, optimizer, contender) in enumerate(cases, 1):
-        where = dict(set=param_set.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer,
-                     contender=contender.name)
+    current_key, params = None, None
+    for index, (param_set, dtype, optimizer, group) in enumerate(groups, 1):
+        where = dict(set=param_set.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer)
         if current_key != (param_set.name, dtype):
             params = None  # the last set's tensors go before the next set's memory is judged
             _free(device)
             current_key = (param_set.name, dtype)
-            unfit = does_not_fit(param_set, dtype, device)
-        reason = contender.why_not(optimizer, device)
-        if reason is None and contender.kind == "compiled" and param_set.name not in config.compile_sets:
-            reason = "torch.compile runs only on --compile-sets (each compile takes tens of seconds)"
-        if reason is None:
-            reason = unfit
-        if reason is None and time.monotonic() - started > config.time_budget_s:
-            reason = f"time budget of {config.time_budget_s:.0f} s spent before this case"
-        if reason is not None:
-            skipped.append({**where, "reason": reason})
+        runnable = []
+        for contender in group:
+            reason = contender.why_not(optimizer, device)
+            if reason is None and contender.kind == "compiled" and param_set.name not in config.compile_sets:
+                reason = "torch.compile runs only on --compile-sets (each compile takes tens of seconds)"
+            if reason is None and time.monotonic() - started > config.time_budget_s:
+                reason = f"time budget of {config.time_budget_s:.0f} s spent before this case"
+            if reason is None:
+                runnable.append(contender)
+            else:
+                skipped.append({**where, "contender": contender.name, "reason": reason})
+        if not runnable:
+            continue
+        unfit = does_not_fit(param_set, dtype, device, len(runnable), params_made=params is not None)
+        if unfit is not None:
+            skipped += [{**where, "contender": c.name, "reason": unfit} for c in runnable]
             continue
         if params is None:
             params = make_params(param_set, dtype, device)
-        print(f"[{index:3d}/{len(cases)}] {param_set.name} {where['dtype']} {optimizer} {contender.name} ...",
-              end="", file=sys.stderr, flush=True)
-        try:
-            record = _measure(param_set, dtype, optimizer, contender, params, config)
-        except Exception as exc:  # a contender that breaks is reported, not allowed to end the run
-            print(f" failed: {type(exc).__name__}", file=sys.stderr, flush=True)
-            skipped.append({**where, "reason": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
-            _free(device)
-            continue
-        print(f" {record['median_ms']:.3f} ms", file=sys.stderr, flush=True)
-        record = {**where, **record, "family": param_set.family, "num_tensors": param_set.num_tensors,
-                  "numel": param_set.numel}
-        results.append(record)
+        print(f"[{index:3d}/{len(groups)}] {param_set.name} {where['dtype']} {optimizer}:", end="",
+              file=sys.stderr, flush=True)
+        records = _measure_group(param_set, dtype, optimizer, runnable, params, config, skipped)
+        print(file=sys.stderr, flush=True)
+        results += [{**where, "contender": name, **record, "family": param_set.family,
+                     "num_tensors": param_set.num_tensors, "numel": param_set.numel}
+                    for name, record in records.items()]
         config.on_case({"results": results, "skipped": skipped, "copy_bandwidth": bandwidth})
     params = None
     _free(device)
@@ -325,26 +328,52 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure(param_set, dtype, optimizer, contender, params, config: RunConfig) -> dict:
+def _measure_group(param_set, dtype, optimizer, group, params, config: RunConfig, skipped: list) -> dict:
+    """{contender name: its record}; a contender that raises is added to ``skipped`` with its error instead of
+    ending the run. All contenders step the same weights: no branch of a step depends on their values."""
     device = config.device
-    # A fresh optimizer starts from zero state; the weights carry over from the last contender, which
-    # changes no timing (no branch depends on their values).
-    build_start = time.perf_counter()
-    step = contender.build(optimizer, params)
-    step()  # first step: allocates state (and compiles, for foreach+compile)
-    _sync(device)
-    first_step_s = time.perf_counter() - build_start
-    times = time_steps(step, device, config.warmup, config.steps)
-    record = dict(
-        median_ms=statistics.median(times) * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
-        steps=len(times), first_step_s=first_step_s,
-        bytes_per_step=byte_model.bytes_per_step(optimizer, dtype, param_set.numel),
-        device_ops_per_step=device_ops_per_step(step, device),
-        extra_memory_bytes=extra_memory_per_step(step, device),
-    )
-    del step
+    where = dict(set=param_set.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer)
+
+    def failed(name: str, exc: Exception) -> None:
+        print(f" {name} failed ({type(exc).__name__})", end="", file=sys.stderr, flush=True)
+        skipped.append({**where, "contender": name, "reason": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
+
+    steps: dict[str, Step] = {}
+    first_step_s: dict[str, float] = {}
+    for contender in group:
+        try:
+            build_start = time.perf_counter()
+            step = contender.build(optimizer, params)
+            step()  # allocates the state (and compiles, for foreach+compile)
+            _sync(device)
+            first_step_s[contender.name] = time.perf_counter() - build_start
+            for _ in range(config.warmup):
+                step()
+            _sync(device)
+            steps[contender.name] = step
+        except Exception as exc:
+            failed(contender.name, exc)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(config.steps):
+        for name in list(steps):
+            try:
+                times[name].append(time_one_step(steps[name], device))
+            except Exception as exc:
+                failed(name, exc)
+                del steps[name]
+    records = {}
+    for name, step in steps.items():
+        records[name] = dict(
+            median_ms=statistics.median(times[name]) * 1e3, min_ms=min(times[name]) * 1e3,
+            max_ms=max(times[name]) * 1e3, steps=len(times[name]), first_step_s=first_step_s[name],
+            bytes_per_step=byte_model.bytes_per_step(optimizer, dtype, param_set.numel),
+            device_ops_per_step=device_ops_per_step(step, device),
+            extra_memory_bytes=extra_memory_per_step(step, device),
+        )
+        print(f" {name} {records[name]['median_ms']:.3f} ms", end="", file=sys.stderr, flush=True)
+    del steps
     _free(device)
-    return record
+    return records
 
 
 def add_ratios(results: list[dict], copy_bandwidth_bps: float, sgd_floor: str) -> None:

@@ -99,9 +99,9 @@ def test_eager_loop_computes_what_we_compute(name, ours, eager):
 
 def test_a_set_too_big_for_memory_is_skipped_with_the_reason(monkeypatch):
     monkeypatch.setattr(harness, "_available_bytes", lambda device: 4 * 2**30)
-    reason = harness.does_not_fit(all_sets()["bert-large"], torch.float32, torch.device("cpu"))
+    reason = harness.does_not_fit(all_sets()["bert-large"], torch.float32, torch.device("cpu"), contenders=1)
     assert reason is not None and "GiB" in reason
-    assert harness.does_not_fit(all_sets()["resnet50"], torch.float32, torch.device("cpu")) is None
+    assert harness.does_not_fit(all_sets()["resnet50"], torch.float32, torch.device("cpu"), contenders=6) is None
 
 
 def test_cli_rejects_unknown_names():
@@ -139,3 +139,38 @@ def test_time_budget_skips_cases_not_yet_started(tmp_path):
     run = harness.run(config)
     assert run["results"] == []
     assert [s["reason"] for s in run["skipped"]] == ["time budget of -1 s spent before this case"]
+
+
+def test_contenders_are_timed_in_interleaved_rounds_and_a_failure_is_reported(monkeypatch):
+    calls = []
+
+    def fake(name, fails=False):
+        def build(optimizer, params):
+            def step():
+                if fails and calls.count(name) >= 1:
+                    raise RuntimeError("kernel exploded")
+                calls.append(name)
+            return step
+        return harness.Contender(name, "ours", ("lars",), build, lambda optimizer, device: None)
+
+    table = {c.name: c for c in (fake("a"), fake("b"), fake("c", fails=True))}
+    monkeypatch.setattr(harness, "contenders", lambda: table)
+    monkeypatch.setattr(harness, "copy_bandwidth", lambda device, numel: 1e9)
+    config = harness.RunConfig(device=torch.device("cpu"), sets=[all_sets()["tiny"]], optimizers=["lars"],
+                               contenders=["a", "b", "c"], dtypes=[torch.float32], warmup=1, steps=3,
+                               compile_sets=set(), time_budget_s=60)
+    run = harness.run(config)
+    # first step and one warm-up each, then one step of each per round: a load that comes and goes hits both
+    assert calls == ["a", "a", "b", "b", "c"] + ["a", "b"] * 3
+    assert [r["contender"] for r in run["results"]] == ["a", "b"]
+    assert [(s["contender"], s["reason"]) for s in run["skipped"]] == [("c", "failed: RuntimeError: kernel exploded")]
+
+
+def test_memory_check_counts_weights_once(monkeypatch):
+    monkeypatch.setattr(harness, "_available_bytes", lambda device: 30 * 2**30)
+    big, cpu = all_sets()["few-huge-1G"], torch.device("cpu")
+    # fresh: 1 Gi params x (8 weights+grads + 8 state + 12 temporaries) = 28 GiB, too much with the 20% margin
+    assert harness.does_not_fit(big, torch.float32, cpu, contenders=1) is not None
+    # weights and gradients already made (they are in the 30 GiB that is no longer free): 20 GiB more fits
+    assert harness.does_not_fit(big, torch.float32, cpu, contenders=1, params_made=True) is None
+    assert harness.does_not_fit(big, torch.float32, cpu, contenders=2, params_made=True) is not None
