@@ -80,6 +80,9 @@ for kind in '$KINDS'.split():
     failed |= reason is not None
 print('backends on $DEVICE:', available_backends('$DEVICE'))
 sys.exit(1 if failed else 0)"
+if [ $? -ne 0 ]; then
+    export TVLARS_FUSED_JIT=0  # a build that failed or ran out of time is not retried inside the later stages
+fi
 
 # 2. Tests: the GPU-marked ones; when none is marked yet, the ones whose names say cuda, triton or gpu (all of
 #    tests/ would not fit the budget; these are the parity and spec cases of the GPU backends).
