@@ -26,9 +26,11 @@ COL_NUM_CHUNKS_C = tl.constexpr(COL_NUM_CHUNKS)
 COL_FLAGS_C = tl.constexpr(COL_FLAGS)
 FLAG_EXCLUDED_C = tl.constexpr(FLAG_EXCLUDED)
 
-# expm1(x) by its Taylor series for |x| below this, by exp(x) - 1 above (where the cancellation costs at most
-# a few ulps: |exp(x) - 1| >= 0.39 there).
-EXPM1_SERIES_LIMIT = tl.constexpr(0.5)
+# expm1(x) by its Taylor series to x**EXPM1_SERIES_DEGREE for |x| below the limit (truncation under 4e-9
+# relative), exp(x) - 1 above it, where |exp(x) - 1| >= 0.63 keeps the cancellation (and a GPU's approximate
+# exp) within a few float32 ulps.
+EXPM1_SERIES_LIMIT = tl.constexpr(1.0)
+EXPM1_SERIES_DEGREE = tl.constexpr(11)
 
 
 @triton.jit
@@ -80,18 +82,13 @@ def phi(t, lmbda, alpha, delay, gamma_min):
 @triton.jit
 def one_minus_pow(log_beta, t):
     """1 - beta**t = -expm1(t * log(beta)) in float32 (``log_beta`` from float64 on the host). Triton has no
-    portable expm1 (the interpreter has no libdevice), so: Taylor series to x**9 for small |x| (truncation
-    below 1e-9 relative), exp(x) - 1 elsewhere."""
+    portable expm1 (the interpreter has no libdevice), so it is computed here."""
     x = t * log_beta
     small = tl.minimum(tl.maximum(x, -EXPM1_SERIES_LIMIT), EXPM1_SERIES_LIMIT)  # no overflow in the unused branch
-    series = 1.0 + small / 9.0  # Horner: x * (1 + x/2 * (1 + x/3 * (... * (1 + x/9))))
-    series = 1.0 + small / 8.0 * series
-    series = 1.0 + small / 7.0 * series
-    series = 1.0 + small / 6.0 * series
-    series = 1.0 + small / 5.0 * series
-    series = 1.0 + small / 4.0 * series
-    series = 1.0 + small / 3.0 * series
-    series = 1.0 + small / 2.0 * series
+    # Horner: x * (1 + x/2 * (1 + x/3 * (... * (1 + x/DEGREE))))
+    series = tl.zeros_like(small) + 1.0
+    for i in tl.static_range(EXPM1_SERIES_DEGREE - 1):
+        series = 1.0 + small / (EXPM1_SERIES_DEGREE - i) * series
     series = small * series
     expm1 = tl.where(tl.abs(x) < EXPM1_SERIES_LIMIT, series, tl.exp(x) - 1.0)
     return -expm1
