@@ -15,6 +15,9 @@ from . import _extension, _foreach
 from ._layer_table import LayerTable, prepare
 from ._types import Bucket, LambHyper, LarsHyper
 
+_extension.ops()  # loads the compiled library once, or raises why it cannot
+_ops = torch.ops.tvlars_fused  # a plain attribute, which torch.compile traces without a graph break
+
 # Elements per chunk: the unit of work of one CUDA block or one OpenMP iteration (a multiple of 4 for the
 # kernel's 16-byte loads). 16384 gives the GPU enough chunks to balance ResNet-sized buckets.
 CHUNK = 16384
@@ -56,7 +59,7 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     device = covered.device
     workspace, layers_host = _workspace(table)
     lr, lr_tensor = _lr(hp.lr, device)
-    _extension.ops().lars_step(
+    _ops.lars_step(
         table.layers, layers_host, table.chunk_layer, covered.params, covered.grads, covered.states[0],
         covered.masters or [], covered.steps, workspace, lr_tensor,
         _device_scalar(grad_scale, "grad_scale", device), _device_scalar(found_inf, "found_inf", device),
@@ -75,7 +78,7 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     workspace, layers_host = _workspace(table)
     lr, lr_tensor = _lr(hp.lr, device)
     exp_avgs, exp_avg_sqs = covered.states
-    _extension.ops().lamb_step(
+    _ops.lamb_step(
         table.layers, layers_host, table.chunk_layer, covered.params, covered.grads, exp_avgs, exp_avg_sqs,
         covered.masters or [], covered.steps, workspace, lr_tensor,
         _device_scalar(grad_scale, "grad_scale", device), _device_scalar(found_inf, "found_inf", device),
