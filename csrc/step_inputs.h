@@ -180,8 +180,9 @@ inline LarsHyper make_lars_hyper(double lr, double momentum, double weight_decay
 
 inline LambHyper make_lamb_hyper(double lr, double beta1, double beta2, double eps, double weight_decay,
                                  bool bias_correction, std::optional<double> norm_clip) {
-  TORCH_CHECK(beta1 > 0.0 && beta1 < 1.0, "lamb_step: beta1 must be in (0, 1), got ", beta1);
-  TORCH_CHECK(beta2 > 0.0 && beta2 < 1.0, "lamb_step: beta2 must be in (0, 1), got ", beta2);
+  // beta = 0 is allowed: log(0) = -inf gives a bias correction of -expm1(-inf) = 1, as 1 - 0**t is.
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "lamb_step: beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "lamb_step: beta2 must be in [0, 1), got ", beta2);
   LambHyper h;
   h.lr = static_cast<float>(lr);
   h.beta1 = static_cast<float>(beta1);

@@ -305,3 +305,13 @@ def test_grad_scaler_unscales_in_the_op_and_skips_inf_steps(cls, kwargs):
     scaler.step(opt)
     after = [p for p in params] + [t for p in params for t in opt.state[p].values()]
     assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_lamb_zero_betas_give_unit_bias_corrections():
+    """log(0) = -inf on the way to -expm1(t*log(beta)) must give 1 - 0**t = 1, not NaN."""
+    bucket = make_bucket(SHAPES, lamb=True)
+    expected = clone_bucket(bucket)
+    for _ in range(2):
+        step(bucket, True, _cpp_backend, beta1=0.0, beta2=0.0)
+        step(expected, True, reference, beta1=0.0, beta2=0.0)
+    assert_buckets_close(bucket, expected, 1e-6)
