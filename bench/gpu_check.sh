@@ -142,7 +142,7 @@ fi
         echo
         echo "## torch.compile"
         echo
-        grep '^|' "$OUT/bench-compile/summary.md"
+        grep -E '^(## |\|)' "$OUT/bench-compile/summary.md" | sed 's/^## /### /'  # its tables, not its header
     fi
 } >"$SUMMARY"
 rm -f "$SUMMARY.stages"
