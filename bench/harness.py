@@ -2,7 +2,8 @@
 
 A case is (parameter set, dtype, optimizer, contender). Parameters and gradients of a set are made once,
 seeded, before any timing; every contender then builds its own optimizer on them, so the timed region is
-``optimizer.step()`` and nothing else.
+``optimizer.step()`` and nothing else. The contenders of one (set, dtype, optimizer) are timed in interleaved
+rounds (see ``run``).
 """
 
 from __future__ import annotations
