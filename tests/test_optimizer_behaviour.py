@@ -262,3 +262,17 @@ def test_zero_grad_and_momentum_buffer_persist():
     opt.zero_grad()
     assert params[0].grad is None
     assert opt.state[params[0]]["momentum_buffer"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=repr)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_are_never_written(case, backend):
+    backend_or_skip(backend)
+    params = make_params(SMALL_SHAPES)
+    opt = case.cls(params, backend=backend, **case.kwargs)
+    for step in range(2):
+        set_grads(params, step)
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+        for p, g in zip(params, grads):
+            assert torch.equal(p.grad, g)

@@ -29,20 +29,19 @@ def _layer_norms(bucket: Bucket, *layer_lists: list[Tensor]) -> tuple[Tensor, ..
     return tuple(norms.unbind(0))
 
 
-def _float32(tensors: list[Tensor]) -> list[Tensor]:
-    """float32 working copies (never aliases: the inputs are gradients or parameters)."""
-    return [t.to(torch.float32, copy=True) for t in tensors]
-
-
 def _read(bucket: Bucket, grad_scale: Tensor | None, grad_mult: Tensor | None):
+    """The layers' weights and gradients in float32. Float32 gradients are used as they are (the steps
+    below only read them); any scaling or up-cast makes new tensors, so ``p.grad`` is never written."""
     weights = bucket.masters if bucket.masters is not None else bucket.params
     if weights[0].dtype != torch.float32:
-        weights = _float32(weights)
-    grads = _float32(bucket.grads)
+        weights = [w.float() for w in weights]
+    grads = bucket.grads
+    if grads[0].dtype != torch.float32:
+        grads = [g.float() for g in grads]
     if grad_scale is not None:
-        torch._foreach_div_(grads, grad_scale.float())
+        grads = torch._foreach_div(grads, grad_scale.float())
     if grad_mult is not None:
-        torch._foreach_mul_(grads, grad_mult.float())
+        grads = torch._foreach_mul(grads, grad_mult.float())
     return weights, grads
 
 
