@@ -122,3 +122,16 @@ def test_compiled_step_matches_eager_without_graph_breaks(cls, kwargs, backend):
     set_grads(compiled_params, 3)
     explanation = torch._dynamo.explain(opt.step)()
     assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+
+
+def test_compiled_step_runs_triton_outside_the_graph():
+    backend_or_skip("triton")
+    compiled_params, eager_params = make_params(SMALL_SHAPES), make_params(SMALL_SHAPES)
+    opt, eager = TVLARS(compiled_params, lr=0.5, backend="triton"), TVLARS(eager_params, lr=0.5, backend="triton")
+    compiled_step = torch.compile(opt.step)
+    for step in range(2):
+        set_grads(compiled_params, step), set_grads(eager_params, step)
+        compiled_step()
+        eager.step()
+    for p, q in zip(compiled_params, eager_params):
+        assert torch.equal(p, q)

@@ -77,9 +77,15 @@ def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable 
     ``covered`` holds the layers the pointer table can update in place (usually the whole bucket) and
     ``table`` is their layer table; ``rest`` (or None) holds the strided layers that must go through the
     ``foreach`` backend instead; ``covered`` and ``table`` are None when no layer fits. Cached like the
-    table itself."""
-    key = _pointer_key(bucket)
-    cached = bucket.cache.get(("prepare", chunk_size))
+    table itself.
+
+    Under ``torch.compile`` the tensors being traced have no addresses: the table then holds sizes only
+    (pointer columns 0) and is not cached. Only the compiled ops can use such a table, because they check
+    the table's pointers against their tensor arguments and fill in the real ones; the Triton backend, which
+    cannot, runs outside the compiled graph."""
+    tracing = torch.compiler.is_compiling()
+    key = None if tracing else _pointer_key(bucket)
+    cached = None if tracing else bucket.cache.get(("prepare", chunk_size))
     if cached is not None and cached[0] == key:
         _, covered, rest = cached
     else:
@@ -91,10 +97,12 @@ def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable 
         else:
             covered = bucket.subset([i for i, ok in enumerate(fits) if ok])
             rest = bucket.subset([i for i, ok in enumerate(fits) if not ok])
-        bucket.cache[("prepare", chunk_size)] = (key, covered, rest)
+        if not tracing:
+            bucket.cache[("prepare", chunk_size)] = (key, covered, rest)
     if covered is None:
         return None, None, rest
-    table = layer_table(covered, chunk_size, key if covered is bucket else None)
+    table = _build(covered, chunk_size, None) if tracing else layer_table(
+        covered, chunk_size, key if covered is bucket else None)
     return covered, table, rest
 
 
@@ -116,9 +124,14 @@ def layer_table(bucket: Bucket, chunk_size: int, key: tuple | None = None) -> La
     if key is None:
         key = _pointer_key(bucket)
     cached = bucket.cache.get(("layer_table", chunk_size))
-    if cached is not None and cached.key == key:
-        return cached
+    if cached is None or cached.key != key:
+        cached = bucket.cache[("layer_table", chunk_size)] = _build(bucket, chunk_size, key)
+    return cached
 
+
+def _build(bucket: Bucket, chunk_size: int, key: tuple | None) -> LayerTable:
+    """A new table; without a key (under torch.compile) its pointer columns are left 0."""
+    address = (lambda t: t.data_ptr()) if key is not None else (lambda t: 0)
     rows = []
     chunk_layer = []
     first_chunk = 0
@@ -128,12 +141,12 @@ def layer_table(bucket: Bucket, chunk_size: int, key: tuple | None = None) -> La
         numel = p.numel()
         num_chunks = max(1, -(-numel // chunk_size))  # an empty layer still owns one (empty) chunk
         rows.append([
-            p.data_ptr(),
-            bucket.grads[i].data_ptr(),
-            bucket.states[0][i].data_ptr(),
-            bucket.states[1][i].data_ptr() if two_states else 0,
-            bucket.masters[i].data_ptr() if bucket.masters is not None else 0,
-            bucket.steps[i].data_ptr(),
+            address(p),
+            address(bucket.grads[i]),
+            address(bucket.states[0][i]),
+            address(bucket.states[1][i]) if two_states else 0,
+            address(bucket.masters[i]) if bucket.masters is not None else 0,
+            address(bucket.steps[i]),
             numel,
             first_chunk,
             num_chunks,
@@ -144,7 +157,7 @@ def layer_table(bucket: Bucket, chunk_size: int, key: tuple | None = None) -> La
         max_layer_chunks = max(max_layer_chunks, num_chunks)
 
     device = bucket.device
-    table = LayerTable(
+    return LayerTable(
         layers=torch.tensor(rows, dtype=torch.int64).reshape(-1, NUM_COLS).to(device),
         chunk_layer=torch.tensor(chunk_layer, dtype=torch.int32).to(device),
         chunk_size=chunk_size,
@@ -153,5 +166,3 @@ def layer_table(bucket: Bucket, chunk_size: int, key: tuple | None = None) -> La
         max_layer_chunks=max_layer_chunks,
         key=key,
     )
-    bucket.cache[("layer_table", chunk_size)] = table
-    return table

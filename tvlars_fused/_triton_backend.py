@@ -76,12 +76,9 @@ def _norm_clip(norm_clip: float | None) -> float:
     return math.inf if norm_clip is None else float(norm_clip)
 
 
-def _log(beta: float) -> float:
-    """log(beta) in float64 for the in-kernel bias correction -expm1(t * log(beta)); beta = 0 gives -inf,
-    so 1 - 0**t = 1."""
-    return math.log(beta) if beta > 0 else -math.inf
-
-
+# The kernels read the layer table's addresses, which traced tensors do not have: under torch.compile the
+# Triton step runs eagerly, outside the graph (one graph break per bucket).
+@torch.compiler.disable
 def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
               found_inf: Tensor | None = None) -> None:
     sizes = launch_sizes(bucket)
@@ -112,6 +109,7 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
         RBLOCK=_reduce_block(table, sizes), **flags)
 
 
+@torch.compiler.disable
 def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
               found_inf: Tensor | None = None) -> None:
     sizes = launch_sizes(bucket)
@@ -124,7 +122,7 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     device, partials, new_steps = covered.device, ws["partials"], ws["new_steps"]
     lr_on_device = isinstance(hp.lr, Tensor)
     found = _device_scalar(found_inf, device, ws["zero"])
-    log_beta1, log_beta2 = _log(hp.beta1), _log(hp.beta2)
+    log_beta1, log_beta2 = hp.log_beta1, hp.log_beta2
     beta1, beta2, eps, weight_decay = map(float, (hp.beta1, hp.beta2, hp.eps, hp.weight_decay))
     flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
                  BIAS_CORRECTION=hp.bias_correction, CHUNK=sizes.chunk, BLOCK=sizes.block,
