@@ -1,5 +1,6 @@
 """Device helpers shared by the LARS-family and LAMB kernels: reading the layer table, reducing a layer's
-per-chunk partial sums in a fixed order, phi and the bias correction in float32.
+per-chunk partial sums in a fixed order, phi and the bias correction in float32; and ``layer_sums_kernel``,
+the launch between the two passes that sharded layers take.
 
 Every kernel runs one program per chunk of the layer table (``tvlars_fused/_layer_table.py``); a program
 finds its layer through ``chunk_layer`` and walks the elements ``[start, end)`` of its chunk in tiles of
@@ -70,6 +71,28 @@ def layer_sum(partials_ptr, row_ptr, RBLOCK: tl.constexpr):
         index = offset + tl.arange(0, RBLOCK)
         acc += tl.load(partials_ptr + first + index, mask=index < count, other=0.0)
     return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def layer_sums_kernel(layers_ptr, partials_ptr, layer_sums_ptr, num_chunks, RBLOCK: tl.constexpr):
+    """Sharded layers, between the passes: program i reduces layer i's partials (``[2, num_chunks]``) with
+    ``layer_sum``, the very sums pass 2 would form, into ``layer_sums[i]`` (``[num_layers, 2]``), which the
+    host then sums over the ranks. Every layer owns at least one chunk, so an empty shard stores zeros."""
+    layer = tl.program_id(0).to(tl.int64)
+    row_ptr = layers_ptr + layer * NUM_COLS_C
+    tl.store(layer_sums_ptr + 2 * layer, layer_sum(partials_ptr, row_ptr, RBLOCK))
+    tl.store(layer_sums_ptr + 2 * layer + 1, layer_sum(partials_ptr + num_chunks, row_ptr, RBLOCK))
+
+
+@triton.jit
+def whole_layer_sums(sums_ptr, num_chunks, row_ptr, layer, RBLOCK: tl.constexpr, LAYER_SUMS: tl.constexpr):
+    """Pass 2's two sums of squares over the whole layer: read from ``sums_ptr`` as ``[num_layers, 2]``
+    all-reduced sums when LAYER_SUMS (sharded layers), else reduced here from it as ``[2, num_chunks]``
+    partials."""
+    if LAYER_SUMS:
+        return tl.load(sums_ptr + 2 * layer), tl.load(sums_ptr + 2 * layer + 1)
+    else:
+        return layer_sum(sums_ptr, row_ptr, RBLOCK), layer_sum(sums_ptr + num_chunks, row_ptr, RBLOCK)
 
 
 @triton.jit

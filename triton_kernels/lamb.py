@@ -12,6 +12,10 @@ Pass 2 (``lamb_update_kernel``), one program per chunk: re-reduces its own layer
 (deterministic, no atomics), reads t from ``new_steps``, recomputes u from the stored new moments with the
 same code as pass 1, and applies w -= lr * q * u; the layer's first-chunk program stores t in the state step.
 
+Sharded layers (``LAYER_SUMS``): pass 1 works on the local shards; ``layer_sums_kernel`` (common) reduces
+each layer's partials into ``[num_layers, 2]``, the host all-reduces that over the ranks, and pass 2 reads the
+whole-layer sums from it instead of reducing partials.
+
 ``found_inf`` non-zero empties every loop and masks every persistent store of both passes.
 """
 
@@ -19,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .common import (COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STATE1_C, COL_STEP_C, chunk_span,
-                     is_excluded, layer_sum, one_minus_pow, table_pointer, to_param_dtype)
+                     is_excluded, one_minus_pow, table_pointer, to_param_dtype, whole_layer_sums)
 
 
 @triton.jit
@@ -87,11 +91,11 @@ def lamb_moments_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr
 
 
 @triton.jit
-def lamb_update_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, found_inf_ptr, lr_ptr,
+def lamb_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, found_inf_ptr, lr_ptr,
                        num_chunks, lr, log_beta1, log_beta2, eps, weight_decay, norm_clip,
                        PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
                        BIAS_CORRECTION: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                       RBLOCK: tl.constexpr):
+                       RBLOCK: tl.constexpr, LAYER_SUMS: tl.constexpr):
     row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, CHUNK)
     skip = tl.load(found_inf_ptr) != 0
     end = tl.where(skip, start, end)
@@ -100,8 +104,9 @@ def lamb_update_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr,
 
     adapted = ~is_excluded(row_ptr)
     decay = tl.where(adapted, weight_decay, 0.0)
-    w_norm = tl.minimum(tl.sqrt(layer_sum(partials_ptr, row_ptr, RBLOCK)), norm_clip)
-    u_norm = tl.sqrt(layer_sum(partials_ptr + num_chunks, row_ptr, RBLOCK))
+    w_sq, u_sq = whole_layer_sums(sums_ptr, num_chunks, row_ptr, layer, RBLOCK, LAYER_SUMS)
+    w_norm = tl.minimum(tl.sqrt(w_sq), norm_clip)
+    u_norm = tl.sqrt(u_sq)
     trusted = adapted & (w_norm > 0) & (u_norm > 0)
     q = tl.where(trusted, w_norm / tl.where(trusted, u_norm, 1.0), 1.0)  # no 0 / 0 on the q = 1 branch
     if LR_ON_DEVICE:

@@ -9,6 +9,10 @@ Pass 2 (``lars_update_kernel``), one program per chunk: re-reduces its own layer
 state step, which the layer's first-chunk program overwrites with t in this very pass), forms phi(t) and the
 trust ratio q, and updates momentum, master weight and parameter of its chunk.
 
+Sharded layers (``LAYER_SUMS``): pass 1 sums the local shards; ``layer_sums_kernel`` (common) reduces each
+layer's partials into ``[num_layers, 2]``, the host all-reduces that over the ranks, and pass 2 reads the
+whole-layer sums from it instead of reducing partials.
+
 ``found_inf`` non-zero empties every loop and masks every store of pass 2: nothing persistent changes.
 """
 
@@ -16,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import (COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STEP_C, chunk_span, is_excluded,
-                     layer_sum, phi, table_pointer, to_param_dtype)
+                     phi, table_pointer, to_param_dtype, whole_layer_sums)
 
 
 @triton.jit
@@ -58,20 +62,21 @@ def lars_norms_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, 
 
 
 @triton.jit
-def lars_update_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, grad_scale_ptr, found_inf_ptr,
+def lars_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, grad_scale_ptr, found_inf_ptr,
                        lr_ptr, num_chunks, lr, momentum, weight_decay, eta, eps, norm_clip, lmbda, alpha, delay,
                        gamma_min, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
                        HAS_GRAD_SCALE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, SUM_OF_NORMS: tl.constexpr,
                        NESTEROV: tl.constexpr, USE_PHI: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                       RBLOCK: tl.constexpr):
+                       RBLOCK: tl.constexpr, LAYER_SUMS: tl.constexpr):
     row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, CHUNK)
     skip = tl.load(found_inf_ptr) != 0
     end = tl.where(skip, start, end)
     t = tl.load(new_steps_ptr + layer)
 
     adapted = ~is_excluded(row_ptr)
-    w_norm = tl.minimum(tl.sqrt(layer_sum(partials_ptr, row_ptr, RBLOCK)), norm_clip)
-    other_norm = tl.minimum(tl.sqrt(layer_sum(partials_ptr + num_chunks, row_ptr, RBLOCK)), norm_clip)
+    w_sq, other_sq = whole_layer_sums(sums_ptr, num_chunks, row_ptr, layer, RBLOCK, LAYER_SUMS)
+    w_norm = tl.minimum(tl.sqrt(w_sq), norm_clip)
+    other_norm = tl.minimum(tl.sqrt(other_sq), norm_clip)
     if SUM_OF_NORMS:
         d_norm = other_norm + weight_decay * w_norm
     else:

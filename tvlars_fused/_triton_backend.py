@@ -1,4 +1,5 @@
-"""The Triton backend: each bucket is stepped by two kernel launches over the shared layer table.
+"""The Triton backend: each bucket is stepped by two kernel launches over the shared layer table (three when
+sharded).
 
 The kernels (``tvlars_fused.triton_kernels``) run one program per chunk of the table; pass 1 writes per-chunk
 partial sums of squares, pass 2 reduces each layer's partials in a fixed order and applies the update (the
@@ -6,6 +7,14 @@ kernel modules say how steps and LAMB's moments are ordered between the passes).
 value on the host, so a step is CUDA-graph safe: ``lr`` may be a device tensor, steps, phi, bias corrections
 and the zero-norm branch live on the device, and ``found_inf`` is honoured in-kernel. Layers the table cannot
 cover (strided views) go through the ``foreach`` backend.
+
+Sharded buckets (FSDP2 / DTensor, ``bucket.reduce_sums`` set) hold each rank's shards, and the trust ratios
+need whole-layer norms: the step splits around one all-reduce, in three launches: pass 1 on the local
+shards, ``layer_sums_kernel`` (each layer's partials reduced in a fixed order to ``[num_layers, 2]``),
+``bucket.reduce_sums`` on that, then pass 2 reading the summed sums. The all-reduce is issued even when
+``found_inf`` is set (the host never reads it, and every rank must join the collective); the kernels write
+nothing persistent then. Every rank's table must cover the same layers, so that each issues the same
+collectives: FSDP2's local shards are contiguous, so they always are.
 """
 
 from __future__ import annotations
@@ -21,8 +30,12 @@ from torch import Tensor
 from . import _foreach
 from ._layer_table import LayerTable, prepare
 from ._types import Bucket, LambHyper, LarsHyper
+from .triton_kernels.common import layer_sums_kernel
 from .triton_kernels.lamb import lamb_moments_kernel, lamb_update_kernel
 from .triton_kernels.lars import lars_norms_kernel, lars_update_kernel
+
+# Sharded buckets are stepped here (split around bucket.reduce_sums), not sent to foreach by the optimizer.
+supports_sharded = True
 
 _PARAM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -50,16 +63,32 @@ def launch_sizes(bucket: Bucket) -> LaunchSizes:
     return LaunchSizes(chunk=chunk, block=chunk)
 
 
-def _workspace(table: LayerTable) -> dict:
+def _workspace(table: LayerTable, sharded: bool) -> dict:
     """Scratch allocated once per table: per-chunk partial sums of squares ([2, num_chunks]), each layer's
-    step count t for this step, and a zero standing in for an absent ``found_inf``."""
+    step count t for this step, a zero standing in for an absent ``found_inf``, and for sharded layers the
+    whole-layer sums that are all-reduced ([num_layers, 2])."""
     ws = table.workspace
     if not ws:
         device = table.layers.device
         ws["partials"] = torch.empty(2 * table.num_chunks, dtype=torch.float32, device=device)
         ws["new_steps"] = torch.empty(table.num_layers, dtype=torch.float32, device=device)
         ws["zero"] = torch.zeros((), dtype=torch.float32, device=device)
+        if sharded:
+            ws["layer_sums"] = torch.empty(table.num_layers, 2, dtype=torch.float32, device=device)
     return ws
+
+
+def _pass2_sums(bucket: Bucket, table: LayerTable, ws: dict, rblock: int) -> Tensor:
+    """What pass 2 reads its layers' sums of squares from (its LAYER_SUMS flag is ``bucket.reduce_sums is not
+    None``): the per-chunk partials, which it reduces itself; or for sharded layers the whole-layer sums,
+    reduced from the partials by one launch here and then summed over the ranks by the bucket's all-reduce."""
+    if bucket.reduce_sums is None:
+        return ws["partials"]
+    layer_sums = ws["layer_sums"]
+    layer_sums_kernel[(table.num_layers,)](table.layers, ws["partials"], layer_sums, table.num_chunks,
+                                           RBLOCK=rblock)
+    bucket.reduce_sums(layer_sums)
+    return layer_sums
 
 
 def _device_scalar(value: Tensor | None, device: torch.device, absent: Tensor) -> Tensor:
@@ -87,7 +116,7 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
         _foreach.lars_step(rest, hp, grad_scale, found_inf)
     if covered is None:
         return
-    ws = _workspace(table)
+    ws = _workspace(table, covered.reduce_sums is not None)
     device, partials, new_steps = covered.device, ws["partials"], ws["new_steps"]
     lr_on_device = isinstance(hp.lr, Tensor)
     scale = _device_scalar(grad_scale, device, partials)
@@ -98,15 +127,17 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     momentum, weight_decay, eta, eps, lmbda, alpha, delay, gamma_min = map(float, (
         hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min))
     grid = (table.num_chunks,)
+    rblock = _reduce_block(table, sizes)
     lars_norms_kernel[grid](table.layers, table.chunk_layer, partials, new_steps, scale, table.num_chunks,
                             weight_decay, **flags)
+    sums = _pass2_sums(covered, table, ws, rblock)
     lars_update_kernel[grid](
-        table.layers, table.chunk_layer, partials, new_steps, scale, _device_scalar(found_inf, device, ws["zero"]),
+        table.layers, table.chunk_layer, sums, new_steps, scale, _device_scalar(found_inf, device, ws["zero"]),
         _device_scalar(hp.lr if lr_on_device else None, device, partials), table.num_chunks,
         0.0 if lr_on_device else float(hp.lr), momentum, weight_decay, eta, eps, _norm_clip(hp.norm_clip),
         lmbda, alpha, delay, gamma_min,
-        LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi,
-        RBLOCK=_reduce_block(table, sizes), **flags)
+        LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi, RBLOCK=rblock,
+        LAYER_SUMS=covered.reduce_sums is not None, **flags)
 
 
 @torch.compiler.disable
@@ -118,7 +149,7 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
         _foreach.lamb_step(rest, hp, grad_scale, found_inf)
     if covered is None:
         return
-    ws = _workspace(table)
+    ws = _workspace(table, covered.reduce_sums is not None)
     device, partials, new_steps = covered.device, ws["partials"], ws["new_steps"]
     lr_on_device = isinstance(hp.lr, Tensor)
     found = _device_scalar(found_inf, device, ws["zero"])
@@ -128,13 +159,16 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
                  BIAS_CORRECTION=hp.bias_correction, CHUNK=sizes.chunk, BLOCK=sizes.block,
                  num_warps=sizes.num_warps)
     grid = (table.num_chunks,)
+    rblock = _reduce_block(table, sizes)
     lamb_moments_kernel[grid](
         table.layers, table.chunk_layer, partials, new_steps, _device_scalar(grad_scale, device, partials), found,
         _device_scalar(hp.clip_coef, device, partials), table.num_chunks, beta1, beta2, 1.0 - beta1, 1.0 - beta2,
         log_beta1, log_beta2, eps, weight_decay,
         HAS_GRAD_SCALE=grad_scale is not None, HAS_CLIP_COEF=hp.clip_coef is not None, **flags)
+    sums = _pass2_sums(covered, table, ws, rblock)
     lamb_update_kernel[grid](
-        table.layers, table.chunk_layer, partials, new_steps, found,
+        table.layers, table.chunk_layer, sums, new_steps, found,
         _device_scalar(hp.lr if lr_on_device else None, device, partials), table.num_chunks,
         0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, eps, weight_decay,
-        _norm_clip(hp.norm_clip), LR_ON_DEVICE=lr_on_device, RBLOCK=_reduce_block(table, sizes), **flags)
+        _norm_clip(hp.norm_clip), LR_ON_DEVICE=lr_on_device, RBLOCK=rblock,
+        LAYER_SUMS=covered.reduce_sums is not None, **flags)
