@@ -1,5 +1,6 @@
 """The Triton backend beyond the parity table: layers split over many chunks, the launch count, GradScaler
-inputs, lr as a tensor, reproducibility, strided layers, phi and bias-correction numerics, bfloat16 rounding.
+inputs, lr as a tensor, reproducibility, strided layers, the step of sharded layers split around an
+all-reduce, phi and bias-correction numerics, bfloat16 rounding.
 
 On the CPU the kernels run under the Triton interpreter (tests/conftest.py); the tests marked ``gpu`` need CUDA.
 """
@@ -259,6 +260,109 @@ def test_strided_layers_are_updated_in_place_through_foreach(lamb):
     assert_buckets_close(bucket, expected, 1e-5)
     assert not torch.equal(base[:, ::2], original[:, ::2])  # the view's own storage moved ...
     assert torch.equal(base[:, 1::2], original[:, 1::2])  # ... and nothing between its elements
+
+
+# ----------------------------------------------------------------------------- sharded layers (split step)
+def doubling(sums):
+    """reduce_sums as if a second rank held an identical shard of every layer: the all-reduce doubles sums."""
+    sums.mul_(2)
+
+
+class RecordingReduce:
+    """reduce_sums that records a copy of what it is given and leaves it as it is."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, sums):
+        self.calls.append(sums.clone())
+
+
+# (lamb, hyper-parameters). norm_clip 14 lies between the local norms of the 128- and 144-element layers
+# (about 11 and 12) and their doubled ones (about 16 and 17), so the doubled sums change q; with eps = 0 and
+# no clip, doubling every sum would leave LARS's ratio of norms as it is.
+SHARDED_VARIANTS = {
+    "lars-norm-of-sum": (False, dict(use_phi=False, eps=1e-3, norm_clip=14.0)),
+    "lars-sum-of-norms": (False, dict(use_phi=False, sum_of_norms=True, weight_decay=1e-2, norm_clip=14.0)),
+    "tvlars": (False, dict(norm_clip=14.0)),
+    "lamb": (True, dict(norm_clip=14.0)),
+}
+# An FSDP2 rank can hold empty shards, 2-D ones included.
+SHARDED_SHAPES = MULTI_CHUNK_SHAPES + [(0, 3)]
+
+
+def _sharded_steps(bucket, lamb, backend, reduce_sums, steps=3, **hyper):
+    bucket.reduce_sums = reduce_sums
+    for _ in range(steps):
+        step(bucket, lamb, backend, **hyper)
+    return bucket
+
+
+@pytest.mark.parametrize("variant", list(SHARDED_VARIANTS))
+def test_sharded_split_step_matches_reference(variant, many_chunks):
+    lamb, hyper = SHARDED_VARIANTS[variant]
+    bucket = make_bucket(SHARDED_SHAPES, lamb=lamb)
+    expected, local_only = clone_bucket(bucket), clone_bucket(bucket)
+    _sharded_steps(bucket, lamb, _triton_module(), doubling, **hyper)
+    _sharded_steps(expected, lamb, reference, doubling, **hyper)
+    assert_buckets_close(bucket, expected, 1e-5)
+    # The comparison sees whether the summed sums reach pass 2: the local sums alone fail it.
+    _sharded_steps(local_only, lamb, _triton_module(), RecordingReduce(), **hyper)
+    with pytest.raises(AssertionError):
+        assert_buckets_close(local_only, expected, 1e-5)
+
+
+@pytest.mark.parametrize("variant", list(SHARDED_VARIANTS))
+def test_sharded_split_step_on_one_rank_is_bit_identical_to_the_ordinary_step(variant, many_chunks):
+    # The layer sums are formed by the very reduction pass 2 runs on the ordinary path.
+    lamb, hyper = SHARDED_VARIANTS[variant]
+    bucket = make_bucket(SHARDED_SHAPES, lamb=lamb)
+    ordinary = clone_bucket(bucket)
+    _sharded_steps(bucket, lamb, _triton_module(), RecordingReduce(), **hyper)
+    for _ in range(3):
+        step(ordinary, lamb, _triton_module(), **hyper)
+    assert_buckets_equal(bucket, ordinary)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+@pytest.mark.parametrize("masters", [False, True], ids=["params", "masters"])
+def test_sharded_found_inf_writes_nothing_but_joins_the_all_reduce(lamb, masters):
+    backend = _triton_module()
+    dtype = torch.bfloat16 if masters else torch.float32
+    bucket = make_bucket(SHARDED_SHAPES, lamb=lamb, dtype=dtype, masters=masters)
+    bucket.reduce_sums = reduce = RecordingReduce()
+    before = clone_bucket(bucket)
+    scale, inf, no_inf = (torch.tensor(v, device=DEVICE) for v in (4.0, 1.0, 0.0))
+    step(bucket, lamb, backend, grad_scale=scale, found_inf=inf)
+    assert_buckets_equal(bucket, before)
+    assert len(reduce.calls) == 1  # every rank must join the collective: the host never reads found_inf
+    step(bucket, lamb, backend, grad_scale=scale, found_inf=no_inf)
+    assert not torch.equal(bucket.params[0], before.params[0])
+    assert all(s == b + 1 for s, b in zip(bucket.steps, before.steps))
+
+
+@pytest.mark.parametrize("variant", ["tvlars", "lars-sum-of-norms", "lamb"])
+def test_sharded_split_step_is_three_launches_around_one_all_reduce(variant):
+    lamb, hyper = SHARDED_VARIANTS[variant]
+    shapes = _tiny_shapes(40)
+    bucket = make_bucket(shapes, lamb=lamb)
+    bucket.reduce_sums = reduce = RecordingReduce()
+    step(bucket, lamb, _triton_module(), **hyper)  # the first step builds the layer table
+    with count_kernel_launches(DEVICE) as launches:
+        step(bucket, lamb, _triton_module(), **hyper)
+    assert launches[0] == 3, f"{launches[0]} kernel launches for one sharded step"
+    assert [tuple(c.shape) for c in reduce.calls] == [(len(shapes), 2)] * 2
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_sharded_rank_with_only_empty_shards_steps(lamb):
+    # This rank holds nothing of any layer: it contributes zero sums and advances its step counts.
+    bucket = make_bucket([(0, 3), (0,), (0, 2, 2)], lamb=lamb)
+    bucket.reduce_sums = reduce = RecordingReduce()
+    before = clone_bucket(bucket)
+    step(bucket, lamb, _triton_module())
+    assert [c.tolist() for c in reduce.calls] == [[[0.0, 0.0]] * 3]
+    assert all(s == b + 1 for s, b in zip(bucket.steps, before.steps))
 
 
 # ----------------------------------------------------------------------------- device numerics

@@ -22,6 +22,7 @@ COMPILE_ALL = textwrap.dedent("""
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from tvlars_fused.triton_kernels.common import layer_sums_kernel
     from tvlars_fused.triton_kernels.lamb import lamb_moments_kernel, lamb_update_kernel
     from tvlars_fused.triton_kernels.lars import lars_norms_kernel, lars_update_kernel
 
@@ -37,12 +38,15 @@ COMPILE_ALL = textwrap.dedent("""
             variants = [
                 (lars_norms_kernel, dict(HAS_GRAD_SCALE=flag, SUM_OF_NORMS=flag)),
                 (lars_update_kernel, dict(HAS_GRAD_SCALE=flag, LR_ON_DEVICE=not flag, SUM_OF_NORMS=not flag,
-                                          NESTEROV=flag, USE_PHI=not flag, RBLOCK=64)),
+                                          NESTEROV=flag, USE_PHI=not flag, RBLOCK=64, LAYER_SUMS=flag)),
                 (lamb_moments_kernel, dict(HAS_GRAD_SCALE=not flag, HAS_CLIP_COEF=flag, BIAS_CORRECTION=flag)),
-                (lamb_update_kernel, dict(LR_ON_DEVICE=flag, BIAS_CORRECTION=not flag, RBLOCK=1024)),
+                (lamb_update_kernel, dict(LR_ON_DEVICE=flag, BIAS_CORRECTION=not flag, RBLOCK=1024,
+                                          LAYER_SUMS=not flag)),
+                (layer_sums_kernel, dict(RBLOCK=64 if flag else 1024)),
             ]
             for fn, flags in variants:
-                constexprs = dict(common, **flags)
+                # layer_sums_kernel has none of the elementwise flags
+                constexprs = {k: v for k, v in dict(common, **flags).items() if k in fn.arg_names}
                 kernel = triton.compile(ASTSource(fn, signature(fn, constexprs), constexprs),
                                         target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
                 ptx = kernel.asm["ptx"]
@@ -61,7 +65,7 @@ def test_kernels_compile_for_hopper_and_ampere(tmp_path):
         pytest.skip(f"this Triton install cannot compile for CUDA without a GPU: {proc.stderr[-500:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout)
-    assert len(results) == 32
+    assert len(results) == 40
     for r in results:
         assert r["cubin"] > 0, r
         assert not r["atomics"], r
