@@ -3,7 +3,8 @@
 // Pass 1 writes per-chunk partial sums of squares to the workspace (LAMB also updates the moments here);
 // the per-layer step reduces each layer's partials in chunk order (no atomics, so two runs are
 // bit-identical whatever the thread count), advances the step count once and computes the trust ratio;
-// pass 2 applies the update. Chunks are split into one contiguous block per OpenMP thread and pass 2 walks
+// pass 2 applies the update. A split step (StepPhase) runs pass 1 and the reduction only, storing the sums,
+// or takes the sums as given and runs the per-layer step and pass 2 only. Chunks are split into one contiguous block per OpenMP thread and pass 2 walks
 // each block backwards, so a thread starts on the chunks it read last (still in its cache).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -40,7 +41,37 @@ struct CpuTable {
   int64_t chunk_size;
   float* chunk_partials;  // [num_chunks][2]
   float* layer_results;   // [num_layers][2]: trust ratio, new step count
+  int64_t phase;          // StepPhase
+  float* layer_sums;      // [num_layers][2]: written by PHASE_SUMS, read by PHASE_APPLY; else nullptr
 };
+
+// The per-layer step of both optimizers: the layer's two sums of squares from its chunks' partials, added in
+// chunk order (PHASE_APPLY: the given whole-layer sums instead). PHASE_SUMS stores them and stops; otherwise
+// the step count advances once and the layer's results are ratio(first, second, t, excluded) and t.
+template <typename Ratio>
+inline void finish_layer(const CpuTable& tab, int64_t layer, Ratio ratio) {
+  const int64_t* row = tab.rows + layer * NUM_COLS;
+  float first = 0.0f, second = 0.0f;
+  if (tab.phase == PHASE_APPLY) {
+    first = tab.layer_sums[2 * layer];
+    second = tab.layer_sums[2 * layer + 1];
+  } else {
+    for (int64_t c = row[COL_FIRST_CHUNK]; c < row[COL_FIRST_CHUNK] + row[COL_NUM_CHUNKS]; ++c) {
+      first += tab.chunk_partials[2 * c];
+      second += tab.chunk_partials[2 * c + 1];
+    }
+  }
+  if (tab.phase == PHASE_SUMS) {
+    tab.layer_sums[2 * layer] = first;
+    tab.layer_sums[2 * layer + 1] = second;
+    return;
+  }
+  float* step = column_ptr<float>(row, COL_STEP);
+  const float t = *step + 1.0f;
+  *step = t;
+  tab.layer_results[2 * layer] = ratio(first, second, t, (row[COL_FLAGS] & FLAG_EXCLUDED) != 0);
+  tab.layer_results[2 * layer + 1] = t;
+}
 
 // This thread's contiguous block of [0, n).
 inline ElementRange thread_block(int64_t n) {
@@ -113,35 +144,31 @@ void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float l
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const ElementRange mine = thread_block(tab.num_chunks);
-    for (int64_t c = mine.begin; c < mine.end; ++c) {
-      const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
-      float* out = tab.chunk_partials + 2 * c;
-      if (row[COL_FLAGS] & FLAG_EXCLUDED) {  // no trust ratio: nothing to sum
-        out[0] = out[1] = 0.0f;
-        continue;
+    if (tab.phase != PHASE_APPLY) {  // the same branch in every thread, so the barrier inside is valid
+      for (int64_t c = mine.begin; c < mine.end; ++c) {
+        const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
+        float* out = tab.chunk_partials + 2 * c;
+        if (row[COL_FLAGS] & FLAG_EXCLUDED) {  // no trust ratio: nothing to sum
+          out[0] = out[1] = 0.0f;
+          continue;
+        }
+        lars_chunk_partials<scalar_t, weight_t>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, h, out);
       }
-      lars_chunk_partials<scalar_t, weight_t>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, h, out);
-    }
 #pragma omp barrier
+    }
 #pragma omp for schedule(static)
     for (int64_t layer = 0; layer < tab.num_layers; ++layer) {
-      const int64_t* row = tab.rows + layer * NUM_COLS;
-      float w_sq = 0.0f, denom_sq = 0.0f;
-      for (int64_t c = row[COL_FIRST_CHUNK]; c < row[COL_FIRST_CHUNK] + row[COL_NUM_CHUNKS]; ++c) {
-        w_sq += tab.chunk_partials[2 * c];
-        denom_sq += tab.chunk_partials[2 * c + 1];
-      }
-      float* step = column_ptr<float>(row, COL_STEP);
-      const float t = *step + 1.0f;
-      *step = t;
-      tab.layer_results[2 * layer] = lars_trust_ratio(h, w_sq, denom_sq, t, row[COL_FLAGS] & FLAG_EXCLUDED);
-      tab.layer_results[2 * layer + 1] = t;
+      finish_layer(tab, layer, [&](float w_sq, float denom_sq, float t, bool excluded) {
+        return lars_trust_ratio(h, w_sq, denom_sq, t, excluded);
+      });
     }  // implicit barrier
-    for (int64_t c = mine.end - 1; c >= mine.begin; --c) {
-      const int64_t layer = tab.chunk_layer[c];
-      const int64_t* row = tab.rows + layer * NUM_COLS;
-      lars_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr,
-                                             tab.layer_results[2 * layer], h);
+    if (tab.phase != PHASE_SUMS) {
+      for (int64_t c = mine.end - 1; c >= mine.begin; --c) {
+        const int64_t layer = tab.chunk_layer[c];
+        const int64_t* row = tab.rows + layer * NUM_COLS;
+        lars_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr,
+                                               tab.layer_results[2 * layer], h);
+      }
     }
   }
 }
@@ -213,33 +240,29 @@ void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float g
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const ElementRange mine = thread_block(tab.num_chunks);
-    for (int64_t c = mine.begin; c < mine.end; ++c) {
-      const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
-      const float t = *column_ptr<const float>(row, COL_STEP) + 1.0f;  // written back only after the barrier
-      lamb_chunk_moments<scalar_t, weight_t>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, grad_mult,
-                                             bias_corrections(h, t), h, tab.chunk_partials + 2 * c);
-    }
+    if (tab.phase != PHASE_APPLY) {  // the same branch in every thread, so the barrier inside is valid
+      for (int64_t c = mine.begin; c < mine.end; ++c) {
+        const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
+        const float t = *column_ptr<const float>(row, COL_STEP) + 1.0f;  // written back only after the barrier
+        lamb_chunk_moments<scalar_t, weight_t>(row, chunk_elements(row, c, tab.chunk_size), grad_scale,
+                                               grad_mult, bias_corrections(h, t), h, tab.chunk_partials + 2 * c);
+      }
 #pragma omp barrier
+    }
 #pragma omp for schedule(static)
     for (int64_t layer = 0; layer < tab.num_layers; ++layer) {
-      const int64_t* row = tab.rows + layer * NUM_COLS;
-      float w_sq = 0.0f, u_sq = 0.0f;
-      for (int64_t c = row[COL_FIRST_CHUNK]; c < row[COL_FIRST_CHUNK] + row[COL_NUM_CHUNKS]; ++c) {
-        w_sq += tab.chunk_partials[2 * c];
-        u_sq += tab.chunk_partials[2 * c + 1];
-      }
-      float* step = column_ptr<float>(row, COL_STEP);
-      const float t = *step + 1.0f;
-      *step = t;
-      tab.layer_results[2 * layer] = lamb_trust_ratio(h, w_sq, u_sq, row[COL_FLAGS] & FLAG_EXCLUDED);
-      tab.layer_results[2 * layer + 1] = t;
+      finish_layer(tab, layer, [&](float w_sq, float u_sq, float, bool excluded) {
+        return lamb_trust_ratio(h, w_sq, u_sq, excluded);
+      });
     }  // implicit barrier
-    for (int64_t c = mine.end - 1; c >= mine.begin; --c) {
-      const int64_t layer = tab.chunk_layer[c];
-      const int64_t* row = tab.rows + layer * NUM_COLS;
-      const float lr_q = lr * tab.layer_results[2 * layer];
-      lamb_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size),
-                                             bias_corrections(h, tab.layer_results[2 * layer + 1]), lr_q, h);
+    if (tab.phase != PHASE_SUMS) {
+      for (int64_t c = mine.end - 1; c >= mine.begin; --c) {
+        const int64_t layer = tab.chunk_layer[c];
+        const int64_t* row = tab.rows + layer * NUM_COLS;
+        const float lr_q = lr * tab.layer_results[2 * layer];
+        lamb_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size),
+                                               bias_corrections(h, tab.layer_results[2 * layer + 1]), lr_q, h);
+      }
     }
   }
 }
@@ -251,10 +274,10 @@ inline float scalar_or(const std::optional<at::Tensor>& t, float otherwise) {
 }
 
 CpuTable cpu_table(const at::Tensor& rows, const at::Tensor& chunk_layer, int64_t num_chunks, int64_t chunk_size,
-                   const at::Tensor& workspace) {
+                   const at::Tensor& workspace, int64_t phase, float* layer_sums) {
   float* partials = workspace.data_ptr<float>();
   return {rows.data_ptr<int64_t>(), chunk_layer.data_ptr<int32_t>(), rows.size(0), num_chunks, chunk_size,
-          partials, partials + 2 * num_chunks};
+          partials, partials + 2 * num_chunks, phase, layer_sums};
 }
 
 }  // namespace
@@ -267,9 +290,11 @@ void lars_step_cpu(TVLARS_LARS_STEP_ARGS) {
   check_scalar("lars_step", "lr_tensor", lr_tensor, device);
   check_scalar("lars_step", "grad_scale", grad_scale, device);
   check_scalar("lars_step", "found_inf", found_inf, device);
+  float* sums = check_layer_sums("lars_step", layer_sums, phase, layers_host.size(0), device);
   if (scalar_or(found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
   const std::optional<at::Tensor> fresh_rows = rows_for_lists(layers_host, cols);
-  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, num_chunks, chunk_size, workspace);
+  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, num_chunks, chunk_size, workspace,
+                                 phase, sums);
   const LarsHyper h = make_lars_hyper(lr, momentum, weight_decay, eta, eps, norm_clip, sum_of_norms, nesterov,
                                       use_phi, lmbda, alpha, delay, gamma_min);
   const float scale = scalar_or(grad_scale, 1.0f);
@@ -289,9 +314,11 @@ void lamb_step_cpu(TVLARS_LAMB_STEP_ARGS) {
   check_scalar("lamb_step", "grad_scale", grad_scale, device);
   check_scalar("lamb_step", "found_inf", found_inf, device);
   check_scalar("lamb_step", "clip_coef", clip_coef, device);
+  float* sums = check_layer_sums("lamb_step", layer_sums, phase, layers_host.size(0), device);
   if (scalar_or(found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
   const std::optional<at::Tensor> fresh_rows = rows_for_lists(layers_host, cols);
-  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, num_chunks, chunk_size, workspace);
+  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, num_chunks, chunk_size, workspace,
+                                 phase, sums);
   const LambHyper h = make_lamb_hyper(lr, beta1, beta2, eps, weight_decay, bias_correction, norm_clip);
   const float scale = scalar_or(grad_scale, 1.0f);
   const float mult = scalar_or(clip_coef, 1.0f);

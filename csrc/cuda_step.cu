@@ -11,7 +11,8 @@
 // u^2 (u from the fresh moments); phase 2 turns the layer's sums into q = ||w|| / ||u||; phase 3 reads m, v
 // and w again, recomputes u (bit-identical: same float32 inputs, same code) and writes w - lr*q*u. Gradients
 // are only read, never overwritten. With found_inf set every block returns before the first barrier, so
-// nothing at all is written.
+// nothing at all is written. A split step (StepPhase, for sharded layers) runs phases 1 and 2 only, phase 2
+// storing the layer's sums instead of using them, or takes the sums as given and runs phases 2 and 3 only.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -45,6 +46,8 @@ struct DeviceTable {
   int64_t chunk_size;
   float* chunk_partials;  // [num_chunks][2]
   float* layer_results;   // [num_layers][2]: trust ratio, new step count
+  int64_t phase;          // StepPhase
+  float* layer_sums;      // [num_layers][2]: written by PHASE_SUMS, read by PHASE_APPLY; else nullptr
 };
 
 // Optional device scalars, read in-kernel so that a captured CUDA graph replays with their current values.
@@ -135,8 +138,9 @@ __device__ __forceinline__ void block_sum2(float& a, float& b, float (&scratch)[
   __syncthreads();  // scratch is reused by the block's next chunk
 }
 
-// Phase 2 for both optimizers: one warp per layer sums the layer's chunk partials in a fixed order, then lane 0
-// advances the step count (its only write) and stores ratio(first, second, t) and t.
+// Phase 2 for both optimizers: one warp per layer sums the layer's chunk partials in a fixed order (PHASE_APPLY:
+// takes the given whole-layer sums instead), then lane 0 stores the sums (PHASE_SUMS) or advances the step
+// count (its only write) and stores ratio(first, second, t) and t.
 template <typename Ratio>
 __device__ __forceinline__ void reduce_layers(const DeviceTable& tab, Ratio ratio) {
   const int lane = threadIdx.x % 32;
@@ -144,13 +148,21 @@ __device__ __forceinline__ void reduce_layers(const DeviceTable& tab, Ratio rati
   for (int64_t layer = first_warp; layer < tab.num_layers; layer += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t* row = tab.rows + layer * NUM_COLS;
     float first = 0.0f, second = 0.0f;
-    for (int64_t c = row[COL_FIRST_CHUNK] + lane; c < row[COL_FIRST_CHUNK] + row[COL_NUM_CHUNKS]; c += 32) {
-      first += tab.chunk_partials[2 * c];
-      second += tab.chunk_partials[2 * c + 1];
+    if (tab.phase == PHASE_APPLY) {
+      first = tab.layer_sums[2 * layer];
+      second = tab.layer_sums[2 * layer + 1];
+    } else {
+      for (int64_t c = row[COL_FIRST_CHUNK] + lane; c < row[COL_FIRST_CHUNK] + row[COL_NUM_CHUNKS]; c += 32) {
+        first += tab.chunk_partials[2 * c];
+        second += tab.chunk_partials[2 * c + 1];
+      }
+      first = warp_sum(first);
+      second = warp_sum(second);
     }
-    first = warp_sum(first);
-    second = warp_sum(second);
-    if (lane == 0) {
+    if (lane == 0 && tab.phase == PHASE_SUMS) {
+      tab.layer_sums[2 * layer] = first;
+      tab.layer_sums[2 * layer + 1] = second;
+    } else if (lane == 0) {
       float* step = column_ptr<float>(row, COL_STEP);
       const float t = *step + 1.0f;
       *step = t;
@@ -176,7 +188,8 @@ __global__ void __launch_bounds__(kThreads) lars_step_kernel(DeviceTable tab, La
   __shared__ float scratch[2][kWarps];
   const float grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
 
-  for (int64_t c = blockIdx.x; c < tab.num_chunks; c += gridDim.x) {
+  // Phase 1, skipped by PHASE_APPLY (as is its barrier: the phase is the same in every block).
+  for (int64_t c = blockIdx.x; c < tab.num_chunks && tab.phase != PHASE_APPLY; c += gridDim.x) {
     const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
     float w_sq = 0.0f, denom_sq = 0.0f;
     if (!(row[COL_FLAGS] & FLAG_EXCLUDED)) {  // excluded layers have no trust ratio: nothing to sum
@@ -205,11 +218,12 @@ __global__ void __launch_bounds__(kThreads) lars_step_kernel(DeviceTable tab, La
       tab.chunk_partials[2 * c + 1] = denom_sq;
     }
   }
-  grid.sync();
+  if (tab.phase != PHASE_APPLY) grid.sync();
 
   reduce_layers(tab, [&](float w_sq, float denom_sq, float t, bool excluded) {
     return lars_trust_ratio(h, w_sq, denom_sq, t, excluded);
   });
+  if (tab.phase == PHASE_SUMS) return;  // every block: no barrier follows
   grid.sync();
 
   const float lr = s.lr != nullptr ? *s.lr : h.lr;
@@ -262,8 +276,8 @@ __global__ void __launch_bounds__(kThreads) lamb_step_kernel(DeviceTable tab, La
   const float grad_mult = s.clip_coef != nullptr ? *s.clip_coef : 1.0f;
 
   // Phase 1: moments, then sums of w^2 and u^2. The step count is read here (t = old + 1) and written only
-  // in phase 2, after the barrier.
-  for (int64_t c = blockIdx.x; c < tab.num_chunks; c += gridDim.x) {
+  // in phase 2, after the barrier (by PHASE_APPLY's call). Skipped by PHASE_APPLY, as is its barrier.
+  for (int64_t c = blockIdx.x; c < tab.num_chunks && tab.phase != PHASE_APPLY; c += gridDim.x) {
     const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
     const ElementRange r = chunk_elements(row, c, tab.chunk_size);
     const bool vec = packable(row);
@@ -297,11 +311,12 @@ __global__ void __launch_bounds__(kThreads) lamb_step_kernel(DeviceTable tab, La
       tab.chunk_partials[2 * c + 1] = u_sq;
     }
   }
-  grid.sync();
+  if (tab.phase != PHASE_APPLY) grid.sync();
 
   reduce_layers(tab, [&](float w_sq, float u_sq, float, bool excluded) {
     return lamb_trust_ratio(h, w_sq, u_sq, excluded);
   });
+  if (tab.phase == PHASE_SUMS) return;  // every block: no barrier follows
   grid.sync();
 
   // Phase 3: u again from the stored moments, then w -= lr*q*u.
@@ -361,12 +376,12 @@ void launch(Kernel kernel, const DeviceTable& tab, const Hyper& h, const DeviceS
 // than the table (functionalization's copies under torch.compile). `keep` owns the copy until the launch.
 DeviceTable device_table(const at::Tensor& layers, const at::Tensor& layers_host, const at::Tensor& chunk_layer,
                          const TensorColumns& cols, int64_t num_chunks, int64_t chunk_size,
-                         const at::Tensor& workspace, at::Tensor& keep) {
+                         const at::Tensor& workspace, int64_t phase, float* layer_sums, at::Tensor& keep) {
   const std::optional<at::Tensor> fresh = rows_for_lists(layers_host, cols);
   keep = fresh.has_value() ? fresh->to(layers.device()) : layers;
   float* partials = workspace.data_ptr<float>();
   return {keep.data_ptr<int64_t>(), chunk_layer.data_ptr<int32_t>(), layers_host.size(0), num_chunks, chunk_size,
-          partials, partials + 2 * num_chunks};
+          partials, partials + 2 * num_chunks, phase, layer_sums};
 }
 
 }  // namespace
@@ -379,9 +394,11 @@ void lars_step_cuda(TVLARS_LARS_STEP_ARGS) {
   check_scalar("lars_step", "lr_tensor", lr_tensor, device);
   check_scalar("lars_step", "grad_scale", grad_scale, device);
   check_scalar("lars_step", "found_inf", found_inf, device);
+  float* sums = check_layer_sums("lars_step", layer_sums, phase, layers_host.size(0), device);
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor rows;
-  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, num_chunks, chunk_size, workspace, rows);
+  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, num_chunks, chunk_size, workspace,
+                                       phase, sums, rows);
   const LarsHyper h = make_lars_hyper(lr, momentum, weight_decay, eta, eps, norm_clip, sum_of_norms, nesterov,
                                       use_phi, lmbda, alpha, delay, gamma_min);
   const DeviceScalars s{optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf), nullptr};
@@ -400,9 +417,11 @@ void lamb_step_cuda(TVLARS_LAMB_STEP_ARGS) {
   check_scalar("lamb_step", "grad_scale", grad_scale, device);
   check_scalar("lamb_step", "found_inf", found_inf, device);
   check_scalar("lamb_step", "clip_coef", clip_coef, device);
+  float* sums = check_layer_sums("lamb_step", layer_sums, phase, layers_host.size(0), device);
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor rows;
-  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, num_chunks, chunk_size, workspace, rows);
+  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, num_chunks, chunk_size, workspace,
+                                       phase, sums, rows);
   const LambHyper h = make_lamb_hyper(lr, beta1, beta2, eps, weight_decay, bias_correction, norm_clip);
   const DeviceScalars s{optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf),
                         optional_ptr(clip_coef)};

@@ -54,6 +54,29 @@ inline void check_scalar(const char* op, const char* name, const std::optional<a
   TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), ", expected ", device);
 }
 
+// What one op call does (its `phase` argument). Sharded layers (FSDP2) need whole-layer norms, so their step
+// is split around one all-reduce: PHASE_SUMS writes the local per-layer sums of squares to layer_sums (LAMB
+// also updates the moments) and nothing else; the caller sums layer_sums over the ranks; PHASE_APPLY reads
+// them, advances the step counts and applies the update. PHASE_FULL is the ordinary one-call step.
+enum StepPhase : int64_t { PHASE_FULL = 0, PHASE_SUMS = 1, PHASE_APPLY = 2 };
+
+// The [num_layers, 2] float32 sums a split phase writes or reads; nullptr for PHASE_FULL.
+inline float* check_layer_sums(const char* op, const std::optional<at::Tensor>& layer_sums, int64_t phase,
+                               int64_t num_layers, const at::Device& device) {
+  TORCH_CHECK(phase == PHASE_FULL || phase == PHASE_SUMS || phase == PHASE_APPLY, op,
+              ": phase must be 0 (whole step), 1 (sums) or 2 (apply), got ", phase);
+  if (phase == PHASE_FULL) {
+    TORCH_CHECK(!layer_sums.has_value(), op, ": layer_sums is read or written by phases 1 and 2 only");
+    return nullptr;
+  }
+  TORCH_CHECK(layer_sums.has_value() && layer_sums->scalar_type() == at::kFloat && layer_sums->device() == device &&
+                  layer_sums->dim() == 2 && layer_sums->size(0) == num_layers && layer_sums->size(1) == 2 &&
+                  layer_sums->is_contiguous(),
+              op, ": phase ", phase, " needs layer_sums, a contiguous float32 tensor of shape [", num_layers,
+              ", 2] on ", device);
+  return layer_sums->data_ptr<float>();
+}
+
 // Checks everything the kernels rely on; returns the number of chunks.
 inline int64_t check_step_inputs(const char* op, const at::Tensor& layers, const at::Tensor& layers_host,
                                  const at::Tensor& chunk_layer, const TensorColumns& cols,

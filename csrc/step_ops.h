@@ -15,7 +15,7 @@ namespace tvlars {
       const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf, double lr,      \
       double momentum, double weight_decay, double eta, double eps, std::optional<double> norm_clip,           \
       bool sum_of_norms, bool nesterov, bool use_phi, double lmbda, double alpha, double delay,                \
-      double gamma_min, int64_t chunk_size
+      double gamma_min, int64_t chunk_size, const std::optional<at::Tensor> &layer_sums, int64_t phase
 
 #define TVLARS_LAMB_STEP_ARGS                                                                                  \
   const at::Tensor &layers, const at::Tensor &layers_host, const at::Tensor &chunk_layer, at::TensorList params, \
@@ -23,7 +23,8 @@ namespace tvlars {
       at::TensorList steps, const at::Tensor &workspace, const std::optional<at::Tensor> &lr_tensor,            \
       const std::optional<at::Tensor> &grad_scale, const std::optional<at::Tensor> &found_inf,                 \
       const std::optional<at::Tensor> &clip_coef, double lr, double beta1, double beta2, double eps,           \
-      double weight_decay, bool bias_correction, std::optional<double> norm_clip, int64_t chunk_size
+      double weight_decay, bool bias_correction, std::optional<double> norm_clip, int64_t chunk_size,            \
+      const std::optional<at::Tensor> &layer_sums, int64_t phase
 
 void lars_step_cpu(TVLARS_LARS_STEP_ARGS);
 void lamb_step_cpu(TVLARS_LAMB_STEP_ARGS);

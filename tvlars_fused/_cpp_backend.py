@@ -4,6 +4,10 @@
 A bucket is split by ``prepare``: the layers the layer table covers go to one op call; strided layers (rare)
 go through the ``foreach`` backend. The ops read ``lr``, ``grad_scale``, ``found_inf`` and LAMB's clip
 coefficient from device scalars, so a step never synchronises with the host.
+
+Sharded buckets (FSDP2, ``bucket.reduce_sums`` set) run fused too, in two op calls around one all-reduce: the
+"sums" phase writes each layer's local sums of squares, ``reduce_sums`` adds them over the ranks, and the
+"apply" phase steps with the whole-layer sums.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ _ops = torch.ops.tvlars_fused  # a plain attribute, which torch.compile traces w
 # kernel's 16-byte loads). 16384 gives the GPU enough chunks to balance ResNet-sized buckets.
 CHUNK = 16384
 
+# The ops' `phase` argument (StepPhase in csrc/step_inputs.h); the ordinary step leaves it at PHASE_FULL.
+PHASE_FULL, PHASE_SUMS, PHASE_APPLY = 0, 1, 2
+supports_sharded = True  # _optimizer._plan gives this backend sharded buckets (else they go to foreach)
+
 
 def _workspace(table: LayerTable) -> tuple[Tensor, Tensor]:
     """(per-table scratch for partial sums and per-layer results, host copy of the layer table)."""
@@ -32,6 +40,21 @@ def _workspace(table: LayerTable) -> tuple[Tensor, Tensor]:
                                          device=device)
         ws["cpp_layers_host"] = table.layers if device.type == "cpu" else table.layers.cpu()
     return ws["cpp_partials"], ws["cpp_layers_host"]
+
+
+def _run(op, bucket: Bucket, table: LayerTable, *args) -> None:
+    """One op call, or for a sharded bucket the sums phase, one all-reduce and the apply phase. The all-reduce
+    runs even when found_inf is set (the op then writes nothing), so every rank issues the same collectives."""
+    if bucket.reduce_sums is None:
+        op(*args)
+        return
+    sums = table.workspace.get("cpp_layer_sums")
+    if sums is None:
+        sums = table.workspace["cpp_layer_sums"] = torch.zeros(table.num_layers, 2, dtype=torch.float32,
+                                                               device=table.layers.device)
+    op(*args, sums, PHASE_SUMS)
+    bucket.reduce_sums(sums)
+    op(*args, sums, PHASE_APPLY)
 
 
 def _device_scalar(value: Tensor | None, name: str, device: torch.device) -> Tensor | None:
@@ -59,7 +82,8 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     device = covered.device
     workspace, layers_host = _workspace(table)
     lr, lr_tensor = _lr(hp.lr, device)
-    _ops.lars_step(
+    _run(
+        _ops.lars_step, covered, table,
         table.layers, layers_host, table.chunk_layer, covered.params, covered.grads, covered.states[0],
         covered.masters or [], covered.steps, workspace, lr_tensor,
         _device_scalar(grad_scale, "grad_scale", device), _device_scalar(found_inf, "found_inf", device),
@@ -78,7 +102,8 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     workspace, layers_host = _workspace(table)
     lr, lr_tensor = _lr(hp.lr, device)
     exp_avgs, exp_avg_sqs = covered.states
-    _ops.lamb_step(
+    _run(
+        _ops.lamb_step, covered, table,
         table.layers, layers_host, table.chunk_layer, covered.params, covered.grads, exp_avgs, exp_avg_sqs,
         covered.masters or [], covered.steps, workspace, lr_tensor,
         _device_scalar(grad_scale, "grad_scale", device), _device_scalar(found_inf, "found_inf", device),
