@@ -182,9 +182,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             backend = backends[device]
             if sharding is not None:
                 bucket.reduce_sums = _all_reduce_over(*sharding)
-                # The fused kernels read whole-layer norms in-kernel; sharded layers take foreach's path,
-                # which reduces the local sums of squares with one all-reduce per bucket.
-                backend = "foreach" if backend in _backends.FUSED_BACKENDS else backend
+                # Whole-layer norms need the ranks' local sums of squares added (one all-reduce per bucket):
+                # a fused backend that splits its step around reduce_sums says so with `supports_sharded`;
+                # the others' sharded buckets take foreach's path.
+                if backend in _backends.FUSED_BACKENDS and \
+                        not getattr(_backends.module(backend), "supports_sharded", False):
+                    backend = "foreach"
             buckets.append((backend, bucket))
         return group, buckets
 
