@@ -379,13 +379,16 @@ def _measure_group(param_set, dtype, optimizer, group, params, config: RunConfig
 
 
 def add_ratios(results: list[dict], copy_bandwidth_bps: float, sgd_floor: str) -> None:
-    """Speed-up vs the eager loop, ratio to the SGD floor and bandwidth, each against the same set and dtype."""
+    """Speed-ups vs the eager loop and vs foreach, ratio to the SGD floor and bandwidth, each against the same
+    set and dtype."""
     median = {(r["set"], r["dtype"], r["optimizer"], r["contender"]): r["median_ms"] for r in results}
     for r in results:
         eager = median.get((r["set"], r["dtype"], r["optimizer"], "eager-loop"))
+        foreach = median.get((r["set"], r["dtype"], r["optimizer"], "foreach"))
         sgd = median.get((r["set"], r["dtype"], "sgd", sgd_floor))
         seconds = r["median_ms"] / 1e3
         r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
+        r["speedup_vs_foreach"] = foreach / r["median_ms"] if foreach else None
         r["ratio_to_sgd"] = r["median_ms"] / sgd if sgd else None
         r["achieved_GBps"] = r["bytes_per_step"] / seconds / 1e9 if seconds > 0 else math.inf
         r["fraction_of_copy_bandwidth"] = r["bytes_per_step"] / seconds / copy_bandwidth_bps if seconds > 0 else None

@@ -128,6 +128,9 @@ def test_tiny_run_writes_table_json_and_summary(tmp_path, capsys):
     assert foreach["speedup_vs_eager"] == pytest.approx(rows["lars", "eager-loop"]["median_ms"] / foreach["median_ms"])
     assert foreach["ratio_to_sgd"] is not None and foreach["device_ops_per_step"] is None
     assert rows["lars", "eager-loop"]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert foreach["speedup_vs_foreach"] == pytest.approx(1.0)
+    assert rows["lars", "eager-loop"]["speedup_vs_foreach"] == pytest.approx(
+        foreach["median_ms"] / rows["lars", "eager-loop"]["median_ms"])
     assert [s["contender"] for s in data["skipped"]] == ["triton"]  # the Triton interpreter is not timed
     assert (out / "summary.md").read_text().startswith("# Optimizer step benchmark, cpu")
 
