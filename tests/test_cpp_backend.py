@@ -195,16 +195,21 @@ def test_chunk_elements_uses_64_bit_offsets():
     assert ops.chunk_elements(0, first, first, chunk) == [0, 0]
 
 
-def op_args(bucket, lamb, lists=None):
-    """The op's arguments for the bucket's table; the tensor lists from ``lists`` (default: the bucket)."""
+def op_args(bucket, lamb, lists=None, hp=None):
+    """The op's arguments for the bucket's table; the tensor lists from ``lists`` (default: the bucket), the
+    hyper-parameters from ``hp`` (default: LAMB_HP or TVLARS_HP)."""
     covered, table, _ = prepare(bucket, _cpp_backend.CHUNK)
     lists = lists or covered
     workspace, layers_host = _cpp_backend._workspace(table)
     head = [table.layers, layers_host, table.chunk_layer, lists.params, lists.grads, *lists.states,
             lists.masters or [], lists.steps, workspace, None, None, None]
     if lamb:
-        return head + [None, 1e-2, 0.9, 0.999, 1e-6, 0.01, True, 10.0, _cpp_backend.CHUNK]
-    return head + [0.5, 0.9, 5e-4, 1e-3, 0.0, None, False, False, True, 1e-3, 1.0, 0.0, 0.0, _cpp_backend.CHUNK]
+        h = hp or LAMB_HP
+        return head + [None, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.norm_clip,
+                       _cpp_backend.CHUNK]
+    h = hp or TVLARS_HP
+    return head + [h.lr, h.momentum, h.weight_decay, h.eta, h.eps, h.norm_clip, h.sum_of_norms, h.nesterov,
+                   h.use_phi, h.lmbda, h.alpha, h.delay, h.gamma_min, _cpp_backend.CHUNK]
 
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["lars_step", "lamb_step"])
@@ -315,3 +320,143 @@ def test_lamb_zero_betas_give_unit_bias_corrections():
         step(bucket, True, _cpp_backend, beta1=0.0, beta2=0.0)
         step(expected, True, reference, beta1=0.0, beta2=0.0)
     assert_buckets_close(bucket, expected, 1e-6)
+
+
+# ---------------------------------------------------------------- sharded buckets: the step split around reduce_sums
+
+# norm_clip=30 clips the large layers' norms only, so the small layers' ratios still depend on the sums.
+SPLIT_CASES = [(False, {}), (False, dict(use_phi=False)),
+               (False, dict(use_phi=False, sum_of_norms=True, norm_clip=30.0)), (True, {})]
+SPLIT_IDS = ["tvlars", "lars", "lars-sum-of-norms", "lamb"]
+
+
+def other_ranks(sums):
+    """Stands in for the all-reduce: elementwise, so the same for the reference's per-norm calls, and it changes
+    every trust ratio (doubling alone would leave w/d ratios as they are), so a step that skipped it or
+    reduced the wrong numbers would not match."""
+    sums.mul_(2.0).add_(0.5)
+
+
+def counting(reduce, calls):
+    def reduce_sums(sums):
+        calls.append(tuple(sums.shape))
+        reduce(sums)
+
+    return reduce_sums
+
+
+@pytest.mark.parametrize("lamb, hyper", SPLIT_CASES, ids=SPLIT_IDS)
+def test_split_step_matches_reference_with_the_same_reduce_sums(lamb, hyper):
+    bucket = make_bucket(SHAPES, lamb=lamb)
+    expected, unsharded = clone_bucket(bucket), clone_bucket(bucket)
+    calls = []
+    bucket.reduce_sums = counting(other_ranks, calls)
+    expected.reduce_sums = other_ranks
+    for _ in range(3):
+        step(bucket, lamb, _cpp_backend, **hyper)
+        step(expected, lamb, reference, **hyper)
+        step(unsharded, lamb, _cpp_backend, **hyper)
+    assert calls == [(len(SHAPES), 2)] * 3  # one all-reduce of all the layers' sums per step
+    assert_buckets_close(bucket, expected, 1e-6)
+    # The reduced sums were used: the trust ratios, hence LARS's momentum and LAMB's weights, differ unsharded.
+    moved = [not torch.allclose(t, u, rtol=1e-4, atol=0)
+             for t, u in zip(bucket_tensors(bucket, grads=False), bucket_tensors(unsharded, grads=False))]
+    assert any(moved)
+
+
+@pytest.mark.parametrize("lamb, hyper", SPLIT_CASES, ids=SPLIT_IDS)
+@pytest.mark.parametrize("masters", [False, True], ids=["params", "masters"])
+def test_split_step_with_one_rank_is_the_whole_step(lamb, hyper, masters):
+    """An all-reduce over one rank changes nothing: sums then apply must be bit-identical to one call."""
+    bucket = make_bucket(SHAPES, lamb=lamb, dtype=torch.bfloat16 if masters else torch.float32, masters=masters)
+    whole = clone_bucket(bucket)
+    bucket.reduce_sums = lambda sums: None
+    for _ in range(3):
+        step(bucket, lamb, _cpp_backend, grad_scale=torch.tensor(2.0), **hyper)
+        step(whole, lamb, _cpp_backend, grad_scale=torch.tensor(2.0), **hyper)
+    assert_buckets_equal(bucket, whole)
+
+
+@pytest.mark.parametrize("lamb, hyper", SPLIT_CASES, ids=SPLIT_IDS)
+def test_sums_phase_writes_the_local_sums_and_no_step(lamb, hyper):
+    bucket = make_bucket(SHAPES, lamb=lamb)
+    before = clone_bucket(bucket)
+    hp = LambHyper(**{**LAMB_HP.__dict__, **hyper}) if lamb else LarsHyper(**{**TVLARS_HP.__dict__, **hyper})
+    args = op_args(bucket, lamb, hp=hp)
+    sums = torch.full((len(SHAPES), 2), float("nan"))
+    (torch.ops.tvlars_fused.lamb_step if lamb else torch.ops.tvlars_fused.lars_step)(*args, sums,
+                                                                                     _cpp_backend.PHASE_SUMS)
+    w = [p.double() for p in bucket.params]
+    if lamb:  # LAMB's sums phase stores the new moments; the second sum is of u from them
+        m_hat = [m.double() / (1 - hp.beta1 ** (t.item() + 1)) for m, t in zip(bucket.states[0], bucket.steps)]
+        v_hat = [v.double() / (1 - hp.beta2 ** (t.item() + 1)) for v, t in zip(bucket.states[1], bucket.steps)]
+        second = [m / (v.sqrt() + hp.eps) + (0.0 if e else hp.weight_decay) * x
+                  for m, v, x, e in zip(m_hat, v_hat, w, bucket.excluded)]
+        torch.testing.assert_close(bucket.states[0][0], before.states[0][0] * 0.9 + before.grads[0] * 0.1)
+    else:
+        g = [x.double() for x in bucket.grads]
+        second = g if hp.sum_of_norms else [gi + hp.weight_decay * x for gi, x in zip(g, w)]
+    want = torch.tensor([[0.0, 0.0] if (e and not lamb) else [x.square().sum(), s.square().sum()]
+                         for x, s, e in zip(w, second, bucket.excluded)])
+    torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=1e-6)
+    unchanged = bucket.params + bucket.steps + bucket.grads + ([] if lamb else bucket.states[0])
+    reference_tensors = before.params + before.steps + before.grads + ([] if lamb else before.states[0])
+    assert all(torch.equal(a, b) for a, b in zip(unchanged, reference_tensors))
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_split_step_with_found_inf_writes_nothing_but_still_reduces(lamb):
+    bucket = make_bucket(SHAPES, lamb=lamb)
+    calls = []
+    bucket.reduce_sums = counting(other_ranks, calls)
+    before = clone_bucket(bucket)
+    step(bucket, lamb, _cpp_backend, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))
+    assert_buckets_equal(bucket, before)
+    assert len(calls) == 1  # every rank issues the same collectives, whatever found_inf says
+    args = op_args(bucket, lamb)
+    args[12 if lamb else 11] = torch.tensor(1.0)  # found_inf (after LAMB's two state lists)
+    sums = torch.full((len(SHAPES), 2), 7.0)
+    op = torch.ops.tvlars_fused.lamb_step if lamb else torch.ops.tvlars_fused.lars_step
+    op(*args, sums, _cpp_backend.PHASE_SUMS)
+    assert torch.equal(sums, torch.full((len(SHAPES), 2), 7.0))
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_split_step_on_empty_local_shards(lamb):
+    """A rank whose shards are all empty (FSDP2 gives the last ranks nothing of a small layer) still takes
+    part: its sums are 0 and its step counts advance."""
+    shapes = [(0,), (0, 5), (3, 0)]
+    bucket = make_bucket(shapes, lamb=lamb)
+    expected = clone_bucket(bucket)
+    calls = []
+    bucket.reduce_sums = counting(other_ranks, calls)
+    expected.reduce_sums = other_ranks
+    step(bucket, lamb, _cpp_backend)
+    step(expected, lamb, reference)
+    assert calls == [(3, 2)]
+    assert_buckets_equal(bucket, expected)
+    assert [s.item() for s in bucket.steps] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["lars_step", "lamb_step"])
+@pytest.mark.parametrize("phase", [1, 2], ids=["sums", "apply"])
+def test_opcheck_split_phases(lamb, phase):
+    op = torch.ops.tvlars_fused.lamb_step.default if lamb else torch.ops.tvlars_fused.lars_step.default
+    args = op_args(make_bucket([(4, 3), (5,), (0,), (2, 2)], lamb=lamb), lamb)
+    torch.library.opcheck(op, args + [torch.rand(4, 2), phase])
+
+
+@pytest.mark.parametrize("sums, phase, message", [
+    (None, 3, "phase must be 0"),
+    (None, 1, r"phase 1 needs layer_sums, a contiguous float32 tensor of shape \[10, 2\]"),
+    (torch.zeros(10, 3), 2, r"phase 2 needs layer_sums"),
+    (torch.zeros(10, 2, dtype=torch.float64), 1, r"phase 1 needs layer_sums"),
+    (torch.zeros(2, 10).t(), 1, r"phase 1 needs layer_sums"),
+    (torch.zeros(10, 2), 0, "layer_sums is read or written by phases 1 and 2 only"),
+])
+def test_bad_split_arguments_are_rejected(sums, phase, message):
+    bucket = make_bucket(SHAPES)
+    before = clone_bucket(bucket)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.tvlars_fused.lars_step(*op_args(bucket, False), sums, phase)
+    assert_buckets_equal(bucket, before)
