@@ -77,6 +77,16 @@ def _fsdp_check(rank, mesh, name, backend, steps):
     if backend == "triton":  # the sharded buckets went through the kernels (their layer tables), not foreach
         assert any(key[0] == "layer_table" for cache in opt._bucket_caches.values() for key in cache
                    if isinstance(key, tuple))
+    if backend == "auto" and _cpp_available():  # auto is cpp: its split step (sums, all-reduce, apply) ran
+        tables = [table for cache in opt._bucket_caches.values() for key, table in cache.items()
+                  if isinstance(key, tuple) and key[0] == "layer_table"]
+        assert tables and all("cpp_layer_sums" in table.workspace for table in tables)
+
+
+def _cpp_available() -> bool:
+    import tvlars_fused
+
+    return tvlars_fused.available_backends(torch.device("cpu"))["cpp"] is None
 
 
 def _ddp_worker(rank, world, port, names, backend, steps):
