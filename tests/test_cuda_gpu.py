@@ -1,5 +1,5 @@
 """backend="cuda" on a GPU: parity, one cooperative launch per step, CUDA graphs, GradScaler skips, 64-bit
-offsets. Every test skips with "no CUDA GPU" where there is none (the development machines)."""
+offsets, the step split around reduce_sums for sharded buckets. Every test skips with "no CUDA GPU" where there is none (the development machines)."""
 
 import pytest
 import torch
@@ -7,9 +7,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from cases import CASES, SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
+from test_cpp_backend import (SPLIT_CASES, SPLIT_IDS, assert_buckets_close, assert_buckets_equal, clone_bucket,
+                              counting, make_bucket, other_ranks, step)
 from test_parity import LOW_PRECISION
 from tvlars_fused import LAMB, LARS, TVLARS
-from tvlars_fused import _cpp_backend
+from tvlars_fused import _cpp_backend, reference
 from tvlars_fused._types import Bucket, LambHyper, LarsHyper
 
 pytestmark = [
@@ -152,3 +154,86 @@ def test_layer_beyond_2_31_elements():
     buf = opt.state[p]["momentum_buffer"]
     assert buf[-1].item() == pytest.approx(q * d_high, rel=1e-4)  # float32 sums over 3e9 squares
     assert opt.state[p]["step"].item() == 1.0
+
+
+# ---------------------------------------------------------------- sharded buckets: the step split around reduce_sums
+
+def on_cuda(bucket: Bucket) -> Bucket:
+    return Bucket(
+        params=[t.cuda() for t in bucket.params],
+        grads=[t.cuda() for t in bucket.grads],
+        states=[[t.cuda() for t in s] for s in bucket.states],
+        steps=[t.cuda() for t in bucket.steps],
+        excluded=list(bucket.excluded),
+        masters=None if bucket.masters is None else [t.cuda() for t in bucket.masters],
+    )
+
+
+@pytest.mark.parametrize("lamb, hyper", SPLIT_CASES, ids=SPLIT_IDS)
+def test_split_step_matches_reference_with_the_same_reduce_sums(lamb, hyper):
+    bucket = on_cuda(make_bucket(SHAPES, lamb=lamb))
+    expected = clone_bucket(bucket)
+    calls = []
+    bucket.reduce_sums = counting(other_ranks, calls)
+    expected.reduce_sums = other_ranks
+    for _ in range(3):
+        step(bucket, lamb, _cpp_backend, **hyper)
+        step(expected, lamb, reference, **hyper)
+    torch.cuda.synchronize()
+    assert calls == [(len(SHAPES), 2)] * 3
+    assert_buckets_close(bucket, expected, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("lamb, hyper", SPLIT_CASES, ids=SPLIT_IDS)
+@pytest.mark.parametrize("masters", [False, True], ids=["params", "masters"])
+def test_split_step_with_one_rank_is_the_whole_step(lamb, hyper, masters):
+    dtype = torch.bfloat16 if masters else torch.float32
+    bucket = on_cuda(make_bucket(SHAPES, lamb=lamb, dtype=dtype, masters=masters))
+    whole = clone_bucket(bucket)
+    bucket.reduce_sums = lambda sums: None
+    scale = torch.tensor(2.0, device="cuda")
+    for _ in range(3):
+        step(bucket, lamb, _cpp_backend, grad_scale=scale, **hyper)
+        step(whole, lamb, _cpp_backend, grad_scale=scale, **hyper)
+    torch.cuda.synchronize()
+    assert_buckets_equal(bucket, whole)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_split_step_with_found_inf_writes_nothing(lamb):
+    bucket = on_cuda(make_bucket(SHAPES, lamb=lamb))
+    calls = []
+    bucket.reduce_sums = counting(other_ranks, calls)
+    before = clone_bucket(bucket)
+    step(bucket, lamb, _cpp_backend, grad_scale=torch.tensor(4.0, device="cuda"),
+         found_inf=torch.tensor(1.0, device="cuda"))
+    torch.cuda.synchronize()
+    assert_buckets_equal(bucket, before)
+    assert len(calls) == 1  # the all-reduce is issued anyway: the host never reads found_inf
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_split_step_on_empty_local_shards(lamb):
+    bucket = on_cuda(make_bucket([(0,), (0, 5), (3, 0)], lamb=lamb))
+    expected = clone_bucket(bucket)
+    bucket.reduce_sums = other_ranks
+    expected.reduce_sums = other_ranks
+    step(bucket, lamb, _cpp_backend)
+    step(expected, lamb, reference)
+    torch.cuda.synchronize()
+    assert_buckets_equal(bucket, expected)
+    assert [s.item() for s in bucket.steps] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_split_step_is_two_kernel_launches(lamb):
+    """Sums, then apply: the reduce_sums here launches nothing, so the profile holds the two step kernels."""
+    bucket = on_cuda(make_bucket(SHAPES, lamb=lamb))
+    bucket.reduce_sums = lambda sums: None
+    step(bucket, lamb, _cpp_backend)  # builds and caches the layer table and the sums buffer
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(bucket, lamb, _cpp_backend)
+        torch.cuda.synchronize()
+    device_events = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    assert len(device_events) == 2 and all("step_kernel" in name for name in device_events), device_events
