@@ -4,8 +4,9 @@
 // the per-layer step reduces each layer's partials in chunk order (no atomics, so two runs are
 // bit-identical whatever the thread count), advances the step count once and computes the trust ratio;
 // pass 2 applies the update. A split step (StepPhase) runs pass 1 and the reduction only, storing the sums,
-// or takes the sums as given and runs the per-layer step and pass 2 only. Chunks are split into one contiguous block per OpenMP thread and pass 2 walks
-// each block backwards, so a thread starts on the chunks it read last (still in its cache).
+// or takes the sums as given and runs the per-layer step and pass 2 only. Chunks are split into one
+// contiguous block per OpenMP thread and pass 2 walks each block backwards, so a thread starts on the chunks
+// it read last (still in its cache).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>

@@ -1,5 +1,6 @@
 """backend="cuda" on a GPU: parity, one cooperative launch per step, CUDA graphs, GradScaler skips, 64-bit
-offsets, the step split around reduce_sums for sharded buckets. Every test skips with "no CUDA GPU" where there is none (the development machines)."""
+offsets, the step split around reduce_sums for sharded buckets. Every test skips with "no CUDA GPU" where there
+is none (the development machines)."""
 
 import pytest
 import torch
