@@ -276,3 +276,21 @@ def test_gradients_are_never_written(case, backend):
         opt.step()
         for p, g in zip(params, grads):
             assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_fused_backends_keep_no_old_gradients_alive(backend):
+    # zero_grad(set_to_none=True) frees the gradients; a cache that held them would double gradient memory
+    # and give the next gradients new addresses, so the layer table would be rebuilt every step.
+    import gc
+    import weakref
+
+    backend_or_skip(backend)
+    params = make_params(SMALL_SHAPES)
+    opt = LARS(params, lr=0.1, backend=backend)
+    set_grads(params, 0)
+    opt.step()
+    old = [weakref.ref(p.grad) for p in params]
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(ref() is None for ref in old)

@@ -85,20 +85,22 @@ def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable 
     cannot, runs outside the compiled graph."""
     tracing = torch.compiler.is_compiling()
     key = None if tracing else _pointer_key(bucket)
-    cached = None if tracing else bucket.cache.get(("prepare", chunk_size))
+    cached = None if tracing else bucket.cache.get(("fits", chunk_size))
     if cached is not None and cached[0] == key:
-        _, covered, rest = cached
+        fits = cached[1]
     else:
         fits = table_fits(bucket)
-        if all(fits):
-            covered, rest = bucket, None
-        elif not any(fits):
-            covered, rest = None, bucket
-        else:
-            covered = bucket.subset([i for i, ok in enumerate(fits) if ok])
-            rest = bucket.subset([i for i, ok in enumerate(fits) if not ok])
         if not tracing:
-            bucket.cache[("prepare", chunk_size)] = (key, covered, rest)
+            # Only which layers fit is kept, never this step's tensors: holding on to last step's gradients
+            # would keep their memory alive, so new ones would get new addresses and a new table every step.
+            bucket.cache[("fits", chunk_size)] = (key, fits)
+    if all(fits):
+        covered, rest = bucket, None
+    else:
+        inside = [i for i, ok in enumerate(fits) if ok]
+        outside = [i for i, ok in enumerate(fits) if not ok]
+        covered = bucket.subset(inside, bucket.cache.setdefault(("covered", chunk_size), {})) if inside else None
+        rest = bucket.subset(outside, bucket.cache.setdefault(("rest", chunk_size), {}))
     if covered is None:
         return None, None, rest
     table = _build(covered, chunk_size, None) if tracing else layer_table(

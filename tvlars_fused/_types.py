@@ -49,8 +49,8 @@ class Bucket:
     def __len__(self) -> int:
         return len(self.params)
 
-    def subset(self, indices: list[int]) -> "Bucket":
-        """The same bucket restricted to some layers, with a cache of its own."""
+    def subset(self, indices: list[int], cache: dict) -> "Bucket":
+        """The same bucket restricted to some layers, with ``cache`` as its own cache."""
         return Bucket(
             params=[self.params[i] for i in indices],
             grads=[self.grads[i] for i in indices],
@@ -58,6 +58,7 @@ class Bucket:
             steps=[self.steps[i] for i in indices],
             excluded=[self.excluded[i] for i in indices],
             masters=None if self.masters is None else [self.masters[i] for i in indices],
+            cache=cache,
             reduce_sums=self.reduce_sums,
         )
 
