@@ -294,3 +294,14 @@ def test_fused_backends_keep_no_old_gradients_alive(backend):
     opt.zero_grad(set_to_none=True)
     gc.collect()
     assert all(ref() is None for ref in old)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=repr)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_parameters_match_the_reference(case, backend):
+    backend_or_skip(backend)
+    params, opt = run(case, backend, dtype=torch.float64, shapes=SMALL_SHAPES, steps=5)
+    ref_params, ref_opt = run(case, "reference", dtype=torch.float64, shapes=SMALL_SHAPES, steps=5)
+    for p, r in zip(params, ref_params):
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)

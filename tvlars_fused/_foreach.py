@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._types import Bucket, LambHyper, LarsHyper
+from ._types import Bucket, LambHyper, LarsHyper, math_dtype
 
 
 def _clip(norms: Tensor, norm_clip: float | None) -> Tensor:
@@ -18,10 +18,9 @@ def _clip(norms: Tensor, norm_clip: float | None) -> Tensor:
 
 
 def _layer_norms(bucket: Bucket, *layer_lists: list[Tensor]) -> tuple[Tensor, ...]:
-    """One float32 vector of per-layer norms for each list. For sharded layers the local sums of squares
-    are summed over the ranks in a single all-reduce."""
-    norms = torch.stack([torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-                         for tensors in layer_lists])
+    """One vector of per-layer norms for each list (lists already in the working precision). For sharded
+    layers the local sums of squares are summed over the ranks in a single all-reduce."""
+    norms = torch.stack([torch.stack(torch._foreach_norm(tensors)) for tensors in layer_lists])
     if bucket.reduce_sums is not None:
         sums = norms.square()
         bucket.reduce_sums(sums)
@@ -30,24 +29,26 @@ def _layer_norms(bucket: Bucket, *layer_lists: list[Tensor]) -> tuple[Tensor, ..
 
 
 def _read(bucket: Bucket, grad_scale: Tensor | None, grad_mult: Tensor | None):
-    """The layers' weights and gradients in float32. Float32 gradients are used as they are (the steps
-    below only read them); any scaling or up-cast makes new tensors, so ``p.grad`` is never written."""
+    """The layers' weights and gradients in the working precision (float32, or float64 for float64
+    parameters). Gradients already in it are used as they are (the steps below only read them); any scaling
+    or up-cast makes new tensors, so ``p.grad`` is never written."""
+    dtype = math_dtype(bucket.dtype)
     weights = bucket.masters if bucket.masters is not None else bucket.params
-    if weights[0].dtype != torch.float32:
-        weights = [w.float() for w in weights]
+    if weights[0].dtype != dtype:
+        weights = [w.to(dtype) for w in weights]
     grads = bucket.grads
-    if grads[0].dtype != torch.float32:
-        grads = [g.float() for g in grads]
+    if grads[0].dtype != dtype:
+        grads = [g.to(dtype) for g in grads]
     if grad_scale is not None:
-        grads = torch._foreach_div(grads, grad_scale.float())
+        grads = torch._foreach_div(grads, grad_scale.to(dtype))
     if grad_mult is not None:
-        grads = torch._foreach_mul(grads, grad_mult.float())
+        grads = torch._foreach_mul(grads, grad_mult.to(dtype))
     return weights, grads
 
 
 def _apply(bucket: Bucket, weights: list[Tensor], step_dirs: list[Tensor], lr: float | Tensor) -> None:
     if isinstance(lr, Tensor):
-        torch._foreach_sub_(weights, torch._foreach_mul(step_dirs, lr.float()))
+        torch._foreach_sub_(weights, torch._foreach_mul(step_dirs, lr.to(weights[0].dtype)))
     else:
         torch._foreach_add_(weights, step_dirs, alpha=-lr)
     if bucket.masters is not None and weights is not bucket.masters:
@@ -135,10 +136,10 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
 
     w_norm, u_norm = _layer_norms(bucket, weights, updates)
     w_norm = _clip(w_norm, hp.norm_clip)
-    adapted_mask = bucket.cache.get("adapted_mask")
-    if adapted_mask is None or adapted_mask.numel() != len(bucket):
+    adapted_mask = bucket.cache.get(("adapted_mask", tuple(bucket.excluded)))
+    if adapted_mask is None:
         adapted_mask = torch.tensor([not e for e in bucket.excluded], device=w_norm.device)
-        bucket.cache["adapted_mask"] = adapted_mask
+        bucket.cache[("adapted_mask", tuple(bucket.excluded))] = adapted_mask
     trust_ratio = torch.where((w_norm > 0) & (u_norm > 0) & adapted_mask, w_norm / u_norm,
                               torch.ones_like(w_norm))
     _scale_by_layer(updates, trust_ratio)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _backends
-from ._types import Bucket
+from ._types import Bucket, math_dtype
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -30,6 +30,8 @@ def exclude_1d(param: Tensor) -> bool:
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 # Group keys that are code, not data: kept out of state_dict() and kept from the live optimizer on load.
 _CODE_KEYS = ("exclude",)
 
@@ -148,28 +150,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """A group's parameters that have a gradient, and the backend of each device, after checking them.
 
         Every group is checked before any state is created or any tensor is written."""
-        name = type(self).__name__
         with_grad = []
         for position, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
-            where = f"parameter {position} of param group {index}"
-            if g.is_sparse or g.layout != torch.strided:
-                raise RuntimeError(f"{name} does not support sparse gradients ({where}, layout {g.layout})")
-            if p.is_complex() or g.is_complex():
-                raise ValueError(f"{name} does not support complex parameters or gradients ({where}, "
-                                 f"dtype {g.dtype}); view them as real with torch.view_as_real")
-            if not p.is_floating_point():
-                raise ValueError(f"{name} needs floating-point parameters ({where} has dtype {p.dtype})")
+            if g.layout is not torch.strided or g.dtype not in _FLOAT_DTYPES:  # one cheap test per step
+                self._reject(p, g, f"parameter {position} of param group {index}")
             with_grad.append(p)
         devices = {p.device for p in with_grad}
         if len(devices) > 1:
-            raise RuntimeError(f"{name}: the parameters of param group {index} are on several devices "
+            raise RuntimeError(f"{type(self).__name__}: the parameters of param group {index} are on several devices "
                                f"({', '.join(sorted(map(str, devices)))}); put each device's parameters "
                                "in a param group of its own")
         backends = {d: _backends.resolve(self.backend, d) for d in devices}
         return with_grad, backends
+
+    def _reject(self, p: Tensor, g: Tensor, where: str) -> None:
+        name = type(self).__name__
+        if g.layout is not torch.strided:
+            raise RuntimeError(f"{name} does not support sparse gradients ({where}, layout {g.layout})")
+        if p.is_complex() or g.is_complex():
+            raise ValueError(f"{name} does not support complex parameters or gradients ({where}, "
+                             f"dtype {g.dtype}); view them as real with torch.view_as_real")
+        raise ValueError(f"{name} needs floating-point parameters ({where} has dtype {p.dtype})")
 
     def _plan(self, index: int, group: dict[str, Any], with_grad: list[Tensor], backends: dict):
         """The group's buckets by (device, dtype), with their backend (state is initialised here)."""
@@ -178,8 +182,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             by_key[(p.device, p.dtype, _sharding(p))].append(p)
         buckets = []
         for (device, dtype, sharding), params in by_key.items():
-            bucket = self._bucket(index, group, device, dtype, params)
+            bucket = self._bucket(index, group, device, dtype, params, sharded=sharding is not None)
             backend = backends[device]
+            if backend in _backends.FUSED_BACKENDS and dtype not in _KERNEL_DTYPES:
+                backend = "foreach"  # float64: the kernels compute in float32, foreach keeps float64
             if sharding is not None:
                 bucket.reduce_sums = _all_reduce_over(*sharding)
                 # Whole-layer norms need the ranks' local sums of squares added (one all-reduce per bucket):
@@ -196,31 +202,36 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             for key in self._state_keys:
-                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state[key] = torch.zeros_like(p, dtype=math_dtype(p.dtype), memory_format=torch.preserve_format)
         if self.master_weights and p.dtype in _LOW_PRECISION and "master_weight" not in state:
             state["master_weight"] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
                                                    copy=True)
         return state
 
-    def _bucket(self, index, group, device, dtype, params: list[Tensor]) -> Bucket:
+    def _bucket(self, index, group, device, dtype, params: list[Tensor], sharded: bool) -> Bucket:
         states = [self._init_state(p) for p in params]
-        exclude = group.get("exclude")
-        masters = None
-        if self.master_weights and dtype in _LOW_PRECISION:
-            masters = [s["master_weight"] for s in states]
-        cache_key = (index, device, dtype, tuple(id(p) for p in params))
+        cache_key = (index, device, dtype, tuple(map(id, params)))
         cache = self._bucket_caches.get(cache_key)
         if cache is None:
             if len(self._bucket_caches) >= 64:  # layer sets that keep changing: keep memory bounded
                 self._bucket_caches.clear()
             cache = self._bucket_caches[cache_key] = {}
+        exclude = group.get("exclude")
+        cached = cache.get("excluded")
+        if cached is None or cached[0] is not exclude:
+            cached = cache["excluded"] = (exclude, [bool(exclude(p)) if exclude is not None else False
+                                                    for p in params])
+        local = _local if sharded else (lambda t: t)
+        masters = None
+        if self.master_weights and dtype in _LOW_PRECISION:
+            masters = [local(s["master_weight"]) for s in states]
         return Bucket(
-            params=[_local(p) for p in params],
-            grads=[_local(p.grad) for p in params],
-            states=[[_local(s[key]) for s in states] for key in self._state_keys],
+            params=[local(p) for p in params],
+            grads=[local(p.grad) for p in params],
+            states=[[local(s[key]) for s in states] for key in self._state_keys],
             steps=[s["step"] for s in states],
-            excluded=[bool(exclude(p)) if exclude is not None else False for p in params],
-            masters=None if masters is None else [_local(m) for m in masters],
+            excluded=cached[1],
+            masters=masters,
             cache=cache,
         )
 
@@ -233,7 +244,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like ``torch.optim.Optimizer.load_state_dict``, but state stays float32 (a bf16 parameter's
+        """Like ``torch.optim.Optimizer.load_state_dict``, but state keeps its precision, float32 (a bf16 parameter's
         momentum and master weight are not down-cast) and ``step`` moves to the parameter's device, so a
         checkpoint from any backend or device loads into any other."""
         saved_groups = state_dict["param_groups"]
@@ -256,7 +267,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 continue
             for key, value in saved_state.items():
                 if isinstance(value, Tensor):
-                    value = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                    dtype = torch.float32 if key == "step" else math_dtype(p.dtype)
+                    value = value.detach().to(device=p.device, dtype=dtype, copy=True)
                 state[p][key] = deepcopy(value) if not isinstance(value, Tensor) else value
         param_groups = []
         for saved, group in zip(saved_groups, self.param_groups):

@@ -22,11 +22,16 @@ import torch
 from torch import Tensor
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision a step computes in, and its state's dtype: float32, or float64 for float64 params."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass
 class Bucket:
     params: list[Tensor]
     grads: list[Tensor]
-    # LARS family: [momentum_buffers]; LAMB: [exp_avgs, exp_avg_sqs]. float32, same shape as the params.
+    # LARS family: [momentum_buffers]; LAMB: [exp_avgs, exp_avg_sqs]. math_dtype, same shape as the params.
     states: list[list[Tensor]]
     steps: list[Tensor]  # float32 0-dim tensors on the params' device: times each layer has been stepped
     excluded: list[bool]  # excluded from trust ratio and weight decay

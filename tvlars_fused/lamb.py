@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import LayerwiseOptimizer, _check_range
-from ._types import LambHyper
+from ._types import LambHyper, math_dtype
 
 
 class LAMB(LayerwiseOptimizer):
@@ -57,7 +57,7 @@ class LAMB(LayerwiseOptimizer):
         total = None
         for _, buckets in plans:
             for _, bucket in buckets:
-                norms = torch._foreach_norm(bucket.grads, 2, dtype=torch.float32)
+                norms = torch._foreach_norm(bucket.grads, 2, dtype=math_dtype(bucket.dtype))
                 sum_of_squares = torch.stack(norms).square().sum().reshape(1)
                 if bucket.reduce_sums is not None:  # sharded: sum the ranks' shards
                     bucket.reduce_sums(sum_of_squares)

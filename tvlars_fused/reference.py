@@ -1,7 +1,7 @@
 """The reference backend: the math of ``shared/spec/ALGORITHMS.md``, one layer at a time, written to be read.
 
 Every other backend is tested against this file. It favours clarity over speed: plain per-tensor torch ops
-in float32, Python branches on norms (a host synchronisation per layer on a GPU), no fusion.
+in float32 (float64 for float64 parameters), Python branches on norms (a host synchronisation per layer on a GPU), no fusion.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._types import Bucket, LambHyper, LarsHyper
+from ._types import Bucket, LambHyper, LarsHyper, math_dtype
 
 
 def phi(t: float, lmbda: float, alpha: float = 0.1, delay: float = 0, gamma_min: float = 0.0) -> float:
@@ -32,7 +32,7 @@ def _clip(norm: float, norm_clip: float | None) -> float:
 
 def _norm(bucket: Bucket, x: Tensor) -> float:
     """||x|| of the whole layer: for a sharded layer, the local sum of squares summed over the ranks."""
-    norm = torch.linalg.vector_norm(x, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(x)  # x is already in the working precision
     if bucket.reduce_sums is not None:
         sum_of_squares = norm.square().reshape(1)
         bucket.reduce_sums(sum_of_squares)
@@ -41,13 +41,15 @@ def _norm(bucket: Bucket, x: Tensor) -> float:
 
 
 def _read(bucket: Bucket, i: int, grad_scale: Tensor | None, grad_mult: Tensor | None):
-    """Layer i's weight and gradient in float32 (copies: the caller's tensors are never modified)."""
-    w = (bucket.masters[i] if bucket.masters is not None else bucket.params[i]).float().clone()
-    g = bucket.grads[i].float().clone()
+    """Layer i's weight and gradient in the working precision, float32 (float64 for float64 parameters);
+    copies: the caller's tensors are never modified."""
+    dtype = math_dtype(bucket.dtype)
+    w = (bucket.masters[i] if bucket.masters is not None else bucket.params[i]).to(dtype, copy=True)
+    g = bucket.grads[i].to(dtype, copy=True)
     if grad_scale is not None:
-        g = g / grad_scale.float()
+        g = g / grad_scale.to(dtype)
     if grad_mult is not None:
-        g = g * grad_mult.float()
+        g = g * grad_mult.to(dtype)
     return w, g
 
 
