@@ -244,9 +244,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Like ``torch.optim.Optimizer.load_state_dict``, but state keeps its precision, float32 (a bf16 parameter's
-        momentum and master weight are not down-cast) and ``step`` moves to the parameter's device, so a
-        checkpoint from any backend or device loads into any other."""
+        """Like ``torch.optim.Optimizer.load_state_dict``, but state keeps its precision (float32, float64 for
+        float64 parameters: a bf16 parameter's momentum and master weight are not down-cast) and ``step``
+        moves to the parameter's device, so a checkpoint from any backend or device loads into any other."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
