@@ -54,7 +54,8 @@ def _dtype(name: str):
 def text_table(run: dict) -> str:
     """One block per (set, dtype, optimizer), one row per contender, then the skipped cases."""
     lines = [f"copy bandwidth: {run['copy_bandwidth'] / 1e9:.1f} GB/s "
-             "(x eager = eager-loop time / this time; x foreach = foreach time / this time; / sgd = this time / SGD floor time)"]
+             "(x eager = eager-loop time / this time; x foreach = foreach time / this time; "
+             "/ sgd = this time / SGD floor time)"]
     for records in _groups(run["results"]).values():
         rows = [[header for header, _, _ in COLUMNS]]
         rows += [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in records]

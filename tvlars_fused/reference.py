@@ -1,7 +1,8 @@
 """The reference backend: the math of ``shared/spec/ALGORITHMS.md``, one layer at a time, written to be read.
 
 Every other backend is tested against this file. It favours clarity over speed: plain per-tensor torch ops
-in float32 (float64 for float64 parameters), Python branches on norms (a host synchronisation per layer on a GPU), no fusion.
+in float32 (float64 for float64 parameters), Python branches on norms (a host synchronisation per layer on
+a GPU), no fusion.
 """
 
 from __future__ import annotations
