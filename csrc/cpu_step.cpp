@@ -285,17 +285,12 @@ CpuTable cpu_table(const at::Tensor& rows, const at::Tensor& chunk_layer, int64_
 
 void lars_step_cpu(TVLARS_LARS_STEP_ARGS) {
   const TensorColumns cols{params, grads, momentum_buffers, {}, masters, steps};
-  const int64_t num_chunks = check_step_inputs("lars_step", layers, layers_host, chunk_layer, cols, workspace,
-                                               chunk_size);
-  const at::Device device = params[0].device();
-  check_scalar("lars_step", "lr_tensor", lr_tensor, device);
-  check_scalar("lars_step", "grad_scale", grad_scale, device);
-  check_scalar("lars_step", "found_inf", found_inf, device);
-  float* sums = check_layer_sums("lars_step", layer_sums, phase, layers_host.size(0), device);
+  const CheckedStep checked = check_step("lars_step", layers, layers_host, chunk_layer, cols, workspace, chunk_size,
+                                         lr_tensor, grad_scale, found_inf, std::nullopt, layer_sums, phase);
   if (scalar_or(found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
   const std::optional<at::Tensor> fresh_rows = rows_for_lists(layers_host, cols);
-  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, num_chunks, chunk_size, workspace,
-                                 phase, sums);
+  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, checked.num_chunks, chunk_size,
+                                 workspace, phase, checked.layer_sums);
   const LarsHyper h = make_lars_hyper(lr, momentum, weight_decay, eta, eps, norm_clip, sum_of_norms, nesterov,
                                       use_phi, lmbda, alpha, delay, gamma_min);
   const float scale = scalar_or(grad_scale, 1.0f);
@@ -307,19 +302,13 @@ void lars_step_cpu(TVLARS_LARS_STEP_ARGS) {
 
 void lamb_step_cpu(TVLARS_LAMB_STEP_ARGS) {
   const TensorColumns cols{params, grads, exp_avgs, exp_avg_sqs, masters, steps};
-  const int64_t num_chunks = check_step_inputs("lamb_step", layers, layers_host, chunk_layer, cols, workspace,
-                                               chunk_size);
   TORCH_CHECK(!exp_avg_sqs.empty(), "lamb_step: exp_avg_sqs is empty");
-  const at::Device device = params[0].device();
-  check_scalar("lamb_step", "lr_tensor", lr_tensor, device);
-  check_scalar("lamb_step", "grad_scale", grad_scale, device);
-  check_scalar("lamb_step", "found_inf", found_inf, device);
-  check_scalar("lamb_step", "clip_coef", clip_coef, device);
-  float* sums = check_layer_sums("lamb_step", layer_sums, phase, layers_host.size(0), device);
+  const CheckedStep checked = check_step("lamb_step", layers, layers_host, chunk_layer, cols, workspace, chunk_size,
+                                         lr_tensor, grad_scale, found_inf, clip_coef, layer_sums, phase);
   if (scalar_or(found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
   const std::optional<at::Tensor> fresh_rows = rows_for_lists(layers_host, cols);
-  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, num_chunks, chunk_size, workspace,
-                                 phase, sums);
+  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, checked.num_chunks, chunk_size,
+                                 workspace, phase, checked.layer_sums);
   const LambHyper h = make_lamb_hyper(lr, beta1, beta2, eps, weight_decay, bias_correction, norm_clip);
   const float scale = scalar_or(grad_scale, 1.0f);
   const float mult = scalar_or(clip_coef, 1.0f);

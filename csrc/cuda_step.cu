@@ -388,45 +388,34 @@ DeviceTable device_table(const at::Tensor& layers, const at::Tensor& layers_host
 
 void lars_step_cuda(TVLARS_LARS_STEP_ARGS) {
   const TensorColumns cols{params, grads, momentum_buffers, {}, masters, steps};
-  const int64_t num_chunks = check_step_inputs("lars_step", layers, layers_host, chunk_layer, cols, workspace,
-                                               chunk_size);
-  const at::Device device = params[0].device();
-  check_scalar("lars_step", "lr_tensor", lr_tensor, device);
-  check_scalar("lars_step", "grad_scale", grad_scale, device);
-  check_scalar("lars_step", "found_inf", found_inf, device);
-  float* sums = check_layer_sums("lars_step", layer_sums, phase, layers_host.size(0), device);
-  const c10::cuda::CUDAGuard guard(device);
+  const CheckedStep checked = check_step("lars_step", layers, layers_host, chunk_layer, cols, workspace, chunk_size,
+                                         lr_tensor, grad_scale, found_inf, std::nullopt, layer_sums, phase);
+  const c10::cuda::CUDAGuard guard(checked.device);
   at::Tensor rows;
-  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, num_chunks, chunk_size, workspace,
-                                       phase, sums, rows);
+  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, checked.num_chunks, chunk_size,
+                                       workspace, phase, checked.layer_sums, rows);
   const LarsHyper h = make_lars_hyper(lr, momentum, weight_decay, eta, eps, norm_clip, sum_of_norms, nesterov,
                                       use_phi, lmbda, alpha, delay, gamma_min);
   const DeviceScalars s{optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf), nullptr};
   dispatch_dtype(params[0].scalar_type(), !masters.empty(), [&](auto scalar, auto has_master) {
-    launch(lars_step_kernel<decltype(scalar), decltype(has_master)::value>, tab, h, s, device);
+    launch(lars_step_kernel<decltype(scalar), decltype(has_master)::value>, tab, h, s, checked.device);
   });
 }
 
 void lamb_step_cuda(TVLARS_LAMB_STEP_ARGS) {
   const TensorColumns cols{params, grads, exp_avgs, exp_avg_sqs, masters, steps};
-  const int64_t num_chunks = check_step_inputs("lamb_step", layers, layers_host, chunk_layer, cols, workspace,
-                                               chunk_size);
   TORCH_CHECK(!exp_avg_sqs.empty(), "lamb_step: exp_avg_sqs is empty");
-  const at::Device device = params[0].device();
-  check_scalar("lamb_step", "lr_tensor", lr_tensor, device);
-  check_scalar("lamb_step", "grad_scale", grad_scale, device);
-  check_scalar("lamb_step", "found_inf", found_inf, device);
-  check_scalar("lamb_step", "clip_coef", clip_coef, device);
-  float* sums = check_layer_sums("lamb_step", layer_sums, phase, layers_host.size(0), device);
-  const c10::cuda::CUDAGuard guard(device);
+  const CheckedStep checked = check_step("lamb_step", layers, layers_host, chunk_layer, cols, workspace, chunk_size,
+                                         lr_tensor, grad_scale, found_inf, clip_coef, layer_sums, phase);
+  const c10::cuda::CUDAGuard guard(checked.device);
   at::Tensor rows;
-  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, num_chunks, chunk_size, workspace,
-                                       phase, sums, rows);
+  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, checked.num_chunks, chunk_size,
+                                       workspace, phase, checked.layer_sums, rows);
   const LambHyper h = make_lamb_hyper(lr, beta1, beta2, eps, weight_decay, bias_correction, norm_clip);
   const DeviceScalars s{optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf),
                         optional_ptr(clip_coef)};
   dispatch_dtype(params[0].scalar_type(), !masters.empty(), [&](auto scalar, auto has_master) {
-    launch(lamb_step_kernel<decltype(scalar), decltype(has_master)::value>, tab, h, s, device);
+    launch(lamb_step_kernel<decltype(scalar), decltype(has_master)::value>, tab, h, s, checked.device);
   });
 }
 

@@ -131,6 +131,29 @@ inline int64_t check_step_inputs(const char* op, const at::Tensor& layers, const
   return num_chunks;
 }
 
+// Every check of one op call: the lists against the table, the optional device scalars (clip_coef is
+// LAMB's; LARS passes none), and the phase with its layer_sums.
+struct CheckedStep {
+  int64_t num_chunks;
+  at::Device device;
+  float* layer_sums;  // nullptr in the whole-step phase
+};
+
+inline CheckedStep check_step(const char* op, const at::Tensor& layers, const at::Tensor& layers_host,
+                              const at::Tensor& chunk_layer, const TensorColumns& cols, const at::Tensor& workspace,
+                              int64_t chunk_size, const std::optional<at::Tensor>& lr_tensor,
+                              const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                              const std::optional<at::Tensor>& clip_coef,
+                              const std::optional<at::Tensor>& layer_sums, int64_t phase) {
+  const int64_t num_chunks = check_step_inputs(op, layers, layers_host, chunk_layer, cols, workspace, chunk_size);
+  const at::Device device = cols.params[0].device();
+  check_scalar(op, "lr_tensor", lr_tensor, device);
+  check_scalar(op, "grad_scale", grad_scale, device);
+  check_scalar(op, "found_inf", found_inf, device);
+  check_scalar(op, "clip_coef", clip_coef, device);
+  return {num_chunks, device, check_layer_sums(op, layer_sums, phase, layers_host.size(0), device)};
+}
+
 // The table's rows with the lists' pointers: nullopt when the table already points at these tensors.
 inline std::optional<at::Tensor> rows_for_lists(const at::Tensor& layers_host, const TensorColumns& cols) {
   const int64_t num_layers = layers_host.size(0);
