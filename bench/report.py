@@ -83,7 +83,7 @@ def markdown(run: dict, meta: dict) -> str:
            f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}",
            f"- dtype(s): {', '.join(meta['dtypes'])}; {meta['warmup']} warm-up + {meta['steps']} timed steps",
            f"- copy bandwidth: {run['copy_bandwidth'] / 1e9:.1f} GB/s; byte model: bench/byte_model.py",
-           f"- backends: " + ", ".join(f"{k}: {'yes' if v is None else v}" for k, v in meta["backends"].items())]
+           "- backends: " + ", ".join(f"{k}: {'yes' if v is None else v}" for k, v in meta["backends"].items())]
     for records in _groups(run["results"]).values():
         out += ["", f"## {_heading(records)}", "",
                 "| " + " | ".join(header for header, _, _ in COLUMNS) + " |",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tvlars_fused import LAMB, LARS, TVLARS, BackendUnavailableError, available_backends
+from tvlars_fused import LAMB, LARS, TVLARS, available_backends
 
 
 @dataclass(frozen=True)

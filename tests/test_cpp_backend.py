@@ -4,11 +4,12 @@ many layers, strided layers, master weights, the op schemas and their checks."""
 import pytest
 import torch
 
+from buckets import assert_buckets_close, assert_buckets_equal, bucket_tensors, clone_bucket, make_bucket
 from cases import CASES, SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
 from tvlars_fused import LAMB, TVLARS
 from tvlars_fused import _cpp_backend, _foreach, reference
 from tvlars_fused._layer_table import prepare
-from tvlars_fused._types import Bucket, LambHyper, LarsHyper
+from tvlars_fused._types import LambHyper, LarsHyper
 
 pytestmark = pytest.mark.usefixtures("cpp_backend")
 
@@ -24,35 +25,10 @@ def cpp_backend():
     backend_or_skip("cpp")
 
 
-def make_bucket(shapes, *, lamb=False, dtype=torch.float32, masters=False, seed=0, grad_factor=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    grads = [(torch.randn(s, generator=gen) * grad_factor).to(dtype) for s in shapes]
-    num_states = 2 if lamb else 1
-    return Bucket(
-        params=params,
-        grads=grads,
-        states=[[torch.rand(s, generator=gen) * 0.01 for s in shapes] for _ in range(num_states)],
-        steps=[torch.tensor(float(i % 3)) for i in range(len(shapes))],
-        excluded=[len(s) <= 1 for s in shapes],
-        masters=[p.float() for p in params] if masters else None,
-    )
 
 
-def bucket_tensors(bucket, grads=True):
-    tensors = bucket.params + bucket.steps + [t for s in bucket.states for t in s] + (bucket.masters or [])
-    return tensors + (bucket.grads if grads else [])
 
 
-def clone_bucket(bucket):
-    return Bucket(
-        params=[t.clone() for t in bucket.params],
-        grads=[t.clone() for t in bucket.grads],
-        states=[[t.clone() for t in s] for s in bucket.states],
-        steps=[t.clone() for t in bucket.steps],
-        excluded=list(bucket.excluded),
-        masters=None if bucket.masters is None else [t.clone() for t in bucket.masters],
-    )
 
 
 def step(bucket, lamb, backend, grad_scale=None, found_inf=None, **hyper):
@@ -62,14 +38,8 @@ def step(bucket, lamb, backend, grad_scale=None, found_inf=None, **hyper):
         backend.lars_step(bucket, LarsHyper(**{**TVLARS_HP.__dict__, **hyper}), grad_scale, found_inf)
 
 
-def assert_buckets_close(bucket, expected, tol):
-    for got, want in zip(bucket_tensors(bucket), bucket_tensors(expected)):
-        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-def assert_buckets_equal(bucket, expected, grads=True):
-    for got, want in zip(bucket_tensors(bucket, grads), bucket_tensors(expected, grads)):
-        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])

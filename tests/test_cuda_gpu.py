@@ -8,8 +8,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from cases import CASES, SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
-from test_cpp_backend import (SPLIT_CASES, SPLIT_IDS, assert_buckets_close, assert_buckets_equal, clone_bucket,
-                              counting, make_bucket, other_ranks, step)
+from buckets import assert_buckets_close, assert_buckets_equal, clone_bucket, make_bucket
+from test_cpp_backend import SPLIT_CASES, SPLIT_IDS, counting, other_ranks, step
 from test_parity import LOW_PRECISION
 from tvlars_fused import LAMB, LARS, TVLARS
 from tvlars_fused import _cpp_backend, reference
@@ -159,20 +159,11 @@ def test_layer_beyond_2_31_elements():
 
 # ---------------------------------------------------------------- sharded buckets: the step split around reduce_sums
 
-def on_cuda(bucket: Bucket) -> Bucket:
-    return Bucket(
-        params=[t.cuda() for t in bucket.params],
-        grads=[t.cuda() for t in bucket.grads],
-        states=[[t.cuda() for t in s] for s in bucket.states],
-        steps=[t.cuda() for t in bucket.steps],
-        excluded=list(bucket.excluded),
-        masters=None if bucket.masters is None else [t.cuda() for t in bucket.masters],
-    )
 
 
 @pytest.mark.parametrize("lamb, hyper", SPLIT_CASES, ids=SPLIT_IDS)
 def test_split_step_matches_reference_with_the_same_reduce_sums(lamb, hyper):
-    bucket = on_cuda(make_bucket(SHAPES, lamb=lamb))
+    bucket = make_bucket(SHAPES, lamb=lamb, device="cuda")
     expected = clone_bucket(bucket)
     calls = []
     bucket.reduce_sums = counting(other_ranks, calls)
@@ -189,7 +180,7 @@ def test_split_step_matches_reference_with_the_same_reduce_sums(lamb, hyper):
 @pytest.mark.parametrize("masters", [False, True], ids=["params", "masters"])
 def test_split_step_with_one_rank_is_the_whole_step(lamb, hyper, masters):
     dtype = torch.bfloat16 if masters else torch.float32
-    bucket = on_cuda(make_bucket(SHAPES, lamb=lamb, dtype=dtype, masters=masters))
+    bucket = make_bucket(SHAPES, lamb=lamb, dtype=dtype, masters=masters, device="cuda")
     whole = clone_bucket(bucket)
     bucket.reduce_sums = lambda sums: None
     scale = torch.tensor(2.0, device="cuda")
@@ -202,7 +193,7 @@ def test_split_step_with_one_rank_is_the_whole_step(lamb, hyper, masters):
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
 def test_split_step_with_found_inf_writes_nothing(lamb):
-    bucket = on_cuda(make_bucket(SHAPES, lamb=lamb))
+    bucket = make_bucket(SHAPES, lamb=lamb, device="cuda")
     calls = []
     bucket.reduce_sums = counting(other_ranks, calls)
     before = clone_bucket(bucket)
@@ -215,7 +206,7 @@ def test_split_step_with_found_inf_writes_nothing(lamb):
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
 def test_split_step_on_empty_local_shards(lamb):
-    bucket = on_cuda(make_bucket([(0,), (0, 5), (3, 0)], lamb=lamb))
+    bucket = make_bucket([(0,), (0, 5), (3, 0)], lamb=lamb, device="cuda")
     expected = clone_bucket(bucket)
     bucket.reduce_sums = other_ranks
     expected.reduce_sums = other_ranks
@@ -229,7 +220,7 @@ def test_split_step_on_empty_local_shards(lamb):
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
 def test_split_step_is_two_kernel_launches(lamb):
     """Sums, then apply: the reduce_sums here launches nothing, so the profile holds the two step kernels."""
-    bucket = on_cuda(make_bucket(SHAPES, lamb=lamb))
+    bucket = make_bucket(SHAPES, lamb=lamb, device="cuda")
     bucket.reduce_sums = lambda sums: None
     step(bucket, lamb, _cpp_backend)  # builds and caches the layer table and the sums buffer
     torch.cuda.synchronize()

@@ -5,6 +5,7 @@ all-reduce, phi and bias-correction numerics, bfloat16 rounding.
 On the CPU the kernels run under the Triton interpreter (tests/conftest.py); the tests marked ``gpu`` need CUDA.
 """
 
+import functools
 import math
 from contextlib import contextmanager
 
@@ -14,6 +15,8 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+import buckets
+from buckets import assert_buckets_close, assert_buckets_equal, clone_bucket
 from cases import CASES, SHAPES, SMALL_SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
 from tvlars_fused import LAMB, LARS, TVLARS, reference
 from tvlars_fused._types import Bucket, LambHyper, LarsHyper
@@ -22,6 +25,9 @@ from tvlars_fused.triton_kernels.common import one_minus_pow, phi, to_param_dtyp
 pytestmark = pytest.mark.usefixtures("triton_backend")
 # Where the kernels run: the GPU when there is one, else the CPU under the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+make_bucket = functools.partial(buckets.make_bucket, device=DEVICE)
 
 
 @pytest.fixture
@@ -52,35 +58,10 @@ def many_chunks(monkeypatch):
     monkeypatch.setattr(backend, "launch_sizes", lambda bucket: backend.LaunchSizes(**MANY_CHUNKS))
 
 
-def make_bucket(shapes, *, lamb=False, dtype=torch.float32, masters=False, seed=0, grad_factor=1.0,
-                device=DEVICE):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
-    grads = [(torch.randn(s, generator=gen) * grad_factor).to(device=device, dtype=dtype) for s in shapes]
-    return Bucket(
-        params=params,
-        grads=grads,
-        states=[[(torch.rand(s, generator=gen) * 0.01).to(device) for s in shapes] for _ in range(1 + lamb)],
-        steps=[torch.tensor(float(i % 3), device=device) for i in range(len(shapes))],
-        excluded=[len(s) <= 1 for s in shapes],
-        masters=[p.float() for p in params] if masters else None,
-    )
 
 
-def clone_bucket(bucket):
-    return Bucket(
-        params=[t.clone() for t in bucket.params],
-        grads=[t.clone() for t in bucket.grads],
-        states=[[t.clone() for t in s] for s in bucket.states],
-        steps=[t.clone() for t in bucket.steps],
-        excluded=list(bucket.excluded),
-        masters=None if bucket.masters is None else [t.clone() for t in bucket.masters],
-    )
 
 
-def bucket_tensors(bucket):
-    return bucket.params + bucket.grads + bucket.steps + [t for s in bucket.states for t in s] + (bucket.masters
-                                                                                                  or [])
 
 
 def step(bucket, lamb, backend, grad_scale=None, found_inf=None, **hyper):
@@ -90,14 +71,8 @@ def step(bucket, lamb, backend, grad_scale=None, found_inf=None, **hyper):
         backend.lars_step(bucket, LarsHyper(**{**TVLARS_HP.__dict__, **hyper}), grad_scale, found_inf)
 
 
-def assert_buckets_close(bucket, expected, tol):
-    for got, want in zip(bucket_tensors(bucket), bucket_tensors(expected)):
-        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
-def assert_buckets_equal(bucket, expected):
-    for got, want in zip(bucket_tensors(bucket), bucket_tensors(expected)):
-        assert torch.equal(got, want)
 
 
 # ----------------------------------------------------------------------------- layers over many chunks
