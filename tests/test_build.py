@@ -1,5 +1,5 @@
-"""The compiled libraries as CI sees them: built by `pip install -e .` (the CUDA one with nvcc, for sm_90 by
-default), and loadable on a machine without a GPU."""
+"""The backends as CI sees them: the compiled libraries built by `pip install -e .` (the CUDA one with nvcc,
+for sm_90 by default) and loadable on a machine without a GPU, and Triton importable."""
 
 import pytest
 import torch
