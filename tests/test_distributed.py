@@ -8,11 +8,15 @@ sizes are uneven on purpose: 7 rows split 4/3, and a 1-row layer leaves rank 1 w
 import os
 import socket
 import sys
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# A collective that one rank never joins fails the test after this long instead of hanging it.
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 
@@ -54,7 +58,7 @@ def _fsdp_worker(rank, world, port, names, backend, steps):
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     try:
         mesh = init_device_mesh("cpu", (world,))
         for name in names:
@@ -99,9 +103,36 @@ def _cpp_available() -> bool:
     return tvlars_fused.available_backends(torch.device("cpu"))["cpp"] is None
 
 
+def _found_inf_worker(rank, world, port, names, backend, steps):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        for name in names:
+            model = _model()
+            fully_shard(model, mesh=mesh)
+            opt = _make_opt(name, model.parameters(), backend)
+            for step in range(2):
+                x = torch.randn(8, 5, generator=torch.Generator().manual_seed(step))
+                opt.zero_grad()
+                model(x).square().mean().backward()
+                if step == 1:  # as GradScaler hands it over: only rank 0 found an inf in its shard
+                    before = [p.full_tensor() for p in model.parameters()]
+                    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(float(rank == 0))
+                opt.step()
+            for p, b in zip(model.parameters(), before):
+                assert torch.equal(p.full_tensor(), b), f"{name}: rank {rank} stepped although rank 0 found inf"
+    finally:
+        dist.destroy_process_group()
+    _exit_without_teardown()
+
+
 def _ddp_worker(rank, world, port, names, backend, steps):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     try:
         for name in names:
             _ddp_check(rank, world, name, backend, steps)
@@ -140,6 +171,11 @@ def test_fsdp2_sharded_run_matches_single_process(backend):
     if backend != "auto":  # a concrete backend may be unavailable here (triton on the CPU of a GPU machine)
         backend_or_skip(backend)
     _spawn(_fsdp_worker, list(OPTIMIZERS), backend, 4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "foreach"])
+def test_fsdp2_inf_on_one_rank_skips_the_step_on_every_rank(backend):
+    _spawn(_found_inf_worker, list(OPTIMIZERS), backend, 2)
 
 
 def test_ddp_needs_nothing_special():

@@ -77,6 +77,21 @@ def _all_reduce_over(mesh, placements) -> Callable[[Tensor], None]:
     return reduce_sums
 
 
+def _skip_on_every_rank(found_inf: Tensor, plans) -> Tensor:
+    """GradScaler's inf flag, summed over the ranks when buckets are sharded: an inf in one rank's shard
+    must skip the step on every rank, else the ranks would update different shards and issue different
+    collectives. One all-reduce per sharded bucket (every rank has the same buckets); none otherwise."""
+    reducers = [(bucket.device, bucket.reduce_sums) for _, buckets in plans for _, bucket in buckets
+                if bucket.reduce_sums is not None]
+    if not reducers:
+        return found_inf
+    flag = found_inf.to(torch.float32).reshape(1).clone()
+    for device, reduce_sums in reducers:
+        flag = flag.to(device)
+        reduce_sums(flag)
+    return flag.reshape(()).to(found_inf.device)
+
+
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Base of the package's optimizers. Subclasses set ``_state_keys`` and ``_step_name`` and implement
     ``_validate_group`` and ``_hyper``."""
@@ -134,6 +149,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
         checked = [self._check(index, group) for index, group in enumerate(self.param_groups)]
         plans = [self._plan(index, group, *c) for (index, group), c in zip(enumerate(self.param_groups), checked)]
+        if found_inf is not None:
+            found_inf = _skip_on_every_rank(found_inf, plans)
         extra = self._before_buckets(plans, grad_scale)
         for group, buckets in plans:
             hp = self._hyper(group, extra)
