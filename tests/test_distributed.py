@@ -54,7 +54,8 @@ def _exit_without_teardown():
     os._exit(0)
 
 
-def _fsdp_worker(rank, world, port, names, backend, steps):
+def _worker(rank, world, port, check, names, backend, steps):
+    """One rank: join the gloo group, run ``check`` for every optimizer name, leave."""
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -62,13 +63,13 @@ def _fsdp_worker(rank, world, port, names, backend, steps):
     try:
         mesh = init_device_mesh("cpu", (world,))
         for name in names:
-            _fsdp_check(rank, mesh, name, backend, steps)
+            check(rank, world, mesh, name, backend, steps)
     finally:
         dist.destroy_process_group()
     _exit_without_teardown()
 
 
-def _fsdp_check(rank, mesh, name, backend, steps):
+def _fsdp_check(rank, world, mesh, name, backend, steps):
     from torch.distributed.fsdp import fully_shard
 
     sharded, twin = _model(), _model()
@@ -103,45 +104,25 @@ def _cpp_available() -> bool:
     return tvlars_fused.available_backends(torch.device("cpu"))["cpp"] is None
 
 
-def _found_inf_worker(rank, world, port, names, backend, steps):
-    from torch.distributed.device_mesh import init_device_mesh
+def _found_inf_check(rank, world, mesh, name, backend, steps):
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        for name in names:
-            model = _model()
-            fully_shard(model, mesh=mesh)
-            opt = _make_opt(name, model.parameters(), backend)
-            for step in range(2):
-                x = torch.randn(8, 5, generator=torch.Generator().manual_seed(step))
-                opt.zero_grad()
-                model(x).square().mean().backward()
-                if step == 1:  # as GradScaler hands it over: only rank 0 found an inf in its shard
-                    before = [p.full_tensor() for p in model.parameters()]
-                    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(float(rank == 0))
-                opt.step()
-            for p, b in zip(model.parameters(), before):
-                assert torch.equal(p.full_tensor(), b), f"{name}: rank {rank} stepped although rank 0 found inf"
-    finally:
-        dist.destroy_process_group()
-    _exit_without_teardown()
+    model = _model()
+    fully_shard(model, mesh=mesh)
+    opt = _make_opt(name, model.parameters(), backend)
+    for step in range(steps):
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if step == steps - 1:  # as GradScaler hands it over: only rank 0 found an inf in its shard
+            before = [p.full_tensor() for p in model.parameters()]
+            opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(float(rank == 0))
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.full_tensor(), b), f"{name}: rank {rank} stepped although rank 0 found inf"
 
 
-def _ddp_worker(rank, world, port, names, backend, steps):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    try:
-        for name in names:
-            _ddp_check(rank, world, name, backend, steps)
-    finally:
-        dist.destroy_process_group()
-    _exit_without_teardown()
-
-
-def _ddp_check(rank, world, name, backend, steps):
+def _ddp_check(rank, world, mesh, name, backend, steps):
     ddp, twin = torch.nn.parallel.DistributedDataParallel(_model()), _model()
     opt, twin_opt = _make_opt(name, ddp.parameters(), backend), _make_opt(name, twin.parameters(), backend)
     for step in range(steps):
@@ -158,8 +139,8 @@ def _ddp_check(rank, world, name, backend, steps):
                                        msg=lambda m: f"{name} rank {rank} step {step}: {m}")
 
 
-def _spawn(worker, *args):
-    mp.spawn(worker, args=(2, _free_port(), *args), nprocs=2, join=True)
+def _spawn(check, *args):
+    mp.spawn(_worker, args=(2, _free_port(), check, *args), nprocs=2, join=True)
 
 
 # One pair of processes per test runs every optimizer: starting processes is the slow part. "triton" runs under
@@ -170,13 +151,13 @@ def test_fsdp2_sharded_run_matches_single_process(backend):
 
     if backend != "auto":  # a concrete backend may be unavailable here (triton on the CPU of a GPU machine)
         backend_or_skip(backend)
-    _spawn(_fsdp_worker, list(OPTIMIZERS), backend, 4)
+    _spawn(_fsdp_check, list(OPTIMIZERS), backend, 4)
 
 
 @pytest.mark.parametrize("backend", ["auto", "foreach"])
 def test_fsdp2_inf_on_one_rank_skips_the_step_on_every_rank(backend):
-    _spawn(_found_inf_worker, list(OPTIMIZERS), backend, 2)
+    _spawn(_found_inf_check, list(OPTIMIZERS), backend, 2)
 
 
 def test_ddp_needs_nothing_special():
-    _spawn(_ddp_worker, list(OPTIMIZERS), "auto", 3)
+    _spawn(_ddp_check, list(OPTIMIZERS), "auto", 3)
