@@ -28,8 +28,8 @@ namespace {
 // `omp simd` on the lane loop vectorises it without -ffast-math.
 constexpr int kLanes = 16;
 
-inline float ordered_sum(const float (&lanes)[kLanes]) {
-  float total = 0.0f;
+inline double ordered_sum(const double (&lanes)[kLanes]) {
+  double total = 0.0;
   for (int j = 0; j < kLanes; ++j) total += lanes[j];
   return total;
 }
@@ -40,10 +40,10 @@ struct CpuTable {
   int64_t num_layers;
   int64_t num_chunks;
   int64_t chunk_size;
-  float* chunk_partials;  // [num_chunks][2]
-  float* layer_results;   // [num_layers][2]: trust ratio, new step count
-  int64_t phase;          // StepPhase
-  float* layer_sums;      // [num_layers][2]: written by PHASE_SUMS, read by PHASE_APPLY; else nullptr
+  double* chunk_partials;  // [num_chunks][2]
+  double* layer_results;   // [num_layers][2]: trust ratio, new step count
+  int64_t phase;           // StepPhase
+  double* layer_sums;      // [num_layers][2]: written by PHASE_SUMS, read by PHASE_APPLY; else nullptr
 };
 
 // The per-layer step of both optimizers: the layer's two sums of squares from its chunks' partials, added in
@@ -52,7 +52,7 @@ struct CpuTable {
 template <typename Ratio>
 inline void finish_layer(const CpuTable& tab, int64_t layer, Ratio ratio) {
   const int64_t* row = tab.rows + layer * NUM_COLS;
-  float first = 0.0f, second = 0.0f;
+  double first = 0.0, second = 0.0;
   if (tab.phase == PHASE_APPLY) {
     first = tab.layer_sums[2 * layer];
     second = tab.layer_sums[2 * layer + 1];
@@ -96,17 +96,17 @@ inline void store_weight(scalar_t* __restrict__ param, float* __restrict__ maste
 // ---------------------------------------------------------------- LARS family
 
 template <typename scalar_t, typename weight_t>
-void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, const LarsHyper h, float* out) {
+void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, const LarsHyper h, double* out) {
   const weight_t* __restrict__ w = weights_of<weight_t>(row);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
-  float w_sq[kLanes] = {};
-  float denom_sq[kLanes] = {};
+  double w_sq[kLanes] = {};
+  double denom_sq[kLanes] = {};
   auto accumulate = [&](int64_t i, int j) {
     const float wi = static_cast<float>(w[i]);
     const float gi = effective_grad(static_cast<float>(g[i]), grad_scale, 1.0f);
     const float term = lars_denominator_term(gi, lars_decayed_grad(gi, wi, h.weight_decay, false), h.sum_of_norms);
-    w_sq[j] += wi * wi;
-    denom_sq[j] += term * term;
+    w_sq[j] += square(wi);
+    denom_sq[j] += square(term);
   };
   int64_t i = r.begin;
   for (; i + kLanes <= r.end; i += kLanes) {
@@ -148,9 +148,9 @@ void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float l
     if (tab.phase != PHASE_APPLY) {  // the same branch in every thread, so the barrier inside is valid
       for (int64_t c = mine.begin; c < mine.end; ++c) {
         const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
-        float* out = tab.chunk_partials + 2 * c;
+        double* out = tab.chunk_partials + 2 * c;
         if (row[COL_FLAGS] & FLAG_EXCLUDED) {  // no trust ratio: nothing to sum
-          out[0] = out[1] = 0.0f;
+          out[0] = out[1] = 0.0;
           continue;
         }
         lars_chunk_partials<scalar_t, weight_t>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, h, out);
@@ -159,7 +159,7 @@ void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float l
     }
 #pragma omp for schedule(static)
     for (int64_t layer = 0; layer < tab.num_layers; ++layer) {
-      finish_layer(tab, layer, [&](float w_sq, float denom_sq, float t, bool excluded) {
+      finish_layer(tab, layer, [&](double w_sq, double denom_sq, float t, bool excluded) {
         return lars_trust_ratio(h, w_sq, denom_sq, t, excluded);
       });
     }  // implicit barrier
@@ -168,7 +168,7 @@ void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float l
         const int64_t layer = tab.chunk_layer[c];
         const int64_t* row = tab.rows + layer * NUM_COLS;
         lars_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr,
-                                               tab.layer_results[2 * layer], h);
+                                               static_cast<float>(tab.layer_results[2 * layer]), h);
       }
     }
   }
@@ -189,14 +189,14 @@ inline BiasCorrections bias_corrections(const LambHyper& h, float t) {
 // Updates the moments of one chunk and sums w^2 and u^2 over it.
 template <typename scalar_t, typename weight_t>
 void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, float grad_mult, BiasCorrections bc,
-                        const LambHyper h, float* out) {
+                        const LambHyper h, double* out) {
   const weight_t* __restrict__ w = weights_of<weight_t>(row);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   float* __restrict__ m = column_ptr<float>(row, COL_STATE0);
   float* __restrict__ v = column_ptr<float>(row, COL_STATE1);
   const float decay = lamb_decay(h, row[COL_FLAGS] & FLAG_EXCLUDED);
-  float w_sq[kLanes] = {};
-  float u_sq[kLanes] = {};
+  double w_sq[kLanes] = {};
+  double u_sq[kLanes] = {};
   auto accumulate = [&](int64_t i, int j) {
     const float wi = static_cast<float>(w[i]);
     float mi = m[i], vi = v[i];
@@ -204,8 +204,8 @@ void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, fl
     m[i] = mi;
     v[i] = vi;
     const float u = lamb_update(mi, vi, wi, bc.first, bc.second, h.eps, decay);
-    w_sq[j] += wi * wi;
-    u_sq[j] += u * u;
+    w_sq[j] += square(wi);
+    u_sq[j] += square(u);
   };
   int64_t i = r.begin;
   for (; i + kLanes <= r.end; i += kLanes) {
@@ -252,7 +252,7 @@ void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float g
     }
 #pragma omp for schedule(static)
     for (int64_t layer = 0; layer < tab.num_layers; ++layer) {
-      finish_layer(tab, layer, [&](float w_sq, float u_sq, float, bool excluded) {
+      finish_layer(tab, layer, [&](double w_sq, double u_sq, float, bool excluded) {
         return lamb_trust_ratio(h, w_sq, u_sq, excluded);
       });
     }  // implicit barrier
@@ -260,9 +260,10 @@ void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float g
       for (int64_t c = mine.end - 1; c >= mine.begin; --c) {
         const int64_t layer = tab.chunk_layer[c];
         const int64_t* row = tab.rows + layer * NUM_COLS;
-        const float lr_q = lr * tab.layer_results[2 * layer];
+        const float lr_q = lr * static_cast<float>(tab.layer_results[2 * layer]);
         lamb_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size),
-                                               bias_corrections(h, tab.layer_results[2 * layer + 1]), lr_q, h);
+                                               bias_corrections(h, static_cast<float>(tab.layer_results[2 * layer + 1])),
+                                               lr_q, h);
       }
     }
   }
@@ -270,52 +271,52 @@ void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float g
 
 // ---------------------------------------------------------------- dispatch
 
-inline float scalar_or(const std::optional<at::Tensor>& t, float otherwise) {
-  return t.has_value() ? *t->data_ptr<float>() : otherwise;
+inline float scalar_or(const float* t, float otherwise) {
+  return t != nullptr ? *t : otherwise;
 }
 
-CpuTable cpu_table(const at::Tensor& rows, const at::Tensor& chunk_layer, int64_t num_chunks, int64_t chunk_size,
-                   const at::Tensor& workspace, int64_t phase, float* layer_sums) {
-  float* partials = workspace.data_ptr<float>();
-  return {rows.data_ptr<int64_t>(), chunk_layer.data_ptr<int32_t>(), rows.size(0), num_chunks, chunk_size,
-          partials, partials + 2 * num_chunks, phase, layer_sums};
+CpuTable cpu_table(const StepArgs& a) {
+  return {a.rows_host.data_ptr<int64_t>(), a.chunk_layer.data_ptr<int32_t>(), a.num_layers, a.num_chunks,
+          a.chunk_size, a.chunk_partials, a.layer_results, a.phase, a.layer_sums};
 }
 
 }  // namespace
 
-void lars_step_cpu(TVLARS_LARS_STEP_ARGS) {
-  const TensorColumns cols{params, grads, momentum_buffers, {}, masters, steps};
-  const CheckedStep checked = check_step("lars_step", layers, layers_host, chunk_layer, cols, workspace, chunk_size,
-                                         lr_tensor, grad_scale, found_inf, std::nullopt, layer_sums, phase);
-  if (scalar_or(found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
-  const std::optional<at::Tensor> fresh_rows = rows_for_lists(layers_host, cols);
-  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, checked.num_chunks, chunk_size,
-                                 workspace, phase, checked.layer_sums);
-  const LarsHyper h = make_lars_hyper(lr, momentum, weight_decay, eta, eps, norm_clip, sum_of_norms, nesterov,
-                                      use_phi, lmbda, alpha, delay, gamma_min);
-  const float scale = scalar_or(grad_scale, 1.0f);
-  const float lr_now = scalar_or(lr_tensor, h.lr);
-  dispatch_dtype(params[0].scalar_type(), !masters.empty(), [&](auto scalar, auto has_master) {
+void lars_run_cpu(const StepArgs& a, const LarsHyper& h) {
+  if (scalar_or(a.found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
+  const CpuTable tab = cpu_table(a);
+  const float scale = scalar_or(a.grad_scale, 1.0f);
+  const float lr_now = scalar_or(a.lr, h.lr);
+  dispatch_dtype(a.dtype, a.has_master, [&](auto scalar, auto has_master) {
     lars_cpu<decltype(scalar), decltype(has_master)::value>(tab, h, scale, lr_now);
   });
 }
 
-void lamb_step_cpu(TVLARS_LAMB_STEP_ARGS) {
-  const TensorColumns cols{params, grads, exp_avgs, exp_avg_sqs, masters, steps};
-  TORCH_CHECK(!exp_avg_sqs.empty(), "lamb_step: exp_avg_sqs is empty");
-  const CheckedStep checked = check_step("lamb_step", layers, layers_host, chunk_layer, cols, workspace, chunk_size,
-                                         lr_tensor, grad_scale, found_inf, clip_coef, layer_sums, phase);
-  if (scalar_or(found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
-  const std::optional<at::Tensor> fresh_rows = rows_for_lists(layers_host, cols);
-  const CpuTable tab = cpu_table(fresh_rows.value_or(layers_host), chunk_layer, checked.num_chunks, chunk_size,
-                                 workspace, phase, checked.layer_sums);
-  const LambHyper h = make_lamb_hyper(lr, beta1, beta2, eps, weight_decay, bias_correction, norm_clip);
-  const float scale = scalar_or(grad_scale, 1.0f);
-  const float mult = scalar_or(clip_coef, 1.0f);
-  const float lr_now = scalar_or(lr_tensor, h.lr);
-  dispatch_dtype(params[0].scalar_type(), !masters.empty(), [&](auto scalar, auto has_master) {
+void lamb_run_cpu(const StepArgs& a, const LambHyper& h) {
+  if (scalar_or(a.found_inf, 0.0f) != 0.0f) return;  // GradScaler found inf/NaN: the step writes nothing
+  const CpuTable tab = cpu_table(a);
+  const float scale = scalar_or(a.grad_scale, 1.0f);
+  const float mult = scalar_or(a.clip_coef, 1.0f);
+  const float lr_now = scalar_or(a.lr, h.lr);
+  dispatch_dtype(a.dtype, a.has_master, [&](auto scalar, auto has_master) {
     lamb_cpu<decltype(scalar), decltype(has_master)::value>(tab, h, scale, mult, lr_now);
   });
+}
+
+void lars_step_cpu(TVLARS_LARS_STEP_ARGS) {
+  lars_run_cpu(TVLARS_LARS_LIST_CHECKED("lars_step"), TVLARS_LARS_HYPER);
+}
+
+void lamb_step_cpu(TVLARS_LAMB_STEP_ARGS) {
+  lamb_run_cpu(TVLARS_LAMB_LIST_CHECKED("lamb_step"), TVLARS_LAMB_HYPER("lamb_step"));
+}
+
+void lars_step_table_cpu(TVLARS_LARS_TABLE_ARGS) {
+  lars_run_cpu(TVLARS_LARS_TABLE_CHECKED("lars_step_table"), TVLARS_LARS_HYPER);
+}
+
+void lamb_step_table_cpu(TVLARS_LAMB_TABLE_ARGS) {
+  lamb_run_cpu(TVLARS_LAMB_TABLE_CHECKED("lamb_step_table"), TVLARS_LAMB_HYPER("lamb_step_table"));
 }
 
 }  // namespace tvlars

@@ -1,6 +1,14 @@
-// The tvlars_fused op schemas. Every tensor a step writes is declared mutable (alias annotations), so
-// torch.compile and functionalization see the mutations; the fake impls live in tvlars_fused/_extension.py.
-// `layer_sums` and `phase` split a step of sharded layers around an all-reduce (StepPhase, step_inputs.h).
+// The tvlars_fused op schemas; the fake impls live in tvlars_fused/_extension.py. `layer_sums` and `phase`
+// split a step of sharded layers around an all-reduce (StepPhase, step_inputs.h). `workspace` and
+// `layer_sums` are float64 (the norms' sums of squares, step_inputs.h).
+//
+// Two forms per optimizer, one step behind both (step_ops.h):
+// - lars_step / lamb_step take every tensor the step writes, declared mutable (alias annotations), so that
+//   torch.compile and functionalization see the mutations. Checking those lists costs O(tensors) per call.
+// - lars_step_table / lamb_step_table take the layer table only: the step writes the tensors the table points
+//   at, which the schema cannot declare, so they are for eager steps only. They exist for host overhead: a
+//   bucket of thousands of small layers would otherwise pay for passing and checking five tensor lists on
+//   every step, while the table's tensors were checked once, when it was built.
 #include <torch/library.h>
 
 #include <vector>
@@ -33,10 +41,23 @@ TORCH_LIBRARY(tvlars_fused, m) {
       "Tensor(f!) workspace, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, bool bias_correction, "
       "float? norm_clip, int chunk_size, Tensor(g!)? layer_sums=None, int phase=0) -> ()");
+  m.def(
+      "lars_step_table(Tensor layers, Tensor layers_host, Tensor chunk_layer, Tensor(a!) workspace, "
+      "ScalarType dtype, bool has_master, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, float lr, "
+      "float momentum, float weight_decay, float eta, float eps, float? norm_clip, bool sum_of_norms, "
+      "bool nesterov, bool use_phi, float lmbda, float alpha, float delay, float gamma_min, int chunk_size, "
+      "Tensor(b!)? layer_sums=None, int phase=0) -> ()");
+  m.def(
+      "lamb_step_table(Tensor layers, Tensor layers_host, Tensor chunk_layer, Tensor(a!) workspace, "
+      "ScalarType dtype, bool has_master, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? clip_coef, float lr, float beta1, float beta2, float eps, float weight_decay, bool bias_correction, "
+      "float? norm_clip, int chunk_size, Tensor(b!)? layer_sums=None, int phase=0) -> ()");
   m.def("chunk_elements(int numel, int first_chunk, int chunk, int chunk_size) -> int[]", &chunk_elements_op);
 }
 
 TORCH_LIBRARY_IMPL(tvlars_fused, CPU, m) {
   m.impl("lars_step", &tvlars::lars_step_cpu);
   m.impl("lamb_step", &tvlars::lamb_step_cpu);
+  m.impl("lars_step_table", &tvlars::lars_step_table_cpu);
+  m.impl("lamb_step_table", &tvlars::lamb_step_table_cpu);
 }

@@ -1,8 +1,10 @@
-// The per-element and per-layer math of TVLARS, LARS and LAMB (shared/spec/ALGORITHMS.md), in float32.
+// The per-element and per-layer math of TVLARS, LARS and LAMB (docs/algorithms.md).
 //
 // One header for both compilers: nvcc sees __host__ __device__ functions, g++ sees plain inline ones, so the
-// CPU twin and the CUDA kernel cannot drift apart. Every function takes float32 values; storage dtypes are
-// converted by the callers (one rounding on store).
+// CPU twin and the CUDA kernel cannot drift apart. Element-wise math takes and returns float32 values;
+// storage dtypes are converted by the callers (one rounding on store). Norms are float64: squares of float32
+// elements are summed in double (finite weights of |w| ~ 1e20 would overflow a float32 sum, and sums below
+// 2^-126 would flush to zero), and the trust ratio is computed from those sums in double, then rounded once.
 #pragma once
 
 #include <cmath>
@@ -19,9 +21,9 @@ struct LarsHyper {
   float lr;
   float momentum;
   float weight_decay;
-  float eta;
-  float eps;
-  float norm_clip;  // only when has_norm_clip
+  double eta;  // eta, eps and norm_clip only enter the float64 trust ratio
+  double eps;
+  double norm_clip;  // only when has_norm_clip
   bool has_norm_clip;
   bool sum_of_norms;  // trust denominator ||g|| + beta*||w|| instead of ||g + beta*w||
   bool nesterov;
@@ -42,7 +44,7 @@ struct LambHyper {
   float log_beta2;
   float eps;
   float weight_decay;
-  float norm_clip;  // only when has_norm_clip
+  double norm_clip;  // only when has_norm_clip; enters the float64 trust ratio
   bool has_norm_clip;
   bool bias_correction;
 };
@@ -53,8 +55,15 @@ TVLARS_HD float tvlars_phi(float t, float lmbda, float alpha, float delay, float
   return 1.0f / (alpha + expf(lmbda * (t - delay))) + gamma_min;
 }
 
-TVLARS_HD float clip_norm(float norm, bool has_clip, float clip) {
+TVLARS_HD double clip_norm(double norm, bool has_clip, double clip) {
   return (has_clip && norm > clip) ? clip : norm;
+}
+
+// An element's square for the float64 sums: the float32 element widened first, so the square cannot overflow
+// or underflow.
+TVLARS_HD double square(float x) {
+  const double d = x;
+  return d * d;
 }
 
 // The gradient as the step sees it: divided by GradScaler's scale, times LAMB's global clip coefficient.
@@ -75,20 +84,17 @@ TVLARS_HD float lars_denominator_term(float g, float d, bool sum_of_norms) {
   return sum_of_norms ? g : d;
 }
 
-// q from the layer's summed squares: w_sq = sum w^2, denom_sq = sum d^2 or sum g^2 (lars_denominator_term).
-// Zero norms take the q = 1 branch, so a zero-initialised layer or a zero gradient never gives NaN.
-TVLARS_HD float lars_trust_ratio(const LarsHyper& h, float w_sq, float denom_sq, float t, bool excluded) {
+// q from the layer's float64 sums of squares: w_sq = sum w^2, denom_sq = sum d^2 or sum g^2
+// (lars_denominator_term), computed in float64 (phi in float32) and rounded once. Zero norms take the q = 1
+// branch, so a zero-initialised layer or a zero gradient never gives NaN.
+TVLARS_HD float lars_trust_ratio(const LarsHyper& h, double w_sq, double denom_sq, float t, bool excluded) {
   if (excluded) return 1.0f;
-  const float wn = clip_norm(sqrtf(w_sq), h.has_norm_clip, h.norm_clip);
-  float dn;
-  if (h.sum_of_norms) {
-    dn = clip_norm(sqrtf(denom_sq), h.has_norm_clip, h.norm_clip) + h.weight_decay * wn;
-  } else {
-    dn = clip_norm(sqrtf(denom_sq), h.has_norm_clip, h.norm_clip);
-  }
-  if (!(wn > 0.0f && dn > 0.0f)) return 1.0f;
+  const double wn = clip_norm(sqrt(w_sq), h.has_norm_clip, h.norm_clip);
+  double dn = clip_norm(sqrt(denom_sq), h.has_norm_clip, h.norm_clip);
+  if (h.sum_of_norms) dn += static_cast<double>(h.weight_decay) * wn;
+  if (!(wn > 0.0 && dn > 0.0)) return 1.0f;
   const float factor = h.use_phi ? tvlars_phi(t, h.lmbda, h.alpha, h.delay, h.gamma_min) : 1.0f;
-  return h.eta * factor * wn / (dn + h.eps);
+  return static_cast<float>(h.eta * static_cast<double>(factor) * wn / (dn + h.eps));
 }
 
 // u = q*d; buf = mu*buf + u; w -= lr * (nesterov ? u + mu*buf : buf). Updates w and buf in place.
@@ -122,10 +128,11 @@ TVLARS_HD float lamb_update(float m, float v, float w, float bc1, float bc2, flo
   return (m / bc1) / (sqrtf(v / bc2) + eps) + decay * w;
 }
 
-TVLARS_HD float lamb_trust_ratio(const LambHyper& h, float w_sq, float u_sq, bool excluded) {
-  const float wn = clip_norm(sqrtf(w_sq), h.has_norm_clip, h.norm_clip);
-  const float un = sqrtf(u_sq);
-  return (wn > 0.0f && un > 0.0f && !excluded) ? wn / un : 1.0f;
+// q = ||w|| / ||u|| from the layer's float64 sums of squares, in float64, rounded once.
+TVLARS_HD float lamb_trust_ratio(const LambHyper& h, double w_sq, double u_sq, bool excluded) {
+  const double wn = clip_norm(sqrt(w_sq), h.has_norm_clip, h.norm_clip);
+  const double un = sqrt(u_sq);
+  return (wn > 0.0 && un > 0.0 && !excluded) ? static_cast<float>(wn / un) : 1.0f;
 }
 
 }  // namespace tvlars

@@ -1,10 +1,17 @@
-// The C++ signatures of the tvlars_fused ops (schemas in ops.cpp); CPU impls in cpu_step.cpp, CUDA in
-// cuda_step.cu.
+// The C++ signatures of the tvlars_fused ops (schemas in ops.cpp) and the step functions behind them.
+//
+// Each optimizer has two ops: the list form (lars_step, lamb_step), which torch.compile traces, and the table
+// form (lars_step_table, lamb_step_table), which eager steps call to skip the per-tensor checks. Both check
+// their arguments into a StepArgs (step_inputs.h) and call the one step function of their optimizer and
+// device: lars_run_cpu / lamb_run_cpu in cpu_step.cpp, lars_run_cuda / lamb_run_cuda in cuda_step.cu.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+
+#include "optimizer_math.h"
+#include "step_inputs.h"
 
 namespace tvlars {
 
@@ -26,7 +33,55 @@ namespace tvlars {
       double weight_decay, bool bias_correction, std::optional<double> norm_clip, int64_t chunk_size,            \
       const std::optional<at::Tensor> &layer_sums, int64_t phase
 
+#define TVLARS_LARS_TABLE_ARGS                                                                                  \
+  const at::Tensor &layers, const at::Tensor &layers_host, const at::Tensor &chunk_layer,                      \
+      const at::Tensor &workspace, at::ScalarType dtype, bool has_master,                                      \
+      const std::optional<at::Tensor> &lr_tensor, const std::optional<at::Tensor> &grad_scale,                 \
+      const std::optional<at::Tensor> &found_inf, double lr, double momentum, double weight_decay, double eta,  \
+      double eps, std::optional<double> norm_clip, bool sum_of_norms, bool nesterov, bool use_phi,             \
+      double lmbda, double alpha, double delay, double gamma_min, int64_t chunk_size,                           \
+      const std::optional<at::Tensor> &layer_sums, int64_t phase
+
+#define TVLARS_LAMB_TABLE_ARGS                                                                                  \
+  const at::Tensor &layers, const at::Tensor &layers_host, const at::Tensor &chunk_layer,                      \
+      const at::Tensor &workspace, at::ScalarType dtype, bool has_master,                                      \
+      const std::optional<at::Tensor> &lr_tensor, const std::optional<at::Tensor> &grad_scale,                 \
+      const std::optional<at::Tensor> &found_inf, const std::optional<at::Tensor> &clip_coef, double lr,       \
+      double beta1, double beta2, double eps, double weight_decay, bool bias_correction,                       \
+      std::optional<double> norm_clip, int64_t chunk_size, const std::optional<at::Tensor> &layer_sums,         \
+      int64_t phase
+
+// The op implementations, registered by ops.cpp (CPU) and cuda_step.cu (CUDA).
 void lars_step_cpu(TVLARS_LARS_STEP_ARGS);
 void lamb_step_cpu(TVLARS_LAMB_STEP_ARGS);
+void lars_step_table_cpu(TVLARS_LARS_TABLE_ARGS);
+void lamb_step_table_cpu(TVLARS_LAMB_TABLE_ARGS);
+
+// One step function per optimizer and device, behind both op forms. A step with *found_inf != 0 writes
+// nothing (on the CUDA device the flag is read in the kernel).
+void lars_run_cpu(const StepArgs& args, const LarsHyper& h);
+void lamb_run_cpu(const StepArgs& args, const LambHyper& h);
+void lars_run_cuda(const StepArgs& args, const LarsHyper& h);
+void lamb_run_cuda(const StepArgs& args, const LambHyper& h);
+
+// The arguments of the two forms, checked: what every op implementation starts with.
+#define TVLARS_LARS_LIST_CHECKED(op)                                                                          \
+  check_list_step(op, layers, layers_host, chunk_layer,                                                       \
+                  TensorColumns{params, grads, momentum_buffers, {}, masters, steps}, false, workspace, chunk_size,    \
+                  lr_tensor, grad_scale, found_inf, std::nullopt, layer_sums, phase)
+#define TVLARS_LAMB_LIST_CHECKED(op)                                                                          \
+  check_list_step(op, layers, layers_host, chunk_layer,                                                       \
+                  TensorColumns{params, grads, exp_avgs, exp_avg_sqs, masters, steps}, true, workspace, chunk_size,   \
+                  lr_tensor, grad_scale, found_inf, clip_coef, layer_sums, phase)
+#define TVLARS_LARS_TABLE_CHECKED(op)                                                                         \
+  check_table_step(op, layers, layers_host, chunk_layer, workspace, dtype, has_master, false, chunk_size,     \
+                   lr_tensor, grad_scale, found_inf, std::nullopt, layer_sums, phase)
+#define TVLARS_LAMB_TABLE_CHECKED(op)                                                                         \
+  check_table_step(op, layers, layers_host, chunk_layer, workspace, dtype, has_master, true, chunk_size,      \
+                   lr_tensor, grad_scale, found_inf, clip_coef, layer_sums, phase)
+#define TVLARS_LARS_HYPER                                                                                     \
+  make_lars_hyper(lr, momentum, weight_decay, eta, eps, norm_clip, sum_of_norms, nesterov, use_phi, lmbda,    \
+                  alpha, delay, gamma_min)
+#define TVLARS_LAMB_HYPER(op) make_lamb_hyper(op, lr, beta1, beta2, eps, weight_decay, bias_correction, norm_clip)
 
 }  // namespace tvlars

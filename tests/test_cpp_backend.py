@@ -115,7 +115,8 @@ def test_thousands_of_tiny_layers_in_one_call(cls, kwargs):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             opt.step()
         ref_opt.step()
-        op = "tvlars_fused::lamb_step" if cls is LAMB else "tvlars_fused::lars_step"
+        op = "tvlars_fused::lamb_step_table" if cls is LAMB else "tvlars_fused::lars_step_table"
+        assert sum(e.name.startswith("tvlars_fused::") for e in prof.events()) == 1
         assert sum(e.name == op for e in prof.events()) == 1
     assert_matches(params, ref_params, opt, ref_opt, rtol=1e-6, atol=1e-6)
 
@@ -170,9 +171,8 @@ def op_args(bucket, lamb, lists=None, hp=None):
     hyper-parameters from ``hp`` (default: LAMB_HP or TVLARS_HP)."""
     covered, table, _ = prepare(bucket, _cpp_backend.CHUNK)
     lists = lists or covered
-    workspace, layers_host = _cpp_backend._workspace(table)
-    head = [table.layers, layers_host, table.chunk_layer, lists.params, lists.grads, *lists.states,
-            lists.masters or [], lists.steps, workspace, None, None, None]
+    head = [table.layers, table.layers_host, table.chunk_layer, lists.params, lists.grads, *lists.states,
+            lists.masters or [], lists.steps, _cpp_backend._workspace(table), None, None, None]
     if lamb:
         h = hp or LAMB_HP
         return head + [None, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.norm_clip,
@@ -353,7 +353,7 @@ def test_sums_phase_writes_the_local_sums_and_no_step(lamb, hyper):
     before = clone_bucket(bucket)
     hp = LambHyper(**{**LAMB_HP.__dict__, **hyper}) if lamb else LarsHyper(**{**TVLARS_HP.__dict__, **hyper})
     args = op_args(bucket, lamb, hp=hp)
-    sums = torch.full((len(SHAPES), 2), float("nan"))
+    sums = torch.full((len(SHAPES), 2), float("nan"), dtype=torch.float64)
     (torch.ops.tvlars_fused.lamb_step if lamb else torch.ops.tvlars_fused.lars_step)(*args, sums,
                                                                                      _cpp_backend.PHASE_SUMS)
     w = [p.double() for p in bucket.params]
@@ -368,7 +368,7 @@ def test_sums_phase_writes_the_local_sums_and_no_step(lamb, hyper):
         second = g if hp.sum_of_norms else [gi + hp.weight_decay * x for gi, x in zip(g, w)]
     want = torch.tensor([[0.0, 0.0] if (e and not lamb) else [x.square().sum(), s.square().sum()]
                          for x, s, e in zip(w, second, bucket.excluded)])
-    torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-6)
     unchanged = bucket.params + bucket.steps + bucket.grads + ([] if lamb else bucket.states[0])
     reference_tensors = before.params + before.steps + before.grads + ([] if lamb else before.states[0])
     assert all(torch.equal(a, b) for a, b in zip(unchanged, reference_tensors))
@@ -385,10 +385,10 @@ def test_split_step_with_found_inf_writes_nothing_but_still_reduces(lamb):
     assert len(calls) == 1  # every rank issues the same collectives, whatever found_inf says
     args = op_args(bucket, lamb)
     args[12 if lamb else 11] = torch.tensor(1.0)  # found_inf (after LAMB's two state lists)
-    sums = torch.full((len(SHAPES), 2), 7.0)
+    sums = torch.full((len(SHAPES), 2), 7.0, dtype=torch.float64)
     op = torch.ops.tvlars_fused.lamb_step if lamb else torch.ops.tvlars_fused.lars_step
     op(*args, sums, _cpp_backend.PHASE_SUMS)
-    assert torch.equal(sums, torch.full((len(SHAPES), 2), 7.0))
+    assert torch.equal(sums, torch.full((len(SHAPES), 2), 7.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
@@ -413,16 +413,16 @@ def test_split_step_on_empty_local_shards(lamb):
 def test_opcheck_split_phases(lamb, phase):
     op = torch.ops.tvlars_fused.lamb_step.default if lamb else torch.ops.tvlars_fused.lars_step.default
     args = op_args(make_bucket([(4, 3), (5,), (0,), (2, 2)], lamb=lamb), lamb)
-    torch.library.opcheck(op, args + [torch.rand(4, 2), phase])
+    torch.library.opcheck(op, args + [torch.rand(4, 2, dtype=torch.float64), phase])
 
 
 @pytest.mark.parametrize("sums, phase, message", [
     (None, 3, "phase must be 0"),
-    (None, 1, r"phase 1 needs layer_sums, a contiguous float32 tensor of shape \[10, 2\]"),
-    (torch.zeros(10, 3), 2, r"phase 2 needs layer_sums"),
-    (torch.zeros(10, 2, dtype=torch.float64), 1, r"phase 1 needs layer_sums"),
-    (torch.zeros(2, 10).t(), 1, r"phase 1 needs layer_sums"),
-    (torch.zeros(10, 2), 0, "layer_sums is read or written by phases 1 and 2 only"),
+    (None, 1, r"phase 1 needs layer_sums, a contiguous float64 tensor of shape \[10, 2\]"),
+    (torch.zeros(10, 3, dtype=torch.float64), 2, r"phase 2 needs layer_sums"),
+    (torch.zeros(10, 2), 1, r"phase 1 needs layer_sums"),
+    (torch.zeros(2, 10, dtype=torch.float64).t(), 1, r"phase 1 needs layer_sums"),
+    (torch.zeros(10, 2, dtype=torch.float64), 0, "layer_sums is read or written by phases 1 and 2 only"),
 ])
 def test_bad_split_arguments_are_rejected(sums, phase, message):
     bucket = make_bucket(SHAPES)

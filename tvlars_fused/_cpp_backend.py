@@ -5,6 +5,11 @@ A bucket is split by ``prepare``: the layers the layer table covers go to one op
 go through the ``foreach`` backend. The ops read ``lr``, ``grad_scale``, ``found_inf`` and LAMB's clip
 coefficient from device scalars, so a step never synchronises with the host.
 
+Each optimizer has two ops. Eager steps call the table form (``lars_step_table``), which takes the cached
+layer table alone: its tensors were checked when it was built, so a step of thousands of small layers does
+not pay for passing and checking five tensor lists. Under ``torch.compile`` the list form (``lars_step``)
+is called instead, with every tensor the step writes, so that the compiler sees the mutations.
+
 Sharded buckets (FSDP2, ``bucket.reduce_sums`` set) run fused too, in two op calls around one all-reduce: the
 "sums" phase writes each layer's local sums of squares, ``reduce_sums`` adds them over the ranks, and the
 "apply" phase steps with the whole-layer sums.
@@ -31,15 +36,13 @@ PHASE_FULL, PHASE_SUMS, PHASE_APPLY = 0, 1, 2
 supports_sharded = True  # _optimizer._plan gives this backend sharded buckets (else they go to foreach)
 
 
-def _workspace(table: LayerTable) -> tuple[Tensor, Tensor]:
-    """(per-table scratch for partial sums and per-layer results, host copy of the layer table)."""
-    ws = table.workspace
-    if "cpp_partials" not in ws:
-        device = table.layers.device
-        ws["cpp_partials"] = torch.empty(2 * (table.num_chunks + table.num_layers), dtype=torch.float32,
-                                         device=device)
-        ws["cpp_layers_host"] = table.layers if device.type == "cpu" else table.layers.cpu()
-    return ws["cpp_partials"], ws["cpp_layers_host"]
+def _workspace(table: LayerTable) -> Tensor:
+    """The table's float64 scratch: per-chunk partial sums of squares, then per-layer results."""
+    ws = table.workspace.get("cpp_partials")
+    if ws is None:
+        ws = table.workspace["cpp_partials"] = torch.empty(2 * (table.num_chunks + table.num_layers),
+                                                           dtype=torch.float64, device=table.layers.device)
+    return ws
 
 
 def _run(op, bucket: Bucket, table: LayerTable, *args) -> None:
@@ -50,7 +53,7 @@ def _run(op, bucket: Bucket, table: LayerTable, *args) -> None:
         return
     sums = table.workspace.get("cpp_layer_sums")
     if sums is None:
-        sums = table.workspace["cpp_layer_sums"] = torch.zeros(table.num_layers, 2, dtype=torch.float32,
+        sums = table.workspace["cpp_layer_sums"] = torch.zeros(table.num_layers, 2, dtype=torch.float64,
                                                                device=table.layers.device)
     op(*args, sums, PHASE_SUMS)
     bucket.reduce_sums(sums)
@@ -80,15 +83,18 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     if covered is None:
         return
     device = covered.device
-    workspace, layers_host = _workspace(table)
     lr, lr_tensor = _lr(hp.lr, device)
-    _run(
-        _ops.lars_step, covered, table,
-        table.layers, layers_host, table.chunk_layer, covered.params, covered.grads, covered.states[0],
-        covered.masters or [], covered.steps, workspace, lr_tensor,
-        _device_scalar(grad_scale, "grad_scale", device), _device_scalar(found_inf, "found_inf", device),
-        lr, hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.norm_clip, hp.sum_of_norms, hp.nesterov, hp.use_phi,
-        hp.lmbda, hp.alpha, hp.delay, hp.gamma_min, CHUNK)
+    head = [table.layers, table.layers_host, table.chunk_layer]
+    scalars = [lr_tensor, _device_scalar(grad_scale, "grad_scale", device),
+               _device_scalar(found_inf, "found_inf", device)]
+    tail = [lr, hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.norm_clip, hp.sum_of_norms, hp.nesterov,
+            hp.use_phi, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min, CHUNK]
+    if torch.compiler.is_compiling():
+        _run(_ops.lars_step, covered, table, *head, covered.params, covered.grads, covered.states[0],
+             covered.masters or [], covered.steps, _workspace(table), *scalars, *tail)
+    else:
+        _run(_ops.lars_step_table, covered, table, *head, _workspace(table), covered.dtype,
+             covered.masters is not None, *scalars, *tail)
 
 
 def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
@@ -99,13 +105,15 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     if covered is None:
         return
     device = covered.device
-    workspace, layers_host = _workspace(table)
     lr, lr_tensor = _lr(hp.lr, device)
-    exp_avgs, exp_avg_sqs = covered.states
-    _run(
-        _ops.lamb_step, covered, table,
-        table.layers, layers_host, table.chunk_layer, covered.params, covered.grads, exp_avgs, exp_avg_sqs,
-        covered.masters or [], covered.steps, workspace, lr_tensor,
-        _device_scalar(grad_scale, "grad_scale", device), _device_scalar(found_inf, "found_inf", device),
-        _device_scalar(hp.clip_coef, "clip_coef", device), lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay,
-        hp.bias_correction, hp.norm_clip, CHUNK)
+    head = [table.layers, table.layers_host, table.chunk_layer]
+    scalars = [lr_tensor, _device_scalar(grad_scale, "grad_scale", device),
+               _device_scalar(found_inf, "found_inf", device), _device_scalar(hp.clip_coef, "clip_coef", device)]
+    tail = [lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.bias_correction, hp.norm_clip, CHUNK]
+    if torch.compiler.is_compiling():
+        exp_avgs, exp_avg_sqs = covered.states
+        _run(_ops.lamb_step, covered, table, *head, covered.params, covered.grads, exp_avgs, exp_avg_sqs,
+             covered.masters or [], covered.steps, _workspace(table), *scalars, *tail)
+    else:
+        _run(_ops.lamb_step_table, covered, table, *head, _workspace(table), covered.dtype,
+             covered.masters is not None, *scalars, *tail)
