@@ -43,6 +43,8 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             importlib.import_module(_MODULES["triton"])
         except ImportError as exc:
             return f"backend='triton' needs the triton package: {exc}"
+        if device.type == "cpu":
+            return _interpreter_problem()
         return None
     if backend in ("cuda", "cpp"):
         want = "cuda" if backend == "cuda" else "cpu"
@@ -54,6 +56,22 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
 
         return _extension.unavailable_reason(want)
     return f"unknown backend {backend!r}"
+
+
+def _interpreter_problem() -> str | None:
+    """Triton before 3.7 interprets kernels with numpy calls that numpy 2.4 removed (every kernel fails with "only
+    0-dimensional arrays can be converted to Python scalars"): say so instead of failing in every test."""
+    import numpy
+    import triton
+
+    def version(text: str) -> tuple[int, int]:
+        major, minor = text.split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"backend='triton' on the CPU runs in Triton's interpreter, which in triton {triton.__version__} "
+                f"does not work with numpy {numpy.__version__}: install numpy<2.4 or triton>=3.7")
+    return None
 
 
 def _auto(device: torch.device) -> str:
@@ -75,7 +93,9 @@ def resolve(backend: str, device: torch.device) -> str:
         name = _auto(device) if backend == "auto" else backend
         reason = unavailable_reason(name, device)
         if reason is not None:
-            raise BackendUnavailableError(reason)
+            runnable = [b for b in BACKENDS[1:] if b != name and unavailable_reason(b, device) is None]
+            raise BackendUnavailableError(f"{reason}. Backends that run on {device.type} here: "
+                                          f"{', '.join(runnable)} (or backend='auto')")
         _resolved[key] = name
     return name
 
