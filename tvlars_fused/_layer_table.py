@@ -1,17 +1,25 @@
 """The multi-tensor layer table that the fused backends (Triton, CUDA, C++ CPU twin) all read.
 
-One table describes one bucket (layers of one device and dtype). It is built on the host, copied to the
-bucket's device once, and cached: it is rebuilt only when a tensor behind it changes (a new gradient
-allocation, ``load_state_dict``, a parameter re-assigned), which is detected by comparing data pointers.
-Because the table lives in device memory, one kernel launch covers any number of layers (no 4 KB kernel
-argument limit) and all sizes and offsets are 64-bit.
+One table describes one bucket (layers of one device and dtype). It is built on the host and cached; the tensors
+behind it are validated once, when it is built (dtype, device, size, dense, one memory layout), so a step does not
+check them again. Because the table lives in device memory, one kernel launch covers any number of layers (no 4 KB
+kernel argument limit) and all sizes and offsets are 64-bit.
 
-``layers`` is an int64 tensor of shape ``[num_layers, NUM_COLS]``; the columns are named below and the C++
-header ``csrc/layer_table.h`` mirrors them. Layer ``i`` owns the chunks ``first_chunk .. first_chunk +
-num_chunks - 1``; chunk ``c`` covers elements ``[(c - first_chunk) * chunk_size, min(numel, ...))`` of it.
-``chunk_layer`` (int32, ``[num_chunks]``) maps each chunk back to its layer. A layer of 0 elements owns one
-empty chunk, so every layer has a "first chunk" whose program can do the layer's once-per-step work
-(advancing its step count).
+``layers`` is an int64 tensor of shape ``[num_layers, NUM_COLS]``; the columns are named below and the C++ header
+``csrc/layer_table.h`` mirrors them. Layer ``i`` owns the chunks ``first_chunk .. first_chunk + num_chunks - 1``;
+chunk ``c`` covers elements ``[(c - first_chunk) * chunk_size, min(numel, ...))`` of it. ``chunk_layer`` (int32,
+``[num_chunks]``) maps each chunk back to its layer. A layer of 0 elements owns one empty chunk, so every layer has a
+"first chunk" whose program can do the layer's once-per-step work (advancing its step count).
+
+A step's host work is one identity pass: the parameters' and gradients' data pointers compared with the table's.
+When only the gradients moved (``zero_grad(set_to_none=True)`` hands out new ones), only that column is rewritten.
+
+CUDA graphs. Nothing here synchronises with the device: rows are written into pinned host memory and uploaded with a
+``non_blocking`` copy, and the host copy is kept (``layers_host``) rather than read back, so a table can be (re)built
+while a stream is being captured (the standard recipe captures backward, whose gradients come from the graph's own
+pool, so the table is rebuilt inside the capture). A captured launch bakes in the addresses of the table, its chunk
+map and its workspace, and its upload re-reads the pinned rows at every replay: a table used while capturing is never
+modified again and is kept alive by ``bucket.keep_alive`` (the optimizer's, for its whole life).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ._types import Bucket
+from ._types import Bucket, math_dtype
 
 COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_MASTER, COL_STEP = range(6)
 COL_NUMEL, COL_FIRST_CHUNK, COL_NUM_CHUNKS, COL_FLAGS = range(6, 10)
@@ -29,15 +37,18 @@ NUM_COLS = 10
 FLAG_EXCLUDED = 1
 
 
-@dataclass
+@dataclass(eq=False)
 class LayerTable:
     layers: Tensor  # int64 [num_layers, NUM_COLS] on the bucket's device
+    layers_host: Tensor  # the same rows on the host (pinned for CUDA; the very same tensor on the CPU)
     chunk_layer: Tensor  # int32 [num_chunks] on the bucket's device
     chunk_size: int
     num_layers: int
     num_chunks: int
     max_layer_chunks: int  # chunks of the largest layer
-    key: tuple
+    aligned16: bool  # every address in the table is a multiple of 16 bytes (vector loads and stores are safe)
+    stream: object = None  # CUDA: the stream current when the table was built (a backend on another records it)
+    captured: bool = False  # used while a CUDA graph was being captured: never modified or freed afterwards
     # Scratch buffers a backend allocates once per table (partial sums, per-layer results).
     workspace: dict = field(default_factory=dict)
 
@@ -54,15 +65,35 @@ def _dense(t: Tensor) -> bool:
     return True
 
 
+def _check_layer(bucket: Bucket, i: int) -> None:
+    """What the kernels assume of layer i's tensors beyond their layout, checked once per table build: a wrong
+    dtype, device or size here would be a silent out-of-bounds access in a kernel."""
+    p = bucket.params[i]
+    state_dtype = math_dtype(p.dtype)
+    expected = [("gradient", bucket.grads[i], p.dtype)]
+    expected += [(f"state {k}", s[i], state_dtype) for k, s in enumerate(bucket.states)]
+    if bucket.masters is not None:
+        expected.append(("master weight", bucket.masters[i], torch.float32))
+    for name, t, dtype in expected:
+        if t.dtype != dtype or t.device != p.device or t.shape != p.shape:
+            raise RuntimeError(f"layer {i} of a {p.dtype} bucket on {p.device}: its {name} has dtype {t.dtype}, "
+                               f"shape {tuple(t.shape)} on {t.device}; expected {dtype}, {tuple(p.shape)} "
+                               f"on {p.device}")
+    step = bucket.steps[i]
+    if step.dtype != torch.float32 or step.numel() != 1 or step.device != p.device:
+        raise RuntimeError(f"layer {i}: its step count must be a float32 scalar on {p.device}")
+
+
 def table_fits(bucket: Bucket) -> list[bool]:
     """Which layers a pointer-table kernel can update in place.
 
-    The kernels walk a flat range of ``numel`` elements, so parameter, gradient, state and master tensors
-    must each be dense (non-overlapping, no gaps) and share one memory layout. channels_last weights qualify;
-    strided views (``w[:, ::2]``) do not and are left to the ``foreach`` path, never copied and written back.
+    The kernels walk a flat range of ``numel`` elements, so parameter, gradient, state and master tensors must each
+    be dense (non-overlapping, no gaps) and share one memory layout. channels_last weights qualify; strided views
+    (``w[:, ::2]``) do not and are left to the ``foreach`` path, never copied and written back.
     """
     fits = []
     for i, p in enumerate(bucket.params):
+        _check_layer(bucket, i)
         tensors = [p, bucket.grads[i]] + [s[i] for s in bucket.states]
         if bucket.masters is not None:
             tensors.append(bucket.masters[i])
@@ -71,46 +102,21 @@ def table_fits(bucket: Bucket) -> list[bool]:
     return fits
 
 
-def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable | None, Bucket | None]:
-    """Split a bucket for a fused backend: ``(covered, table, rest)``.
+@dataclass(eq=False)
+class _Split:
+    """How a bucket was last split for a fused backend, and the addresses that split was made for."""
 
-    ``covered`` holds the layers the pointer table can update in place (usually the whole bucket) and
-    ``table`` is their layer table; ``rest`` (or None) holds the strided layers that must go through the
-    ``foreach`` backend instead; ``covered`` and ``table`` are None when no layer fits. Cached like the
-    table itself.
-
-    Under ``torch.compile`` the tensors being traced have no addresses: the table then holds sizes only
-    (pointer columns 0) and is not cached. Only the compiled ops can use such a table, because they check
-    the table's pointers against their tensor arguments and fill in the real ones; the Triton backend, which
-    cannot, runs outside the compiled graph."""
-    tracing = torch.compiler.is_compiling()
-    key = None if tracing else _pointer_key(bucket)
-    cached = None if tracing else bucket.cache.get(("fits", chunk_size))
-    if cached is not None and cached[0] == key:
-        fits = cached[1]
-    else:
-        fits = table_fits(bucket)
-        if not tracing:
-            # Only which layers fit is kept, never this step's tensors: holding on to last step's gradients
-            # would keep their memory alive, so new ones would get new addresses and a new table every step.
-            bucket.cache[("fits", chunk_size)] = (key, fits)
-    if all(fits):
-        covered, rest = bucket, None
-    else:
-        inside = [i for i, ok in enumerate(fits) if ok]
-        outside = [i for i, ok in enumerate(fits) if not ok]
-        covered = bucket.subset(inside, bucket.cache.setdefault(("covered", chunk_size), {})) if inside else None
-        rest = bucket.subset(outside, bucket.cache.setdefault(("rest", chunk_size), {}))
-    if covered is None:
-        return None, None, rest
-    table = _build(covered, chunk_size, None) if tracing else layer_table(
-        covered, chunk_size, key if covered is bucket else None)
-    return covered, table, rest
+    generation: int  # the Bucket object it was made for (new buckets compare the whole key first)
+    fixed_key: tuple  # parameter, state, master and step addresses, sizes, exclusion
+    param_ptrs: list[int]
+    grad_ptrs: list[int]
+    grad_strides: list[tuple]
+    fits: list[bool]
+    table_grads: list[int] | None = None  # the gradient column of the cached table
 
 
-def _pointer_key(bucket: Bucket) -> tuple:
-    key = [t.data_ptr() for t in bucket.params]
-    key += [t.data_ptr() for t in bucket.grads]
+def _fixed_key(bucket: Bucket, param_ptrs: list[int]) -> tuple:
+    key = list(param_ptrs)
     for state in bucket.states:
         key += [t.data_ptr() for t in state]
     if bucket.masters is not None:
@@ -121,19 +127,107 @@ def _pointer_key(bucket: Bucket) -> tuple:
     return tuple(key)
 
 
-def layer_table(bucket: Bucket, chunk_size: int, key: tuple | None = None) -> LayerTable:
-    """The bucket's table for ``chunk_size``, from the cache when no tensor behind it has changed."""
-    if key is None:
-        key = _pointer_key(bucket)
-    cached = bucket.cache.get(("layer_table", chunk_size))
-    if cached is None or cached.key != key:
-        cached = bucket.cache[("layer_table", chunk_size)] = _build(bucket, chunk_size, key)
-    return cached
+def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable | None, Bucket | None]:
+    """Split a bucket for a fused backend: ``(covered, table, rest)``.
+
+    ``covered`` holds the layers the pointer table can update in place (usually the whole bucket) and ``table`` is
+    their layer table; ``rest`` (or None) holds the strided layers that must go through the ``foreach`` backend
+    instead; ``covered`` and ``table`` are None when no layer fits.
+
+    A bucket object the optimizer steps again (its cached plan) is trusted for everything but its parameters' and
+    gradients' addresses; any other bucket is compared in full. Only addresses and which layers fit are kept between
+    steps, never this step's tensors: holding on to last step's gradients would keep their memory alive, so new ones
+    would get new addresses and a new table every step.
+
+    Under ``torch.compile`` the tensors being traced have no addresses: the table then holds sizes only (pointer
+    columns 0) and is not cached. Only the compiled ops can use such a table, because they check the table's pointers
+    against their tensor arguments and fill in the real ones; the Triton backend, which cannot, runs outside the
+    compiled graph."""
+    if torch.compiler.is_compiling():
+        covered, rest = _split(bucket, table_fits(bucket))
+        return covered, (None if covered is None else _build(covered, chunk_size, with_addresses=False)), rest
+
+    param_ptrs = [p.data_ptr() for p in bucket.params]
+    grad_ptrs = [g.data_ptr() for g in bucket.grads]
+    slot, table_slot = ("split", chunk_size), ("layer_table", chunk_size)
+    split = bucket.cache.get(slot)
+    if split is not None and split.generation != bucket.generation and \
+            split.fixed_key == _fixed_key(bucket, param_ptrs):
+        split.generation = bucket.generation  # a new bucket object over the very same tensors
+    if split is None or split.generation != bucket.generation or split.param_ptrs != param_ptrs:
+        # New state, a checkpoint loaded or a parameter moved: check and lay out everything again.
+        split = bucket.cache[slot] = _Split(bucket.generation, _fixed_key(bucket, param_ptrs), param_ptrs,
+                                            grad_ptrs, [g.stride() for g in bucket.grads], table_fits(bucket))
+        bucket.cache.pop(table_slot, None)
+    elif split.grad_ptrs != grad_ptrs:
+        strides = [g.stride() for g in bucket.grads]
+        if strides != split.grad_strides:  # a gradient of another layout: the layers that fit may differ
+            split.fits = table_fits(bucket)
+            split.grad_strides = strides
+            bucket.cache.pop(table_slot, None)
+        split.grad_ptrs = grad_ptrs
+    covered, rest = _split(bucket, split.fits)
+    if covered is None:
+        return None, None, rest
+    table = bucket.cache.get(table_slot)
+    covered_grads = grad_ptrs if rest is None else [g.data_ptr() for g in covered.grads]
+    if table is None:
+        table = _build(covered, chunk_size)
+    elif split.table_grads != covered_grads:
+        table = _with_grads(table, covered_grads)
+    split.table_grads = covered_grads
+    bucket.cache[table_slot] = table
+    _note_capture(covered, table)
+    return covered, table, rest
 
 
-def _build(bucket: Bucket, chunk_size: int, key: tuple | None) -> LayerTable:
-    """A new table; without a key (under torch.compile) its pointer columns are left 0."""
-    address = (lambda t: t.data_ptr()) if key is not None else (lambda t: 0)
+def _split(bucket: Bucket, fits: list[bool]) -> tuple[Bucket | None, Bucket | None]:
+    if all(fits):
+        return bucket, None
+    inside = [i for i, ok in enumerate(fits) if ok]
+    outside = [i for i, ok in enumerate(fits) if not ok]
+    covered = bucket.subset(inside, bucket.cache.setdefault("covered", {})) if inside else None
+    return covered, bucket.subset(outside, bucket.cache.setdefault("rest", {}))
+
+
+def layer_table(bucket: Bucket, chunk_size: int) -> LayerTable:
+    """The table of a bucket whose layers all fit (``table_fits``), from the cache when no address changed."""
+    covered, table, rest = prepare(bucket, chunk_size)
+    if rest is not None:
+        raise ValueError("layer_table: some layers of this bucket are strided; use prepare()")
+    return table
+
+
+def _note_capture(bucket: Bucket, table: LayerTable) -> None:
+    """A table read by a launch being captured into a CUDA graph must outlive the graph and never change."""
+    if table.captured or table.layers.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return
+    table.captured = True
+    if bucket.keep_alive is not None:
+        bucket.keep_alive.append(table)
+
+
+def _upload(host: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(the rows on ``device``, the host tensor to keep) without synchronising: pinned memory and a non_blocking copy
+    for CUDA (legal while a stream is captured); on the CPU the host tensor is the table."""
+    if device.type == "cpu":
+        return host, host
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True), host
+
+
+def _current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def _aligned(addresses) -> bool:
+    return all(a % 16 == 0 for a in addresses)
+
+
+def _build(bucket: Bucket, chunk_size: int, with_addresses: bool = True) -> LayerTable:
+    """A new table; without addresses (under torch.compile) its pointer columns are left 0."""
+    address = (lambda t: t.data_ptr()) if with_addresses else (lambda t: 0)
     rows = []
     chunk_layer = []
     first_chunk = 0
@@ -159,12 +253,38 @@ def _build(bucket: Bucket, chunk_size: int, key: tuple | None) -> LayerTable:
         max_layer_chunks = max(max_layer_chunks, num_chunks)
 
     device = bucket.device
-    return LayerTable(
-        layers=torch.tensor(rows, dtype=torch.int64).reshape(-1, NUM_COLS).to(device),
-        chunk_layer=torch.tensor(chunk_layer, dtype=torch.int32).to(device),
+    layers, layers_host = _upload(torch.tensor(rows, dtype=torch.int64).reshape(-1, NUM_COLS), device)
+    chunk_map, chunk_map_host = _upload(torch.tensor(chunk_layer, dtype=torch.int32), device)
+    table = LayerTable(
+        layers=layers,
+        layers_host=layers_host,
+        chunk_layer=chunk_map,
         chunk_size=chunk_size,
         num_layers=len(rows),
         num_chunks=first_chunk,
         max_layer_chunks=max_layer_chunks,
-        key=key,
+        aligned16=_aligned(a for row in rows for a in row[COL_PARAM:COL_STEP]),
+        stream=_current_stream(device),
     )
+    table.workspace["_chunk_layer_host"] = chunk_map_host  # a captured upload re-reads it at every replay
+    return table
+
+
+def _with_grads(table: LayerTable, grad_ptrs: list[int]) -> LayerTable:
+    """The table with a new gradient column. A new table, never an in-place change: a launch still queued, or a
+    captured graph, may read the old rows. The chunk map is shared; the workspace too unless the old table was
+    captured (a graph replay and an eager step must not share scratch)."""
+    host = table.layers_host.clone()
+    host[:, COL_GRAD] = torch.tensor(grad_ptrs, dtype=torch.int64)
+    device = table.layers.device
+    layers, layers_host = _upload(host, device)
+    rows = host[:, COL_PARAM:COL_STEP]
+    new = LayerTable(
+        layers=layers, layers_host=layers_host, chunk_layer=table.chunk_layer, chunk_size=table.chunk_size,
+        num_layers=table.num_layers, num_chunks=table.num_chunks, max_layer_chunks=table.max_layer_chunks,
+        aligned16=bool((rows % 16 == 0).all()), stream=_current_stream(device))
+    if table.captured:
+        new.workspace["_chunk_layer_host"] = table.workspace.get("_chunk_layer_host")
+    else:
+        new.workspace = table.workspace
+    return new

@@ -8,8 +8,10 @@ the backend's ``lars_step`` / ``lamb_step``.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from copy import deepcopy
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -77,11 +79,11 @@ def _all_reduce_over(mesh, placements) -> Callable[[Tensor], None]:
     return reduce_sums
 
 
-def _skip_on_every_rank(found_inf: Tensor, plans) -> Tensor:
+def _skip_on_every_rank(found_inf: Tensor, plans: list[_GroupPlan]) -> Tensor:
     """GradScaler's inf flag, summed over the ranks when buckets are sharded: an inf in one rank's shard
     must skip the step on every rank, else the ranks would update different shards and issue different
     collectives. One all-reduce per sharded bucket (every rank has the same buckets); none otherwise."""
-    reducers = [(bucket.device, bucket.reduce_sums) for _, buckets in plans for _, bucket in buckets
+    reducers = [(bucket.device, bucket.reduce_sums) for plan in plans for _, bucket, _ in plan.buckets
                 if bucket.reduce_sums is not None]
     if not reducers:
         return found_inf
@@ -90,6 +92,22 @@ def _skip_on_every_rank(found_inf: Tensor, plans) -> Tensor:
         flag = flag.to(device)
         reduce_sums(flag)
     return flag.reshape(()).to(found_inf.device)
+
+
+@dataclass(eq=False)
+class _GroupPlan:
+    """A group's buckets, kept while the group steps the same parameters with the same ones having gradients, so
+    that a steady step does one identity pass instead of re-sorting every parameter and re-reading its state."""
+
+    params: list[Tensor]  # the group's parameters when planned (compared by identity)
+    with_grad: list[bool]  # which of them had a gradient
+    state: object  # the optimizer's state dict when planned (replaced wholesale by a reset or a load)
+    exclude: object  # the group's exclusion predicate when planned
+    buckets: list  # (backend, bucket, positions in `params` of the bucket's layers)
+    reusable: bool  # False for sharded (DTensor) groups, whose local views are taken afresh each step
+
+
+_STRIDED = torch.strided
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -105,8 +123,44 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid backend: {backend!r} (must be one of {', '.join(_backends.BACKENDS)})")
         self.backend = backend
         self.master_weights = bool(master_weights)
-        self._bucket_caches: dict[tuple, dict] = {}
+        self._init_caches()
         super().__init__(params, defaults)
+
+    def _init_caches(self) -> None:
+        self._bucket_caches: dict[tuple, dict] = {}
+        self._plans: dict[int, _GroupPlan] = {}
+        # Layer tables read by launches captured into CUDA graphs: kept for the optimizer's life, since a graph may
+        # replay at any time and its launches read them (not freed by a rebuild, a cache clear or a checkpoint load).
+        self._graph_tables: list = []
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_plans" not in self.__dict__:  # unpickled or deep-copied: Optimizer.__getstate__ drops the caches
+            self.__dict__.setdefault("backend", "auto")
+            self.__dict__.setdefault("master_weights", False)
+            self._init_caches()
+        self._plans.clear()  # the state may have been replaced
+
+    @property
+    def chosen_backends(self) -> list[dict[str, Any]]:
+        """The backend each (param group, device, dtype) bucket steps with: what ``backend="auto"`` chose (and where a
+        fused backend hands float64 or sharded layers to ``foreach``). Read-only; one dict per bucket."""
+        chosen = []
+        for index, group in enumerate(self.param_groups):
+            kinds = {}
+            for p in group["params"]:
+                kinds.setdefault((p.device, p.dtype, _sharding(p) is not None), None)
+            for device, dtype, sharded in kinds:
+                chosen.append(dict(group=index, device=str(device), dtype=str(dtype).replace("torch.", ""),
+                                   backend=self._bucket_backend(_backends.resolve(self.backend, device), dtype,
+                                                                sharded)))
+        return chosen
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        summary = ", ".join(f"group {c['group']} {c['device']} {c['dtype']}: {c['backend']}"
+                            for c in self.chosen_backends)
+        return text[:-1] + f"backend: {self.backend} ({summary})\n)" if text.endswith(")") else text
 
     # ----------------------------------------------------------------- groups and validation
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -147,17 +201,47 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
 
-        checked = [self._check(index, group) for index, group in enumerate(self.param_groups)]
-        plans = [self._plan(index, group, *c) for (index, group), c in zip(enumerate(self.param_groups), checked)]
-        if found_inf is not None:
-            found_inf = _skip_on_every_rank(found_inf, plans)
-        extra = self._before_buckets(plans, grad_scale)
-        for group, buckets in plans:
-            hp = self._hyper(group, extra)
-            for backend, bucket in buckets:
-                step_fn = getattr(_backends.module(backend), self._step_name)
-                step_fn(bucket, hp, grad_scale, found_inf)
+        # Every group is checked before any state is created or any tensor is written.
+        planned = []
+        for index, group in enumerate(self.param_groups):
+            plan = self._reuse_plan(index, group)
+            planned.append((plan, None if plan is not None else self._check(index, group)))
+        plans = [plan if plan is not None else self._plan(index, group, *checked)
+                 for (index, group), (plan, checked) in zip(enumerate(self.param_groups), planned)]
+        try:
+            if found_inf is not None:
+                found_inf = _skip_on_every_rank(found_inf, plans)
+            extra = self._before_buckets(plans, grad_scale)
+            for group, plan in zip(self.param_groups, plans):
+                hp = self._hyper(group, extra)
+                for backend, bucket, _ in plan.buckets:
+                    step_fn = getattr(_backends.module(backend), self._step_name)
+                    step_fn(bucket, hp, grad_scale, found_inf)
+        finally:
+            for plan in plans:  # a kept plan must not keep this step's gradients alive
+                for _, bucket, _ in plan.buckets:
+                    bucket.grads = []
         return loss
+
+    def _reuse_plan(self, index: int, group: dict[str, Any]) -> _GroupPlan | None:
+        """The group's plan from the last step when it still holds (same parameters, the same ones with gradients,
+        all dense, same state and exclusion), with this step's gradients put into its buckets; else None."""
+        plan = self._plans.get(index)
+        if plan is None or not plan.reusable or plan.state is not self.state or \
+                group.get("exclude") is not plan.exclude:
+            return None
+        params = group["params"]
+        if len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params)):
+            return None
+        grads = [p.grad for p in params]
+        if [g is not None for g in grads] != plan.with_grad:
+            return None
+        present = [g for g in grads if g is not None] if not all(plan.with_grad) else grads
+        if any(g.layout is not _STRIDED for g in present):  # _check says what is wrong
+            return None
+        for _, bucket, positions in plan.buckets:
+            bucket.grads = present if positions is None else [grads[i] for i in positions]
+        return plan
 
     def _before_buckets(self, plans, grad_scale: Tensor | None):
         """Work over all groups before any bucket is stepped (LAMB's global gradient norm)."""
@@ -192,27 +276,40 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                              f"dtype {g.dtype}); view them as real with torch.view_as_real")
         raise ValueError(f"{name} needs floating-point parameters ({where} has dtype {p.dtype})")
 
-    def _plan(self, index: int, group: dict[str, Any], with_grad: list[Tensor], backends: dict):
+    def _plan(self, index: int, group: dict[str, Any], with_grad: list[Tensor], backends: dict) -> _GroupPlan:
         """The group's buckets by (device, dtype), with their backend (state is initialised here)."""
-        by_key: dict[tuple, list[Tensor]] = defaultdict(list)
+        by_key: dict[tuple, list[int]] = defaultdict(list)
+        position = {id(p): i for i, p in enumerate(group["params"])}
         for p in with_grad:
-            by_key[(p.device, p.dtype, _sharding(p))].append(p)
+            by_key[(p.device, p.dtype, _sharding(p))].append(position[id(p)])
+        params = list(group["params"])
         buckets = []
-        for (device, dtype, sharding), params in by_key.items():
-            bucket = self._bucket(index, group, device, dtype, params, sharded=sharding is not None)
-            backend = backends[device]
-            if backend in _backends.FUSED_BACKENDS and dtype not in _KERNEL_DTYPES:
-                backend = "foreach"  # float64: the kernels compute in float32, foreach keeps float64
+        for (device, dtype, sharding), positions in by_key.items():
+            layer_params = [params[i] for i in positions]
+            bucket = self._bucket(index, group, device, dtype, layer_params, sharded=sharding is not None)
+            backend = self._bucket_backend(backends[device], dtype, sharding is not None)
             if sharding is not None:
                 bucket.reduce_sums = _all_reduce_over(*sharding)
-                # Whole-layer norms need the ranks' local sums of squares added (one all-reduce per bucket):
-                # a fused backend that splits its step around reduce_sums says so with `supports_sharded`;
-                # the others' sharded buckets take foreach's path.
-                if backend in _backends.FUSED_BACKENDS and \
-                        not getattr(_backends.module(backend), "supports_sharded", False):
-                    backend = "foreach"
-            buckets.append((backend, bucket))
-        return group, buckets
+            in_order = len(by_key) == 1 and len(positions) == len(params)
+            buckets.append((backend, bucket, None if in_order else positions))
+        plan = _GroupPlan(params=params, with_grad=[p.grad is not None for p in params], state=self.state,
+                          exclude=group.get("exclude"), buckets=buckets,
+                          reusable=all(key[2] is None for key in by_key))
+        self._plans[index] = plan
+        return plan
+
+    @staticmethod
+    def _bucket_backend(backend: str, dtype: torch.dtype, sharded: bool) -> str:
+        """The backend a bucket of ``dtype`` steps with when its device's backend is ``backend``."""
+        if backend in _backends.FUSED_BACKENDS and dtype not in _KERNEL_DTYPES:
+            return "foreach"  # float64: the kernels compute in float32, foreach keeps float64
+        # Whole-layer norms of sharded layers need the ranks' local sums of squares added (one all-reduce per
+        # bucket): a fused backend that splits its step around reduce_sums says so with `supports_sharded`; the
+        # others' sharded buckets take foreach's path.
+        if sharded and backend in _backends.FUSED_BACKENDS and \
+                not getattr(_backends.module(backend), "supports_sharded", False):
+            return "foreach"
+        return backend
 
     def _init_state(self, p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
@@ -250,6 +347,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             excluded=cached[1],
             masters=masters,
             cache=cache,
+            keep_alive=self._graph_tables,
         )
 
     # ----------------------------------------------------------------- checkpoints
@@ -297,3 +395,4 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             param_groups.append(new_group)
         self.__setstate__({"state": state, "param_groups": param_groups})
         self._bucket_caches.clear()
+        self._plans.clear()

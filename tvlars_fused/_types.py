@@ -14,12 +14,16 @@ tensor) non-zero means the whole step is skipped: nothing, not even ``steps``, c
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+
+_generations = itertools.count()
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,6 +46,12 @@ class Bucket:
     # float32 tensor of per-layer sums of squares over the ranks in place (one all-reduce), so every norm
     # is the norm of the whole layer. None for ordinary tensors.
     reduce_sums: Callable[[Tensor], None] | None = None
+    # Where tables read by a launch captured into a CUDA graph are kept for as long as the graph may replay (the
+    # optimizer's list); None: nowhere (a bucket made by hand).
+    keep_alive: list | None = None
+    # Unique per Bucket object: what the layer table cache trusts without comparing every address again. The
+    # optimizer steps the same object while its plan holds (new gradients assigned to it each step).
+    generation: int = field(default_factory=lambda: next(_generations))
 
     @property
     def device(self) -> torch.device:
@@ -65,6 +75,7 @@ class Bucket:
             masters=None if self.masters is None else [self.masters[i] for i in indices],
             cache=cache,
             reduce_sums=self.reduce_sums,
+            keep_alive=self.keep_alive,
         )
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._optimizer import LayerwiseOptimizer, _check_range
-from ._types import LambHyper, math_dtype
+from ._types import LambHyper
 
 
 class LAMB(LayerwiseOptimizer):
@@ -51,13 +51,14 @@ class LAMB(LayerwiseOptimizer):
                 raise ValueError(f"Invalid {key}: {group[key]!r} (must be None or > 0)")
 
     def _before_buckets(self, plans, grad_scale: Tensor | None):
-        """The global gradient norm over all layers of all groups, when any group clips by it."""
-        if all(group["max_grad_norm"] is None for group, _ in plans):
+        """The global gradient norm over all layers of all groups, when any group clips by it (float64 sums of
+        squares, like every norm of the package)."""
+        if all(group["max_grad_norm"] is None for group in self.param_groups):
             return None
         total = None
-        for _, buckets in plans:
-            for _, bucket in buckets:
-                norms = torch._foreach_norm(bucket.grads, 2, dtype=math_dtype(bucket.dtype))
+        for plan in plans:
+            for _, bucket, _ in plan.buckets:
+                norms = torch._foreach_norm(bucket.grads, 2, dtype=torch.float64)
                 sum_of_squares = torch.stack(norms).square().sum().reshape(1)
                 if bucket.reduce_sums is not None:  # sharded: sum the ranks' shards
                     bucket.reduce_sums(sum_of_squares)
@@ -66,8 +67,8 @@ class LAMB(LayerwiseOptimizer):
             return None
         total = total.sqrt()[0]
         if grad_scale is not None:
-            total = total / grad_scale.to(total.device)
-        return total
+            total = total / grad_scale.to(device=total.device, dtype=total.dtype)
+        return total.to(torch.float32)
 
     def _hyper(self, group: dict[str, Any], global_grad_norm: Tensor | None = None) -> LambHyper:
         clip_coef = None
