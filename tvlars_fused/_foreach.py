@@ -1,8 +1,9 @@
 """The foreach backend: the reference math with ``torch._foreach_*`` multi-tensor ops, on any device.
 
-No host synchronisation inside a step when the inputs are plain: per-layer quantities (norms, phi, bias
-corrections, trust ratios) live in small device vectors and the zero-norm branch is a ``torch.where``.
-The one exception is ``found_inf`` (GradScaler): it is read on the host, as GradScaler's ordinary path does.
+No host synchronisation inside a step: per-layer quantities (norms, phi, bias corrections, trust ratios) live in small
+device vectors and the zero-norm branch is a ``torch.where``. Norms sum their squares in float64, like every backend.
+``found_inf`` (GradScaler's flag, which reaches this backend from a fused backend's strided layers) is read on the host
+for CPU tensors; on a GPU the step runs and every tensor it wrote is put back where the flag is set, on the device.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._layer_table import _upload
 from ._types import Bucket, LambHyper, LarsHyper, math_dtype
 
 
@@ -20,12 +22,18 @@ def _clip(norms: Tensor, norm_clip: float | None) -> Tensor:
 def _layer_norms(bucket: Bucket, *layer_lists: list[Tensor]) -> tuple[Tensor, ...]:
     """One vector of per-layer norms for each list (lists already in the working precision). For sharded
     layers the local sums of squares are summed over the ranks in a single all-reduce."""
-    norms = torch.stack([torch.stack(torch._foreach_norm(tensors)) for tensors in layer_lists])
+    norms = torch.stack([torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64))
+                         for tensors in layer_lists])
     if bucket.reduce_sums is not None:
         sums = norms.square()
         bucket.reduce_sums(sums)
         norms = sums.sqrt()
     return tuple(norms.unbind(0))
+
+
+def _ratio_dtype(bucket: Bucket) -> torch.dtype:
+    """Trust ratios are computed in float64 and rounded once to the working precision."""
+    return math_dtype(bucket.dtype)
 
 
 def _read(bucket: Bucket, grad_scale: Tensor | None, grad_mult: Tensor | None):
@@ -57,8 +65,26 @@ def _apply(bucket: Bucket, weights: list[Tensor], step_dirs: list[Tensor], lr: f
         torch._foreach_copy_(bucket.params, weights)  # one rounding to the parameter dtype
 
 
-def _skip(found_inf: Tensor | None) -> bool:
-    return found_inf is not None and bool(found_inf.item())
+def _masked_on_device(step):
+    """``step`` honouring a device ``found_inf`` without reading it on the host: the step runs, then every tensor it
+    wrote gets its old value back where the flag is set (a host read would be a sync, illegal in a CUDA graph)."""
+
+    def masked(bucket: Bucket, hp, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+        if found_inf is None:
+            return step(bucket, hp, grad_scale)
+        if found_inf.device.type == "cpu":
+            if not found_inf.item():
+                step(bucket, hp, grad_scale)
+            return
+        written = bucket.params + (bucket.masters or []) + [t for s in bucket.states for t in s] + bucket.steps
+        before = [t.clone() for t in written]
+        step(bucket, hp, grad_scale)
+        skip = found_inf.to(device=bucket.device) != 0
+        for t, old in zip(written, before):
+            t.copy_(torch.where(skip, old, t))
+
+    masked.__name__, masked.__doc__ = step.__name__, step.__doc__
+    return masked
 
 
 def _bias_correction(log_beta: float, t: Tensor) -> Tensor:
@@ -72,10 +98,8 @@ def _scale_by_layer(tensors: list[Tensor], factors: Tensor) -> None:
         torch._foreach_mul_(tensors, list(factors.unbind(0)))
 
 
-def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
-              found_inf: Tensor | None = None) -> None:
-    if _skip(found_inf):
-        return
+@_masked_on_device
+def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None) -> None:
     weights, grads = _read(bucket, grad_scale, None)
     (bufs,) = bucket.states
     torch._foreach_add_(bucket.steps, 1)
@@ -97,7 +121,7 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
             t = torch.stack([bucket.steps[i] for i in adapted])
             ratio = ratio * (1.0 / (hp.alpha + torch.exp(hp.lmbda * (t - hp.delay))) + hp.gamma_min)
         trust_ratio = torch.where((w_norm > 0) & (d_norm > 0), ratio, torch.ones_like(ratio))
-        _scale_by_layer(d_a, trust_ratio)
+        _scale_by_layer(d_a, trust_ratio.to(_ratio_dtype(bucket)))
         for i, d in zip(adapted, d_a):
             updates[i] = d
 
@@ -107,10 +131,8 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     _apply(bucket, weights, step_dirs, hp.lr)
 
 
-def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
-              found_inf: Tensor | None = None) -> None:
-    if _skip(found_inf):
-        return
+@_masked_on_device
+def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None) -> None:
     weights, grads = _read(bucket, grad_scale, hp.clip_coef)
     exp_avgs, exp_avg_sqs = bucket.states
     torch._foreach_add_(bucket.steps, 1)
@@ -137,10 +159,10 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     w_norm, u_norm = _layer_norms(bucket, weights, updates)
     w_norm = _clip(w_norm, hp.norm_clip)
     adapted_mask = bucket.cache.get(("adapted_mask", tuple(bucket.excluded)))
-    if adapted_mask is None:
-        adapted_mask = torch.tensor([not e for e in bucket.excluded], device=w_norm.device)
+    if adapted_mask is None:  # uploaded without a sync (legal while a CUDA graph is captured), kept with its source
+        adapted_mask = _upload(torch.tensor([not e for e in bucket.excluded]), w_norm.device)
         bucket.cache[("adapted_mask", tuple(bucket.excluded))] = adapted_mask
-    trust_ratio = torch.where((w_norm > 0) & (u_norm > 0) & adapted_mask, w_norm / u_norm,
+    trust_ratio = torch.where((w_norm > 0) & (u_norm > 0) & adapted_mask[0], w_norm / u_norm,
                               torch.ones_like(w_norm))
-    _scale_by_layer(updates, trust_ratio)
+    _scale_by_layer(updates, trust_ratio.to(_ratio_dtype(bucket)))
     _apply(bucket, weights, updates, hp.lr)

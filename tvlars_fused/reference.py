@@ -1,4 +1,4 @@
-"""The reference backend: the math of ``shared/spec/ALGORITHMS.md``, one layer at a time, written to be read.
+"""The reference backend: the math of ``docs/algorithms.md``, one layer at a time, written to be read.
 
 Every other backend is tested against this file. It favours clarity over speed: plain per-tensor torch ops
 in float32 (float64 for float64 parameters), Python branches on norms (a host synchronisation per layer on
@@ -8,6 +8,7 @@ a GPU), no fusion.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 from torch import Tensor
@@ -32,13 +33,12 @@ def _clip(norm: float, norm_clip: float | None) -> float:
 
 
 def _norm(bucket: Bucket, x: Tensor) -> float:
-    """||x|| of the whole layer: for a sharded layer, the local sum of squares summed over the ranks."""
-    norm = torch.linalg.vector_norm(x)  # x is already in the working precision
+    """||x|| of the whole layer, its squares summed in float64 (a float32 sum of squares overflows for finite weights
+    near 1e20 and flushes below 2**-126); for a sharded layer, the local sums of squares summed over the ranks."""
+    sum_of_squares = x.to(torch.float64).square().sum().reshape(1)  # x is already in the working precision
     if bucket.reduce_sums is not None:
-        sum_of_squares = norm.square().reshape(1)
         bucket.reduce_sums(sum_of_squares)
-        norm = sum_of_squares.sqrt()
-    return norm.item()
+    return math.sqrt(sum_of_squares.item())
 
 
 def _read(bucket: Bucket, i: int, grad_scale: Tensor | None, grad_mult: Tensor | None):
@@ -58,6 +58,13 @@ def _write(bucket: Bucket, i: int, w: Tensor) -> None:
     if bucket.masters is not None:
         bucket.masters[i].copy_(w)
     bucket.params[i].copy_(w)  # rounds once to the parameter's dtype
+
+
+def _ratio(bucket: Bucket, q: float) -> float:
+    """The trust ratio is computed in float64 from float64 norms and rounded once to the working precision."""
+    if bucket.dtype == torch.float64 or not math.isfinite(q):
+        return q
+    return struct.unpack("f", struct.pack("f", q))[0]
 
 
 def _lr(lr: float | Tensor) -> float:
@@ -85,7 +92,7 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
                 dn = _clip(_norm(bucket, d), hp.norm_clip)
             factor = phi(t, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min) if hp.use_phi else 1.0
             q = hp.eta * factor * wn / (dn + hp.eps) if wn > 0 and dn > 0 else 1.0
-            u = q * d
+            u = _ratio(bucket, q) * d
         buf = bufs[i]
         buf.mul_(hp.momentum).add_(u)
         step_dir = u + hp.momentum * buf if hp.nesterov else buf
@@ -115,4 +122,4 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
         wn = _clip(_norm(bucket, w), hp.norm_clip)
         un = _norm(bucket, u)
         q = wn / un if wn > 0 and un > 0 and not bucket.excluded[i] else 1.0
-        _write(bucket, i, w - lr * q * u)
+        _write(bucket, i, w - lr * _ratio(bucket, q) * u)
