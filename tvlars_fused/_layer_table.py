@@ -198,9 +198,14 @@ def layer_table(bucket: Bucket, chunk_size: int) -> LayerTable:
     return table
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether work for ``device`` is being captured into a CUDA graph now."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _note_capture(bucket: Bucket, table: LayerTable) -> None:
     """A table read by a launch being captured into a CUDA graph must outlive the graph and never change."""
-    if table.captured or table.layers.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+    if table.captured or not capturing(table.layers.device):
         return
     table.captured = True
     if bucket.keep_alive is not None:

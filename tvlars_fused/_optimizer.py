@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import _backends
+from . import _backends, _layer_table
 from ._types import Bucket, math_dtype
 
 try:
@@ -208,6 +208,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             planned.append((plan, None if plan is not None else self._check(index, group)))
         plans = [plan if plan is not None else self._plan(index, group, *checked)
                  for (index, group), (plan, checked) in zip(enumerate(self.param_groups), planned)]
+        self._check_capturable(plans)
         try:
             if found_inf is not None:
                 found_inf = _skip_on_every_rank(found_inf, plans)
@@ -222,6 +223,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 for _, bucket, _ in plan.buckets:
                     bucket.grads = []
         return loss
+
+    def _check_capturable(self, plans: list[_GroupPlan]) -> None:
+        """While a CUDA graph is being captured, refuse what would read the device on the host (illegal in a capture)
+        or bake in a copy that replays stale, saying what to do instead."""
+        for group, plan in zip(self.param_groups, plans):
+            for backend, bucket, _ in plan.buckets:
+                if not _layer_table.capturing(bucket.device):
+                    continue
+                if backend == "reference":
+                    raise RuntimeError(f"{type(self).__name__}: backend='reference' reads norms on the host and "
+                                       "cannot be captured in a CUDA graph; use backend='cuda', 'triton' or 'foreach'")
+                lr = group["lr"]
+                if isinstance(lr, Tensor) and (lr.device != bucket.device or lr.dtype != torch.float32):
+                    raise RuntimeError(f"{type(self).__name__}: lr is a {lr.dtype} tensor on {lr.device}; a captured "
+                                       f"step would copy it once and replay that copy. Pass lr as a float32 tensor "
+                                       f"on {bucket.device} (updated in place) to capture the step")
 
     def _reuse_plan(self, index: int, group: dict[str, Any]) -> _GroupPlan | None:
         """The group's plan from the last step when it still holds (same parameters, the same ones with gradients,
