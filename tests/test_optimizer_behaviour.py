@@ -218,23 +218,6 @@ def test_exclude_per_group_and_default():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_dtypes_in_one_group(backend):
-    backend_or_skip(backend)
-    def make():
-        ps = make_params([(8, 8), (9,)]) + make_params([(4, 6), (5,)], dtype=torch.bfloat16, seed=4)
-        return ps
-    params, ref = make(), make()
-    opt, ref_opt = TVLARS(params, lr=0.2, backend=backend), TVLARS(ref, lr=0.2, backend="reference")
-    for step in range(3):
-        set_grads(params, step), set_grads(ref, step)
-        opt.step(), ref_opt.step()
-    for p, r in zip(params, ref):
-        assert p.dtype == r.dtype
-        tol = 1e-5 if p.dtype == torch.float32 else 2 ** -7
-        torch.testing.assert_close(p, r, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_parameter_is_updated_in_place(backend):
     backend_or_skip(backend)
     def make():
