@@ -23,16 +23,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--optimizers", type=_csv, default=list(harness.OPTIMIZERS),
                         help=f"comma-separated, from {','.join(harness.OPTIMIZERS)} (default: all)")
-    parser.add_argument("--backends", type=_csv, default=list(table),
+    parser.add_argument("--backends", type=_csv, default=[n for n, c in table.items() if c.kind != "torch"],
                         help="comma-separated contenders: our backends, the eager loop, foreach+compile, "
-                             f"peers and the SGD floor, from {','.join(table)} (default: all; the ones "
-                             "that cannot run here are listed as skipped with the reason)")
+                             f"peers and torch's optimizers, from {','.join(table)} (default: all but torch's; "
+                             "the torch floor of each optimizer always runs; the ones that cannot run here are "
+                             "listed as skipped with the reason)")
     parser.add_argument("--sets", type=_csv, default=None,
                         help=f"comma-separated parameter sets, from {','.join(sets)} "
                              f"(default on cpu: {','.join(DEFAULT_SETS['cpu'])}; "
                              f"on cuda: {','.join(DEFAULT_SETS['cuda'])})")
     parser.add_argument("--dtype", type=_csv, default=["float32"],
                         help="comma-separated parameter dtypes: float32, bfloat16, float16 (default: float32)")
+    parser.add_argument("--grads", type=_csv, default=["same"],
+                        help="comma-separated: same (the gradient tensors stay from step to step) and/or new (new "
+                             "gradient tensors before every step, as after zero_grad(set_to_none=True) and "
+                             "backward; made outside the timed region) (default: same)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (default: 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default: 3)")
     parser.add_argument("--compile-sets", type=_csv, default=["resnet50"],
@@ -54,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [name for name in chosen if name not in known]
         if unknown:
             parser.error(f"{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    unknown = [name for name in args.grads if name not in harness.GRADS]
+    if unknown or not args.grads:
+        parser.error(f"--grads: {', '.join(unknown) or 'empty'} (known: {', '.join(harness.GRADS)})")
     for name in args.dtype:
         if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
             parser.error(f"--dtype: {name} is not a floating-point torch dtype")
@@ -70,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = harness.environment(args.device)
-    meta.update(dtypes=args.dtype, steps=args.steps, warmup=args.warmup, argv=sys.argv[1:] if argv is None else argv)
+    meta.update(dtypes=args.dtype, grads=args.grads, steps=args.steps, warmup=args.warmup,
+                argv=sys.argv[1:] if argv is None else argv)
     json_path = args.out / "results.json"
     config = harness.RunConfig(
         device=args.device, sets=[all_sets()[name] for name in args.sets], optimizers=args.optimizers,
         contenders=args.backends, dtypes=[getattr(torch, name) for name in args.dtype], warmup=args.warmup,
         steps=args.steps, compile_sets=set(args.compile_sets), time_budget_s=args.time_budget,
+        grads=tuple(args.grads),
         # Written after every case, so a run killed by an outer timeout still leaves its numbers.
         on_case=lambda partial: report.write_json(json_path, partial, {**meta, "partial": True}),
     )
@@ -86,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     why_no_plot = report.plot(args.out / "step_time.png", run)
     print(f"\nwrote {json_path}, {args.out / 'summary.md'}"
           + (f"\n{why_no_plot}" if why_no_plot else f", {args.out / 'step_time.png'}"))
+    print("\n" + "\n".join(report.headline_lines(run)))  # the run ends with its headline
     return 0
 
 

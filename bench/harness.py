@@ -2,19 +2,22 @@
 
 A case is (parameter set, dtype, optimizer, contender). Parameters and gradients of a set are made once,
 seeded, before any timing; every contender then builds its own optimizer on them, so the timed region is
-``optimizer.step()`` and nothing else. The contenders of one (set, dtype, optimizer) are timed in interleaved
-rounds (see ``run``).
+``optimizer.step()`` and nothing else. The contenders of one (set, dtype, optimizer), the torch floor of that
+optimizer and the bandwidth yardstick are timed in interleaved rounds (see ``run``), and every ratio compares
+medians of the same rounds.
 """
 
 from __future__ import annotations
 
 import gc
+import glob
 import importlib
 import math
 import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,6 +39,13 @@ HYPER = {
     "lamb": dict(lr=1e-3, weight_decay=0.01),
 }
 OUR_CLASSES = {"tvlars": TVLARS, "lars": LARS, "lamb": LAMB}
+# The torch floor of each optimizer, in order of preference: torch's fastest optimizer of the same shape of work
+# (one momentum buffer for the LARS family, two moments for LAMB), fused wherever torch has the fused kernel.
+FLOORS = {"tvlars": ("sgd-fused", "sgd-foreach"), "lars": ("sgd-fused", "sgd-foreach"),
+          "lamb": ("adamw-fused", "adamw-foreach")}
+# "same": the gradient tensors of the previous step stay (zero_grad(set_to_none=False)); "new": new gradient
+# tensors before every step, made outside the timed region (zero_grad(set_to_none=True), then backward).
+GRADS = ("same", "new")
 
 Step = Callable[[], object]
 
@@ -46,10 +56,11 @@ class Contender:
     ``why_not(optimizer, device)`` says why it cannot run here (None when it can)."""
 
     name: str
-    kind: str  # "ours", "baseline", "compiled", "sgd" (the floor) or "peer"
+    kind: str  # "ours", "baseline", "compiled", "peer" or "torch" (torch.optim, the floors)
     optimizers: tuple[str, ...]  # the table rows it has an implementation for
     build: Callable[[str, list], Step]
     why_not: Callable[[str, torch.device], str | None]
+    algorithm: str | None = None  # the byte model's row when it is not the table row's (the torch floors)
 
 
 def _ours(backend: str) -> Contender:
@@ -83,17 +94,29 @@ def _compiled_foreach() -> Contender:
     return Contender("foreach+compile", "compiled", OPTIMIZERS, build, lambda optimizer, device: None)
 
 
-def _sgd(fused: bool) -> Contender:
+def _fused_devices() -> list[str]:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return _get_fused_kernels_supported_devices()
+
+
+def _torch_optim(algorithm: str, fused: bool) -> Contender:
+    """torch.optim.SGD with momentum (the LARS family's floor) or AdamW (LAMB's), fused or foreach."""
+
     def build(optimizer, params):
         flags = dict(fused=True) if fused else dict(foreach=True)
-        return torch.optim.SGD(params, lr=0.1, momentum=0.9, **flags).step
+        if algorithm == "sgd":
+            return torch.optim.SGD(params, lr=HYPER["lars"]["lr"], momentum=HYPER["lars"]["momentum"], **flags).step
+        return torch.optim.AdamW(params, lr=HYPER["lamb"]["lr"], weight_decay=HYPER["lamb"]["weight_decay"],
+                                 **flags).step
 
     def why_not(optimizer, device):
-        if fused and device.type != "cuda":
-            return "fused SGD is the floor on a GPU only; on the CPU the floor is sgd-foreach"
+        if fused and device.type not in _fused_devices():
+            return f"torch has no fused {algorithm} kernel for {device.type}"
         return None
 
-    return Contender("sgd-fused" if fused else "sgd-foreach", "sgd", ("sgd",), build, why_not)
+    rows = ("tvlars", "lars") if algorithm == "sgd" else ("lamb",)
+    return Contender(f"{algorithm}-{'fused' if fused else 'foreach'}", "torch", rows, build, why_not, algorithm)
 
 
 def _missing(module: str) -> str | None:
@@ -138,12 +161,14 @@ def _bitsandbytes() -> Contender:
 def contenders() -> dict[str, Contender]:
     """Every contender, in the order the table lists them."""
     every = [_eager_loop(), *(_ours(b) for b in OUR_BACKENDS), _compiled_foreach(), _timm(), _bitsandbytes(),
-             _sgd(fused=False), _sgd(fused=True)]
+             *(_torch_optim(algorithm, fused) for algorithm in ("sgd", "adamw") for fused in (True, False))]
     return {c.name: c for c in every}
 
 
-def sgd_floor_name(device: torch.device) -> str:
-    return "sgd-fused" if device.type == "cuda" else "sgd-foreach"
+def floor_name(optimizer: str, device: torch.device) -> str | None:
+    """The torch floor of ``optimizer`` on ``device``: the first of FLOORS[optimizer] that runs there."""
+    table = contenders()
+    return next((name for name in FLOORS[optimizer] if table[name].why_not(optimizer, device) is None), None)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -189,7 +214,16 @@ def does_not_fit(param_set: ParamSet, dtype: torch.dtype, device: torch.device, 
     return None
 
 
+def renew_grads(params: list, grads: list) -> None:
+    """New gradient tensors with the values of ``grads``, as zero_grad(set_to_none=True) and a backward leave."""
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
 # --------------------------------------------------------------------------------------------- timing
+_clock = time.perf_counter  # the CPU's timer (a module attribute, so that a test can watch when it is read)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -206,19 +240,58 @@ def time_one_step(step: Step, device: torch.device) -> float:
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
-    start_s = time.perf_counter()
+    start_s = _clock()
     step()
-    return time.perf_counter() - start_s
+    return _clock() - start_s
 
 
-def copy_bandwidth(device: torch.device, numel: int, reps: int = 10) -> float:
-    """Bytes per second of the fastest of ``reps`` plain ``dst.copy_(src)`` of ``numel`` float32: what the memory
-    system can do (the best, not the median, so that a busy moment on a shared machine does not lower the bar)."""
-    src = torch.ones(numel, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = [time_one_step(lambda: dst.copy_(src), device) for _ in range(reps)]
-    return byte_model.copy_bytes(numel) / min(times)
+def last_level_cache_bytes(device: torch.device) -> int | None:
+    """The last-level cache: the GPU's L2, or on the CPU the sum of the highest-level data caches (one per group
+    of cores sharing it, from sysfs); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size or None
+    caches: dict[tuple[int, str], int] = {}
+    for index in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            with open(f"{index}/type") as f:
+                if f.read().strip() == "Instruction":
+                    continue
+            with open(f"{index}/level") as f, open(f"{index}/size") as g, open(f"{index}/shared_cpu_list") as h:
+                level, size, shared = int(f.read()), g.read().strip(), h.read().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        caches[(level, shared)] = int(size.rstrip("KMG")) * scale
+    if not caches:
+        return None
+    top = max(level for level, _ in caches)
+    return sum(size for (level, _), size in caches.items() if level == top)
+
+
+@dataclass
+class Yardstick:
+    """The bandwidth yardstick: ``a.add_(b)`` over float32 arrays each at least 4x the last-level cache, timed in
+    the same rounds as the contenders, so that its median is a ceiling measured under the same load."""
+
+    step: Step
+    bytes: int  # per step, from the byte model
+    description: str
+    cache_bytes: int | None
+
+
+def make_yardstick(device: torch.device) -> Yardstick:
+    cache = last_level_cache_bytes(device)
+    least = 2**26 if device.type == "cuda" else 2**24  # 256 MiB / 64 MiB per array when the cache is unknown
+    numel = max(least, 4 * (cache or 0) // 4)  # float32 elements: 4x the cache in bytes
+    a = torch.ones(numel, device=device)
+    b = torch.zeros(numel, device=device)  # adding zeros keeps a finite, whatever the number of rounds
+
+    def step():
+        a.add_(b)
+
+    cache_text = f"{cache / 2**20:.0f} MiB last-level cache" if cache else "last-level cache of unknown size"
+    return Yardstick(step, byte_model.yardstick_bytes(numel),
+                     f"a.add_(b), 2 x {numel * 4 / 2**20:.0f} MiB float32 ({cache_text})", cache)
 
 
 def device_ops_per_step(step: Step, device: torch.device) -> int | None:
@@ -259,34 +332,39 @@ class RunConfig:
     compile_sets: set[str]  # parameter sets on which foreach+compile runs (compiling is slow)
     time_budget_s: float  # cases not started by then are skipped, so a run always ends with results
     on_case: Callable[[dict], None] = lambda run: None  # called after each group of cases (incremental output)
+    grads: tuple[str, ...] = ("same",)  # from GRADS
 
 
 def _groups(config: RunConfig):
-    """(set, dtype, optimizer, contenders that have it) in run order; SGD, the floor, first in each set and
-    dtype."""
+    """(set, dtype, grads, optimizer, contenders) in run order; the optimizer's torch floor is always one of
+    the contenders, whether --backends names it or not."""
     table = contenders()
     for param_set in config.sets:
         for dtype in config.dtypes:
-            for optimizer in ("sgd", *config.optimizers):
-                group = [table[name] for name in config.contenders if optimizer in table[name].optimizers]
-                if group:
-                    yield param_set, dtype, optimizer, group
+            for grads in config.grads:
+                for optimizer in config.optimizers:
+                    wanted = {*config.contenders, floor_name(optimizer, config.device)}
+                    group = [c for name, c in table.items() if name in wanted and optimizer in c.optimizers]
+                    yield param_set, dtype, grads, optimizer, group
 
 
 def run(config: RunConfig) -> dict:
-    """Time every case; returns {"results": [...], "skipped": [...], "copy_bandwidth": bytes/s}.
+    """Time every case; returns {"results": [...], "skipped": [...], "yardstick": {...}, "headline": [...]}.
 
-    The contenders of one (set, dtype, optimizer) are timed in interleaved rounds, one step each per round,
-    so that a load that comes and goes on the machine hits them all alike."""
+    The contenders of one (set, dtype, grads, optimizer), its torch floor and the yardstick are timed in
+    interleaved rounds, one step each per round, so that a load that comes and goes on the machine hits them
+    all alike; every statistic is the median over the rounds."""
     device = config.device
-    bandwidth = copy_bandwidth(device, numel=2**28 if device.type == "cuda" else 2**26)
+    yardstick = make_yardstick(device)
+    summary = {"description": yardstick.description, "bytes_per_step": yardstick.bytes,
+               "last_level_cache_bytes": yardstick.cache_bytes}
     results: list[dict] = []
     skipped: list[dict] = []
     groups = list(_groups(config))
     started = time.monotonic()
     current_key, params = None, None
-    for index, (param_set, dtype, optimizer, group) in enumerate(groups, 1):
-        where = dict(set=param_set.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer)
+    for index, (param_set, dtype, grads, optimizer, group) in enumerate(groups, 1):
+        where = dict(set=param_set.name, dtype=str(dtype).removeprefix("torch."), grads=grads, optimizer=optimizer)
         if current_key != (param_set.name, dtype):
             params = None  # the last set's tensors go before the next set's memory is judged
             _free(device)
@@ -310,18 +388,25 @@ def run(config: RunConfig) -> dict:
             continue
         if params is None:
             params = make_params(param_set, dtype, device)
-        print(f"[{index:3d}/{len(groups)}] {param_set.name} {where['dtype']} {optimizer}:", end="",
-              file=sys.stderr, flush=True)
-        records = _measure_group(param_set, dtype, optimizer, runnable, params, config, skipped)
-        print(file=sys.stderr, flush=True)
-        results += [{**where, "contender": name, **record, "family": param_set.family,
-                     "num_tensors": param_set.num_tensors, "numel": param_set.numel}
+        prefix = (f"[{index:3d}/{len(groups)}] {param_set.name} {where['dtype']}"
+                  f"{' new-grads' if grads == 'new' else ''} {optimizer}:")
+        # The progress line is written whole once the case is timed, so that what torch logs meanwhile (compile
+        # notes, CPU-only fallbacks) comes before it; its Python warnings are collected and come after it.
+        with warnings.catch_warnings(record=True) as caught:
+            records, yardstick_bps, line = _measure_group(param_set, dtype, grads, optimizer, runnable, params,
+                                                          config, skipped, yardstick, prefix)
+        print(line, file=sys.stderr, flush=True)
+        for text in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
+            print(f"  warning: {text}", file=sys.stderr, flush=True)
+        floor = floor_name(optimizer, device)
+        results += [{**where, "contender": name, **record, "floor": floor, "yardstick_GBps": yardstick_bps / 1e9,
+                     "family": param_set.family, "num_tensors": param_set.num_tensors, "numel": param_set.numel}
                     for name, record in records.items()]
-        config.on_case({"results": results, "skipped": skipped, "copy_bandwidth": bandwidth})
+        config.on_case({"results": results, "skipped": skipped, "yardstick": summary})
     params = None
     _free(device)
-    add_ratios(results, bandwidth, sgd_floor_name(device))
-    return {"results": results, "skipped": skipped, "copy_bandwidth": bandwidth}
+    add_ratios(results, yardstick.cache_bytes)
+    return {"results": results, "skipped": skipped, "yardstick": summary, "headline": headline(results)}
 
 
 def _free(device: torch.device) -> None:
@@ -330,68 +415,127 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _measure_group(param_set, dtype, optimizer, group, params, config: RunConfig, skipped: list) -> dict:
-    """{contender name: its record}; a contender that raises is added to ``skipped`` with its error instead of
-    ending the run. All contenders step the same weights: no branch of a step depends on their values."""
+def _measure_group(param_set, dtype, grads, optimizer, group, params, config: RunConfig, skipped: list,
+                   yardstick: Yardstick, prefix: str) -> tuple[dict, float, str]:
+    """({contender name: its record}, yardstick bytes/s in these rounds, the progress line starting with
+    ``prefix``); a contender that raises is added to ``skipped`` with its error instead of ending the run. All
+    contenders step the same weights: no branch of a step depends on their values."""
     device = config.device
-    where = dict(set=param_set.name, dtype=str(dtype).removeprefix("torch."), optimizer=optimizer)
+    where = dict(set=param_set.name, dtype=str(dtype).removeprefix("torch."), grads=grads, optimizer=optimizer)
+    originals = [p.grad for p in params]
+
+    def before_step():
+        if grads == "new":
+            renew_grads(params, originals)
 
     def failed(name: str, exc: Exception) -> None:
-        print(f" {name} failed ({type(exc).__name__})", end="", file=sys.stderr, flush=True)
+        line.append(f"{name} failed ({type(exc).__name__})")
         skipped.append({**where, "contender": name, "reason": f"failed: {type(exc).__name__}: {str(exc)[:300]}"})
 
+    line = [prefix]
     steps: dict[str, Step] = {}
+    kinds: dict[str, Contender] = {}
     first_step_s: dict[str, float] = {}
     for contender in group:
         try:
+            if contender.kind == "compiled":
+                print(f"{prefix} compiling {contender.name} ... (first step)", file=sys.stderr, flush=True)
             build_start = time.perf_counter()
             step = contender.build(optimizer, params)
+            before_step()
             step()  # allocates the state (and compiles, for foreach+compile)
             _sync(device)
             first_step_s[contender.name] = time.perf_counter() - build_start
             for _ in range(config.warmup):
+                before_step()
                 step()
             _sync(device)
-            steps[contender.name] = step
+            steps[contender.name], kinds[contender.name] = step, contender
         except Exception as exc:
             failed(contender.name, exc)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(config.steps):
-        for name in list(steps):
+    yardstick_times = []
+    names = list(steps)
+    for round_index in range(config.steps):
+        # The order rotates: the step after the yardstick finds the caches cold, and no contender should always be
+        # the one that does (nor always follow the same neighbour).
+        shift = round_index % max(1, len(names))
+        for name in names[shift:] + names[:shift]:
+            if name not in steps:  # failed in an earlier round
+                continue
             try:
+                before_step()  # outside the timed region
                 times[name].append(time_one_step(steps[name], device))
             except Exception as exc:
                 failed(name, exc)
                 del steps[name]
+        yardstick_times.append(time_one_step(yardstick.step, device))
+    if grads == "new":
+        for p, g in zip(params, originals):
+            p.grad = g
+    floor = floor_name(optimizer, device)
     records = {}
     for name, step in steps.items():
+        algorithm = kinds[name].algorithm or optimizer
         records[name] = dict(
+            kind=kinds[name].kind, algorithm=algorithm,
             median_ms=statistics.median(times[name]) * 1e3, min_ms=min(times[name]) * 1e3,
             max_ms=max(times[name]) * 1e3, steps=len(times[name]), first_step_s=first_step_s[name],
-            bytes_per_step=byte_model.bytes_per_step(optimizer, dtype, param_set.numel),
+            bytes_per_step=byte_model.bytes_per_step(algorithm, dtype, param_set.numel),
+            footprint_bytes=byte_model.footprint_bytes(algorithm, dtype, param_set.numel),
             device_ops_per_step=device_ops_per_step(step, device),
             extra_memory_bytes=extra_memory_per_step(step, device),
         )
-        print(f" {name} {records[name]['median_ms']:.3f} ms", end="", file=sys.stderr, flush=True)
+        label = f"{name} (floor)" if name == floor else name
+        compiled = f" (first step {first_step_s[name]:.1f} s)" if kinds[name].kind == "compiled" else ""
+        line.append(f"{label} {records[name]['median_ms']:.3f} ms{compiled}")
+    yardstick_bps = yardstick.bytes / statistics.median(yardstick_times)
+    line[-1] += f"; yardstick {yardstick_bps / 1e9:.1f} GB/s"
     del steps
     _free(device)
-    return records
+    return records, yardstick_bps, " ".join(line)
 
 
-def add_ratios(results: list[dict], copy_bandwidth_bps: float, sgd_floor: str) -> None:
-    """Speed-ups vs the eager loop and vs foreach, ratio to the SGD floor and bandwidth, each against the same
-    set and dtype."""
-    median = {(r["set"], r["dtype"], r["optimizer"], r["contender"]): r["median_ms"] for r in results}
+def share_note(fraction: float | None, footprint: int, cache_bytes: int | None) -> str | None:
+    """Why a step's bandwidth can exceed the out-of-cache yardstick's (None when it does not): a share above
+    100% is never shown without this reason."""
+    if fraction is None or fraction <= 1.0:
+        return None
+    if cache_bytes and footprint <= cache_bytes:
+        return "data in cache"
+    if cache_bytes and footprint <= 4 * cache_bytes:
+        return "data partly in cache"
+    return "above the yardstick in this run: a noisy machine?"
+
+
+def add_ratios(results: list[dict], cache_bytes: int | None) -> None:
+    """Speed-ups vs the eager loop and vs foreach, the ratio to the optimizer's torch floor, the bandwidth and
+    its share of the yardstick's, each against the same rounds (set, dtype, grads, optimizer)."""
+    median = {(r["set"], r["dtype"], r["grads"], r["optimizer"], r["contender"]): r["median_ms"] for r in results}
     for r in results:
-        eager = median.get((r["set"], r["dtype"], r["optimizer"], "eager-loop"))
-        foreach = median.get((r["set"], r["dtype"], r["optimizer"], "foreach"))
-        sgd = median.get((r["set"], r["dtype"], "sgd", sgd_floor))
+        group = (r["set"], r["dtype"], r["grads"], r["optimizer"])
+        eager, foreach = median.get((*group, "eager-loop")), median.get((*group, "foreach"))
+        floor = median.get((*group, r["floor"]))
         seconds = r["median_ms"] / 1e3
         r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
         r["speedup_vs_foreach"] = foreach / r["median_ms"] if foreach else None
-        r["ratio_to_sgd"] = r["median_ms"] / sgd if sgd else None
+        r["ratio_to_floor"] = r["median_ms"] / floor if floor else None
         r["achieved_GBps"] = r["bytes_per_step"] / seconds / 1e9 if seconds > 0 else math.inf
-        r["fraction_of_copy_bandwidth"] = r["bytes_per_step"] / seconds / copy_bandwidth_bps if seconds > 0 else None
+        r["fraction_of_yardstick"] = r["achieved_GBps"] / r["yardstick_GBps"] if seconds > 0 else None
+        r["share_note"] = share_note(r["fraction_of_yardstick"], r["footprint_bytes"], cache_bytes)
+
+
+def headline(results: list[dict]) -> list[dict]:
+    """Per (set, dtype, grads, optimizer): the fastest of our backends, with its ratios to the eager loop and to
+    the torch floor."""
+    best: dict[tuple, dict] = {}
+    for r in results:
+        key = (r["set"], r["dtype"], r["grads"], r["optimizer"])
+        if r["kind"] == "ours" and (key not in best or r["median_ms"] < best[key]["median_ms"]):
+            best[key] = r
+    return [dict(set=r["set"], dtype=r["dtype"], grads=r["grads"], optimizer=r["optimizer"], backend=r["contender"],
+                 median_ms=r["median_ms"], speedup_vs_eager=r["speedup_vs_eager"], floor=r["floor"],
+                 ratio_to_floor=r["ratio_to_floor"]) for r in best.values()]
 
 
 def _cpu_name() -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ParamSet:
     name: str
-    family: str  # "model", "many-tiny" or "few-huge": the plot draws one line per family
+    family: str  # "model", "many-tiny", "few-huge" or "overhead": the plot draws one line per family
     shapes: tuple[tuple[int, ...], ...]
 
     @property
@@ -82,6 +82,9 @@ def all_sets() -> dict[str, ParamSet]:
             ParamSet("bert-large", "model", tuple(bert_large_shapes()))]
     sets += [many_tiny(2**20 * m) for m in (1, 4, 16)]
     sets += [few_huge(2**20 * m) for m in (1, 4, 16, 64, 256, 1024)]
+    # Host overhead alone: 2000 layers of one element each, 2-D so that every layer takes the trust-ratio path
+    # (the default exclusion skips 1-D tensors). Nothing to stream: the time is the per-layer work on the host.
+    sets.append(ParamSet("many-tiny-2000x1", "overhead", ((1, 1),) * 2000))
     sets.append(ParamSet("tiny", "model", ((16, 8), (37,), (1,), (3, 3, 4, 4), (300, 7))))  # tests, smoke runs
     return {s.name: s for s in sets}
 
@@ -89,7 +92,7 @@ def all_sets() -> dict[str, ParamSet]:
 # What runs when --sets is not given: the CPU defaults finish in a few minutes on two cores; the GPU ones
 # span 1 M .. 1 G parameters. BERT-large fp32 with state is ~5 GB per optimizer: GPU only by default.
 DEFAULT_SETS = {
-    "cpu": ("resnet50", "many-tiny-1M", "few-huge-1M", "few-huge-4M", "few-huge-16M"),
-    "cuda": ("resnet50", "bert-large", "many-tiny-1M", "many-tiny-4M", "few-huge-1M", "few-huge-16M",
-             "few-huge-256M", "few-huge-1G"),
+    "cpu": ("resnet50", "many-tiny-1M", "many-tiny-2000x1", "few-huge-1M", "few-huge-4M", "few-huge-16M"),
+    "cuda": ("resnet50", "bert-large", "many-tiny-1M", "many-tiny-4M", "many-tiny-2000x1", "few-huge-1M",
+             "few-huge-16M", "few-huge-256M", "few-huge-1G"),
 }

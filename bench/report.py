@@ -14,35 +14,59 @@ COLUMNS = (  # header, record key, format
     ("max ms", "max_ms", "{:.3f}"),
     ("x eager", "speedup_vs_eager", "{:.2f}"),
     ("x foreach", "speedup_vs_foreach", "{:.2f}"),
-    ("/ sgd", "ratio_to_sgd", "{:.2f}"),
+    ("/ floor", "ratio_to_floor", "{:.2f}"),
     ("GB/s", "achieved_GBps", "{:.1f}"),
-    ("of copy", "fraction_of_copy_bandwidth", "{:.0%}"),
+    ("of yardstick", "fraction_of_yardstick", "{:.0%}"),
     ("dev ops", "device_ops_per_step", "{}"),
     ("extra MB", "extra_memory_bytes", "{}"),
 )
+LEGEND = ("x eager = eager-loop time / this time; x foreach = foreach time / this time; / floor = this time / "
+          "the torch floor's time (fused SGD with momentum for tvlars and lars, fused AdamW for lamb); "
+          "of yardstick = GB/s of the byte model / GB/s of the yardstick in the same rounds. Every ratio compares "
+          "medians of the same interleaved rounds.")
 
 
 def _cell(record: dict, key: str, fmt: str) -> str:
     value = record.get(key)
+    if key == "contender" and value == record.get("floor"):
+        return f"{value} (floor)"
     if value is None:
         return "n/a"
     if key == "extra_memory_bytes":
         return f"{value / 2**20:.1f}"
+    if key == "fraction_of_yardstick" and record.get("share_note"):
+        return f"{fmt.format(value)} ({record['share_note']})"
     return fmt.format(value)
+
+
+def _columns(results: list[dict]) -> list[tuple[str, str, str]]:
+    """The columns with a value somewhere in the run (dev ops and extra MB are GPU-only)."""
+    return [col for col in COLUMNS if col[1] == "contender" or any(r.get(col[1]) is not None for r in results)]
 
 
 def _groups(results: list[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["set"], r["dtype"], r["optimizer"]), []).append(r)
+        groups.setdefault((r["set"], r["dtype"], r["grads"], r["optimizer"]), []).append(r)
     return groups
+
+
+def _case(r: dict) -> str:
+    return f"{r['set']} {r['dtype']}{' new-grads' if r['grads'] == 'new' else ''} {r['optimizer']}"
 
 
 def _heading(records: list[dict]) -> str:
     r = records[0]
     bpp = byte_model.bytes_per_param(r["optimizer"], _dtype(r["dtype"]))
-    return (f"{r['set']} ({r['num_tensors']} tensors, {r['numel'] / 1e6:.2f} M params), {r['dtype']}, "
-            f"{r['optimizer']} ({bpp} B/param)")
+    grads = ", new gradient tensors before every step" if r["grads"] == "new" else ""
+    floor = f"; floor {r['floor']}" if r["floor"] else "; no torch floor runs here"
+    params = f"{r['numel'] / 1e6:.2f} M" if r["numel"] >= 10**5 else str(r["numel"])
+    return (f"{r['set']} ({r['num_tensors']} tensors, {params} params), {r['dtype']}{grads}, "
+            f"{r['optimizer']} ({bpp} B/param){floor}; yardstick {r['yardstick_GBps']:.1f} GB/s")
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _dtype(name: str):
@@ -51,47 +75,67 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
+def headline_lines(run: dict) -> list[str]:
+    """One line per (set, dtype, grads, optimizer): the fastest of our backends and its two ratios."""
+    lines = ["headline: the fastest of our backends per case, against the eager loop and the torch floor"]
+    for h in run["headline"]:
+        lines.append(f"  {_case(h)}: {h['backend']} {h['median_ms']:.3f} ms, x eager {_ratio(h['speedup_vs_eager'])}, "
+                     f"/ floor ({h['floor']}) {_ratio(h['ratio_to_floor'])}")
+    return lines
+
+
+def _skipped_lines(run: dict) -> list[str]:
+    counts: dict[tuple[str, str], int] = {}
+    for s in run["skipped"]:  # one line per contender and reason, not per case
+        key = (s["contender"], s["reason"])
+        counts[key] = counts.get(key, 0) + 1
+    return [f"  {contender} ({n} cases): {reason}" for (contender, reason), n in counts.items()]
+
+
 def text_table(run: dict) -> str:
-    """One block per (set, dtype, optimizer), one row per contender, then the skipped cases."""
-    lines = [f"copy bandwidth: {run['copy_bandwidth'] / 1e9:.1f} GB/s "
-             "(x eager = eager-loop time / this time; x foreach = foreach time / this time; "
-             "/ sgd = this time / SGD floor time)"]
+    """One block per (set, dtype, grads, optimizer), one row per contender, then the skipped cases."""
+    yardstick = run["yardstick"]
+    lines = [f"yardstick: {yardstick['description']}, timed in every round of every case", LEGEND]
+    columns = _columns(run["results"])
     for records in _groups(run["results"]).values():
-        rows = [[header for header, _, _ in COLUMNS]]
-        rows += [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in records]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+        rows = [[header for header, _, _ in columns]]
+        rows += [[_cell(r, key, fmt) for _, key, fmt in columns] for r in records]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
         lines += ["", _heading(records)]
         for row in rows:
             lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                                    for i, (cell, w) in enumerate(zip(row, widths))))
     if run["skipped"]:
-        lines += ["", "skipped (results.json lists every case):"]
-        counts: dict[tuple[str, str], int] = {}
-        for s in run["skipped"]:  # one line per contender and reason, not per case
-            key = (s["contender"], s["reason"])
-            counts[key] = counts.get(key, 0) + 1
-        lines += [f"  {contender} ({n} cases): {reason}" for (contender, reason), n in counts.items()]
+        lines += ["", "skipped (results.json lists every case):", *_skipped_lines(run)]
     return "\n".join(lines)
 
 
 def markdown(run: dict, meta: dict) -> str:
+    columns = _columns(run["results"])
     out = [f"# Optimizer step benchmark, {meta['device']}",
            "",
            f"- date: {meta['date']}",
            f"- device: {meta['device_name']}",
            f"- git commit: {meta['git_commit']}",
            f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}",
-           f"- dtype(s): {', '.join(meta['dtypes'])}; {meta['warmup']} warm-up + {meta['steps']} timed steps",
-           f"- copy bandwidth: {run['copy_bandwidth'] / 1e9:.1f} GB/s; byte model: bench/byte_model.py",
+           f"- dtype(s): {', '.join(meta['dtypes'])}; gradients: {', '.join(meta['grads'])}; "
+           f"{meta['warmup']} warm-up + {meta['steps']} timed steps; {meta['cpu_threads']} CPU threads",
+           f"- yardstick: {run['yardstick']['description']}, timed in every round; byte model: bench/byte_model.py",
+           f"- {LEGEND}",
            "- backends: " + ", ".join(f"{k}: {'yes' if v is None else v}" for k, v in meta["backends"].items())]
+    if run.get("headline"):
+        out += ["", "## Headline", "",
+                "| case | fastest of ours | median ms | x eager | floor | / floor |", "|---|---|---|---|---|---|"]
+        out += [f"| {_case(h)} | {h['backend']} | {h['median_ms']:.3f} | {_ratio(h['speedup_vs_eager'])} | "
+                f"{h['floor']} | {_ratio(h['ratio_to_floor'])} |" for h in run["headline"]]
     for records in _groups(run["results"]).values():
         out += ["", f"## {_heading(records)}", "",
-                "| " + " | ".join(header for header, _, _ in COLUMNS) + " |",
-                "|" + "---|" * len(COLUMNS)]
-        out += ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in COLUMNS) + " |" for r in records]
+                "| " + " | ".join(header for header, _, _ in columns) + " |",
+                "|" + "---|" * len(columns)]
+        out += ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in columns) + " |" for r in records]
     if run["skipped"]:
         out += ["", "## Skipped", ""]
-        out += [f"- {s['set']} {s['dtype']} {s['optimizer']} {s['contender']}: {s['reason']}"
+        out += [f"- {s['set']} {s['dtype']} {s['grads']} {s['optimizer']} {s['contender']}: {s['reason']}"
                 for s in run["skipped"]]
     return "\n".join(out) + "\n"
 
@@ -100,12 +144,13 @@ def write_json(path: Path, run: dict, meta: dict) -> None:
     path.write_text(json.dumps({"meta": meta, **run}, indent=1, default=str))
 
 
-FAMILY_MARKERS = {"model": "o", "many-tiny": "s", "few-huge": "^"}
+FAMILY_MARKERS = {"model": "o", "many-tiny": "s", "few-huge": "^", "overhead": "D"}
 
 
 def plot(path: Path, run: dict) -> str | None:
-    """Step time vs parameter count, one panel per optimizer, one colour per contender, one marker per set
-    family, with the byte model's floor at copy bandwidth. Returns why there is no plot, or None."""
+    """Step time vs parameter count, one panel per optimizer (and dtype, and gradient mode), one colour per
+    contender, one marker per set family, with the byte model's time at the yardstick's bandwidth. Returns why
+    there is no plot, or None."""
     try:
         import matplotlib
 
@@ -116,12 +161,12 @@ def plot(path: Path, run: dict) -> str | None:
     results = run["results"]
     if not results:
         return "no plot: no results"
-    panels = list(dict.fromkeys((r["optimizer"], r["dtype"]) for r in results))
+    panels = list(dict.fromkeys((r["optimizer"], r["dtype"], r["grads"]) for r in results))
     contender_names = list(dict.fromkeys(r["contender"] for r in results))
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(contender_names)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-    for ax, (optimizer, dtype_name) in zip(axes[0], panels):
-        mine = [r for r in results if (r["optimizer"], r["dtype"]) == (optimizer, dtype_name)]
+    for ax, (optimizer, dtype_name, grads) in zip(axes[0], panels):
+        mine = [r for r in results if (r["optimizer"], r["dtype"], r["grads"]) == (optimizer, dtype_name, grads)]
         labelled = set()
         for contender, family in dict.fromkeys((r["contender"], r["family"]) for r in mine):
             points = sorted((r["numel"], r["median_ms"]) for r in mine
@@ -129,15 +174,18 @@ def plot(path: Path, run: dict) -> str | None:
             ax.plot(*zip(*points), marker=FAMILY_MARKERS.get(family, "x"), color=colours[contender],
                     label=None if contender in labelled else contender, linewidth=1)
             labelled.add(contender)
-        sizes = sorted({r["numel"] for r in mine})
-        dtype = _dtype(dtype_name)
-        floor = [byte_model.bytes_per_step(optimizer, dtype, n) / run["copy_bandwidth"] * 1e3 for n in sizes]
-        ax.plot(sizes, floor, "k--", linewidth=1, label="bytes / copy bandwidth")
-        ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="step time (ms, median)",
-               title=f"{optimizer} ({dtype_name})")
+        # The yardstick of the rounds that timed each set: the fastest a step of that size could stream from memory.
+        yardstick = {r["numel"]: r["yardstick_GBps"] for r in mine}
+        sizes = sorted(yardstick)
+        ideal = [byte_model.bytes_per_step(optimizer, _dtype(dtype_name), n) / (yardstick[n] * 1e9) * 1e3
+                 for n in sizes]
+        ax.plot(sizes, ideal, "k--", linewidth=1, label="bytes / yardstick bandwidth (sets in cache can beat it)")
+        title = f"{optimizer} ({dtype_name}{', new grads' if grads == 'new' else ''})"
+        ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel="step time (ms, median)", title=title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.text(0.01, 0.01, "markers: o named model, s many tiny layers, ^ few huge layers", fontsize=7)
+    fig.text(0.01, 0.01, "markers: o named model, s many tiny layers, ^ few huge layers, D one-element layers",
+             fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
