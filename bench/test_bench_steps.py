@@ -1,7 +1,9 @@
 """One optimizer step per (parameter set, optimizer, contender), timed by pytest-benchmark.
 
 The same contenders as ``python -m bench`` except the slow-to-build ones (foreach+compile) and the PyPI peers;
-sizes stay small enough for a CPU. Cases that cannot run here are skipped with the reason."""
+torch's SGD and AdamW (the floors) are in the group of each optimizer they are the floor of. Sizes stay small
+enough for a CPU. Cases that cannot run here are skipped with the reason. Run from the repository root:
+``pytest bench --benchmark-only`` (or ``pytest bench/test_bench_steps.py``)."""
 
 import pytest
 import torch
@@ -10,10 +12,11 @@ from bench import byte_model
 from bench.harness import OPTIMIZERS, contenders
 from bench.param_sets import all_sets
 
-SETS = ("resnet50", "many-tiny-1M")
-CONTENDERS = [name for name, c in contenders().items() if c.kind in ("ours", "baseline", "sgd")]
-CASES = [(s, o, c) for s in SETS for o in ("sgd", *OPTIMIZERS) for c in CONTENDERS
-         if o in contenders()[c].optimizers]
+pytest.importorskip("pytest_benchmark", reason="needs pytest-benchmark (pip install -e '.[bench]')")
+
+SETS = ("resnet50", "many-tiny-1M", "many-tiny-2000x1")
+CONTENDERS = [name for name, c in contenders().items() if c.kind in ("ours", "baseline", "torch")]
+CASES = [(s, o, c) for s in SETS for o in OPTIMIZERS for c in CONTENDERS if o in contenders()[c].optimizers]
 
 
 @pytest.mark.parametrize("set_name,optimizer,contender", CASES, ids=["-".join(case) for case in CASES])
@@ -33,6 +36,7 @@ def test_step(benchmark, params_of, device, set_name, optimizer, contender):
 
     param_set = all_sets()[set_name]
     benchmark.group = f"{set_name} {optimizer}"
+    algorithm = entry.algorithm or optimizer  # the floors move their own bytes
     benchmark.extra_info.update(numel=param_set.numel, num_tensors=param_set.num_tensors,
-                                bytes_per_step=byte_model.bytes_per_step(optimizer, torch.float32, param_set.numel))
+                                bytes_per_step=byte_model.bytes_per_step(algorithm, torch.float32, param_set.numel))
     benchmark.pedantic(timed_step, rounds=5, warmup_rounds=2, iterations=1)
