@@ -434,7 +434,7 @@ def _measure_group(param_set, dtype, grads, optimizer, group, params, config: Ru
 
     line = [prefix]
     steps: dict[str, Step] = {}
-    kinds: dict[str, Contender] = {}
+    entries: dict[str, Contender] = {}
     first_step_s: dict[str, float] = {}
     for contender in group:
         try:
@@ -450,7 +450,7 @@ def _measure_group(param_set, dtype, grads, optimizer, group, params, config: Ru
                 before_step()
                 step()
             _sync(device)
-            steps[contender.name], kinds[contender.name] = step, contender
+            steps[contender.name], entries[contender.name] = step, contender
         except Exception as exc:
             failed(contender.name, exc)
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -476,9 +476,9 @@ def _measure_group(param_set, dtype, grads, optimizer, group, params, config: Ru
     floor = floor_name(optimizer, device)
     records = {}
     for name, step in steps.items():
-        algorithm = kinds[name].algorithm or optimizer
+        algorithm = entries[name].algorithm or optimizer
         records[name] = dict(
-            kind=kinds[name].kind, algorithm=algorithm,
+            kind=entries[name].kind, algorithm=algorithm,
             median_ms=statistics.median(times[name]) * 1e3, min_ms=min(times[name]) * 1e3,
             max_ms=max(times[name]) * 1e3, steps=len(times[name]), first_step_s=first_step_s[name],
             bytes_per_step=byte_model.bytes_per_step(algorithm, dtype, param_set.numel),
@@ -487,7 +487,7 @@ def _measure_group(param_set, dtype, grads, optimizer, group, params, config: Ru
             extra_memory_bytes=extra_memory_per_step(step, device),
         )
         label = f"{name} (floor)" if name == floor else name
-        compiled = f" (first step {first_step_s[name]:.1f} s)" if kinds[name].kind == "compiled" else ""
+        compiled = f" (first step {first_step_s[name]:.1f} s)" if entries[name].kind == "compiled" else ""
         line.append(f"{label} {records[name]['median_ms']:.3f} ms{compiled}")
     yardstick_bps = yardstick.bytes / statistics.median(yardstick_times)
     line[-1] += f"; yardstick {yardstick_bps / 1e9:.1f} GB/s"
