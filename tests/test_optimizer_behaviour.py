@@ -280,11 +280,34 @@ def test_fused_backends_keep_no_old_gradients_alive(backend):
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES, ids=repr)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_float64_parameters_match_the_reference(case, backend):
-    backend_or_skip(backend)
-    params, opt = run(case, backend, dtype=torch.float64, shapes=SMALL_SHAPES, steps=5)
+def test_float64_parameters_match_the_reference_on_foreach(case):
+    params, opt = run(case, "foreach", dtype=torch.float64, shapes=SMALL_SHAPES, steps=5)
     ref_params, ref_opt = run(case, "reference", dtype=torch.float64, shapes=SMALL_SHAPES, steps=5)
     for p, r in zip(params, ref_params):
         assert p.dtype == torch.float64
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=repr)
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_float64_parameters_on_a_fused_backend_go_to_foreach(case, backend, monkeypatch):
+    """The kernels compute in float32, so float64 buckets are stepped by foreach in float64: every bucket
+    reaches foreach (spied on) as float64, and the result is foreach's, bit for bit."""
+    from tvlars_fused import _foreach
+
+    backend_or_skip(backend)
+    seen = []
+    name = "lamb_step" if case.cls is LAMB else "lars_step"
+    original = getattr(_foreach, name)
+
+    def spy(bucket, *args):
+        seen.append((bucket.dtype, len(bucket)))
+        return original(bucket, *args)
+
+    monkeypatch.setattr(_foreach, name, spy)
+    params, _ = run(case, backend, dtype=torch.float64, shapes=SMALL_SHAPES, steps=5)
+    assert seen == [(torch.float64, len(SMALL_SHAPES))] * 5
+    monkeypatch.undo()
+    foreach_params, _ = run(case, "foreach", dtype=torch.float64, shapes=SMALL_SHAPES, steps=5)
+    for p, q in zip(params, foreach_params):
+        assert p.dtype == torch.float64 and torch.equal(p, q)
