@@ -166,7 +166,7 @@ except (OSError, ET.ParseError) as exc:
 counts = collections.defaultdict(collections.Counter)
 failures, reasons = [], collections.Counter()
 for case in root.iter("testcase"):
-    file = test_file(case.get("classname") or "")
+    file = test_file(case.get("classname") or case.get("name") or "")  # a collection error: no classname
     row = counts[file]
     row["time"] += float(case.get("time") or 0)
     failure, error, skipped = case.find("failure"), case.find("error"), case.find("skipped")
@@ -174,10 +174,14 @@ for case in root.iter("testcase"):
     if bad is not None:
         row["failed" if failure is not None else "errors"] += 1
         message = (bad.get("message") or bad.text or "").strip().splitlines() or [""]
-        failures.append(f"{file}::{case.get('name')}: {message[0][:240]}")
+        where = f"{file}::{case.get('name')}" if case.get("classname") else file
+        failures.append(f"{where}: {message[0][:240]}")
     elif skipped is not None:
         row["skipped"] += 1
-        reasons[(skipped.get("message") or "").strip()[:160]] += 1
+        reason = skipped.get("message") or ""
+        if reason == "collection skipped":  # a module skipped as a whole: the reason is in the text
+            reason = skipped.text or reason
+        reasons[reason.strip()[:160]] += 1
     else:
         row["passed"] += 1
 print("| file | passed | failed | errors | skipped | time |")

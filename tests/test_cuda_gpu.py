@@ -10,10 +10,15 @@ from torch.profiler import ProfilerActivity, profile
 
 from cases import SHAPES, assert_matches, backend_or_skip, make_params, set_grads
 from buckets import assert_buckets_close, assert_buckets_equal, clone_bucket, make_bucket
-from test_cpp_backend import SPLIT_CASES, SPLIT_IDS, counting, other_ranks, step
 from tvlars_fused import LAMB, LARS, TVLARS
-from tvlars_fused import _cpp_backend, reference
+from tvlars_fused import reference
 from tvlars_fused._types import Bucket, LambHyper, LarsHyper
+
+try:  # both load the compiled library, which raises why when it is neither built nor buildable here
+    from test_cpp_backend import SPLIT_CASES, SPLIT_IDS, counting, other_ranks, step
+    from tvlars_fused import _cpp_backend
+except RuntimeError as exc:
+    pytest.skip(f"the tvlars_fused extension is unavailable: {exc}", allow_module_level=True)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,7 +26,7 @@ pytestmark = [
     pytest.mark.usefixtures("cuda_backend"),
 ]
 
-# The contract of shared/spec/ALGORITHMS.md: |x - ref| <= 1e-5 * (1 + |ref|) after 50 float32 steps (the GPU's
+# The float32 contract of docs/algorithms.md: |x - ref| <= 1e-5 * (1 + |ref|) after 50 float32 steps (the GPU's
 # expf/expm1f/sqrtf and fused multiply-adds differ from the CPU reference by a few ulps per step).
 FLOAT32_TOL = 1e-5
 OPTIMIZERS = [(TVLARS, dict(lr=0.5)), (LAMB, dict(lr=1e-2))]
