@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 
+import stepwise
 from cases import CASES, SMALL_SHAPES, backend_or_skip, make_params, run, set_grads
 from tvlars_fused import LAMB, LARS, TVLARS
 
@@ -235,6 +236,60 @@ def test_strided_parameter_is_updated_in_place(backend):
     assert params[0].data_ptr() == ptr
     for p, r in zip(params, ref):
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+
+
+def _dense_non_contiguous(dtype, device):
+    """A channels_last conv weight, a transposed Linear weight (``W.t()``) and a bias: the first two are dense
+    but not contiguous, so the layer table can cover them (the kernels walk the storage in memory order)."""
+    gen = torch.Generator().manual_seed(7)
+    conv = torch.randn(8, 3, 3, 3, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    linear = torch.randn(6, 10, generator=gen).to(device, dtype).t()
+    bias = torch.randn(10, generator=gen).to(device, dtype)
+    return [t.requires_grad_() for t in (conv, linear, bias)]
+
+
+def _grads_with_the_params_strides(params, step):
+    set_grads(params, step)
+    for p in params:
+        p.grad = torch.empty_like(p).copy_(p.grad)  # empty_like keeps a dense tensor's strides
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
+def test_dense_non_contiguous_layers_go_through_the_kernel_in_place(case, dtype, backend, monkeypatch):
+    """Each step against the reference from the same state (tests/stepwise.py); the layers stay where they
+    were, with their strides; the layer table covers them (table_fits), and foreach (spied on) never runs.
+
+    Fails when such layers are left to foreach, e.g. ``.venv/bin/python -c "import sys, pytest,
+    tvlars_fused._layer_table as t; t.table_fits = lambda b: [p.is_contiguous() for p in b.params];
+    sys.exit(pytest.main(['tests/test_optimizer_behaviour.py', '-k', 'dense_non']))"``, and when the kernel is
+    handed contiguous copies of them (its writes then never reach the parameters)."""
+    from tvlars_fused import _foreach
+    from tvlars_fused._layer_table import table_fits
+    from tvlars_fused._types import Bucket
+
+    device = "cuda" if backend == "cuda" else "cpu"
+    backend_or_skip(backend, device)
+    params = _dense_non_contiguous(dtype, device)
+    assert not params[0].is_contiguous() and not params[1].is_contiguous()
+    layout = [(p.data_ptr(), p.stride()) for p in params]
+    foreach_calls = []
+    for name in ("lars_step", "lamb_step"):
+        monkeypatch.setattr(_foreach, name, lambda bucket, *args: foreach_calls.append(len(bucket)))
+    opt = case.cls(params, backend=backend, **case.kwargs)
+    for step in range(3):
+        _grads_with_the_params_strides(params, step)
+        problems = stepwise.step_mismatches(case.cls, case.kwargs, opt, params)
+        assert not problems, f"step {step + 1}: " + "\n".join(problems)
+    assert [(p.data_ptr(), p.stride()) for p in params] == layout
+    assert foreach_calls == []
+    keys = [k for k in opt.state[params[0]] if k != "step"]
+    assert all(opt.state[p][k].stride() == p.stride() for p in params for k in keys)
+    bucket = Bucket(params=params, grads=[p.grad for p in params],
+                    states=[[opt.state[p][k] for p in params] for k in keys],
+                    steps=[opt.state[p]["step"] for p in params], excluded=[p.ndim <= 1 for p in params])
+    assert table_fits(bucket) == [True, True, True]
 
 
 def test_zero_grad_and_momentum_buffer_persist():
