@@ -47,14 +47,15 @@ def ulp(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(magnitude), exponent - bits)
 
 
-def _reference_of(cls, kwargs, opt, params):
+def _reference_of(cls, kwargs, opt, params, grad_scale):
     """A reference optimizer with the hyper-parameters ``kwargs`` (the truth, whatever ``opt`` was given) on
-    float32 copies of ``params`` (float64 ones stay float64) holding ``opt``'s state and the same gradients."""
+    float32 copies of ``params`` (float64 ones stay float64) holding ``opt``'s state and the same gradients
+    divided by ``grad_scale`` (a power of two: exact)."""
     copies = []
     for p in params:
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         c = p.detach().to(dtype, copy=True).requires_grad_()
-        c.grad = None if p.grad is None else p.grad.to(dtype, copy=True)
+        c.grad = None if p.grad is None else p.grad.to(dtype, copy=True) / grad_scale
         copies.append(c)
     ref = cls(copies, backend="reference", **kwargs)
     for p, c in zip(params, copies):
@@ -91,10 +92,11 @@ def _check_state(name, key, s, s_ref, s_before):
     return None
 
 
-def step_mismatches(cls, kwargs, opt, params, step=None) -> list[str]:
+def step_mismatches(cls, kwargs, opt, params, step=None, grad_scale=1.0) -> list[str]:
     """Step ``opt`` once (``step`` or ``opt.step``) and the reference (``cls(**kwargs)``) once from the same
-    state; what differs by more than the bounds of the module docstring (an empty list when nothing does)."""
-    ref, copies = _reference_of(cls, kwargs, opt, params)
+    state; what differs by more than the bounds of the module docstring (an empty list when nothing does).
+    ``grad_scale``: the gradients are scaled by it (GradScaler) and ``step`` unscales them."""
+    ref, copies = _reference_of(cls, kwargs, opt, params, grad_scale)
     before = [p.detach().clone() for p in params]
     state_before = [{k: v.clone() for k, v in opt.state[p].items()} if p in opt.state else {} for p in params]
     ref.step()

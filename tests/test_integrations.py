@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 
+import stepwise
 from cases import SMALL_SHAPES, backend_or_skip, make_params, set_grads
 from tvlars_fused import LAMB, LARS, TVLARS
 
@@ -56,6 +57,53 @@ def test_grad_scaler_matches_unscaled_training_and_skips_inf(cls, kwargs, backen
         assert torch.equal(p.detach(), b)
         for key, value in opt.state[p].items():
             assert torch.equal(value, s[key]), key
+
+
+NON_FINITE = {"inf": [float("inf")], "nan": [float("nan")], "inf+nan": [float("-inf"), float("nan")]}
+
+
+@pytest.mark.parametrize("bad", list(NON_FINITE))
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scaler_skips_a_non_finite_step_and_the_next_step_matches_the_reference(cls, kwargs, backend, bad):
+    """A real GradScaler (the fused backends take its scale and inf flag in the kernel, the others its ordinary
+    path): inf and/or NaN in the last layer's gradient skip the whole step (parameters, state and step counts
+    unchanged), the scale halves, and the next finite step matches the reference from the same state.
+
+    Fails when a fused backend ignores found_inf (its op then steps with the inf) or grad_scale."""
+    backend_or_skip(backend)
+    model = _model()
+    params = list(model.parameters())
+    opt = cls(params, backend=backend, **kwargs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+
+    def backward(step):
+        opt.zero_grad()
+        scaler.scale(model(_batch(step)).square().mean()).backward()
+
+    for step in range(2):
+        backward(step)
+        scaler.step(opt)
+        scaler.update()
+    backward(2)
+    # The last layer: a step that wrote layer by layer before seeing the bad value would have changed the others.
+    params[-2].grad.view(-1)[:len(NON_FINITE[bad])] = torch.tensor(NON_FINITE[bad])
+    before = [p.detach().clone() for p in params]
+    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    scale = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == scale / 2
+    for i, (p, b, s) in enumerate(zip(params, before, state_before)):
+        assert torch.equal(p.detach(), b), f"parameter {i} changed"
+        assert opt.state[p].keys() == s.keys()
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, s[key]), f"parameter {i} state {key!r} changed"
+
+    backward(3)
+    problems = stepwise.step_mismatches(cls, kwargs, opt, params, step=lambda: scaler.step(opt),
+                                        grad_scale=scaler.get_scale())
+    assert not problems, "\n".join(problems)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
