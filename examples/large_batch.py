@@ -43,7 +43,7 @@ from tvlars_fused import LAMB, LARS, TVLARS, available_backends, phi
 
 REFERENCE_BATCH = 256  # the batch size the base learning rates are given for
 # Base learning rates at REFERENCE_BATCH. LARS-type steps are eta * lr * ||w|| per layer (eta = 1e-3).
-BASE_LR = {"tvlars": 1.0, "lars": 1.0, "lamb": 2e-3, "sgd": 0.1}
+BASE_LR = {"tvlars": 4.0, "lars": 4.0, "lamb": 1.6e-2, "sgd": 0.4}  # few steps per run: above the usual 1, 0.1
 SQRT_SCALED = ("lamb",)
 WEIGHT_DECAY = {"tvlars": 5e-4, "lars": 5e-4, "lamb": 0.01, "sgd": 5e-4}
 FINAL_LR_FRACTION = 1e-3  # cosine decay ends at this fraction of the peak (the authors' LARS schedule)
@@ -457,15 +457,16 @@ def plot(runs: list[RunResult], specs: list[OptSpec], epochs: int, warmup_epochs
     plt.close(fig)
 
 
-def _git_commit() -> str:
+def _git_state() -> tuple[str, list[str]]:
+    """The commit the run starts from, and the tracked files that differ from it (they ran as they were)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True, capture_output=True,
+                              check=True).stdout
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
-                             capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=Path(__file__).parent.parent,
-                               text=True, capture_output=True, check=True).stdout.strip()
-        return out + (" (working tree has uncommitted changes)" if dirty else "")
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+        return git("rev-parse", "--short", "HEAD").strip(), changed
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return "unknown", []
 
 
 # ----------------------------------------------------------------------------------------------- command line
@@ -484,14 +485,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--root", help="folder holding cifar-10-batches-py/ or cifar-100-python/ (CIFAR only)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="backend of TVLARS, LARS and LAMB (default: auto)")
-    p.add_argument("--epochs", type=int, default=None, help="default: 40 (digits), 100 (CIFAR)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 20 (digits), 100 (CIFAR)")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
     p.add_argument("--batch-sizes", type=_ints, default=None,
                    help="comma-separated (default 128,512 for digits: 9%% and 36%% of its 1437 training images; "
                         "1024,4096,16384 for CIFAR)")
-    p.add_argument("--lmbdas", type=_floats, default=[0.005, 0.02, 0.08], help="TVLARS lmbda sweep, per step")
+    p.add_argument("--lmbdas", type=_floats, default=[0.01, 0.05, 0.25], help="TVLARS lmbda sweep, per step")
     p.add_argument("--gamma-mins", type=_floats, default=[1e-3], help="TVLARS gamma_min values")
-    p.add_argument("--delay-epochs", type=_floats, default=[5.0],
+    p.add_argument("--delay-epochs", type=_floats, default=[2.0],
                    help="TVLARS d_e values in epochs (delay = d_e * steps per epoch)")
     p.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warm-up of LARS, LAMB and SGD (default: 20%% of the epochs, the authors' 20/100)")
@@ -504,7 +505,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="examples/out", help="output folder (default examples/out)")
     args = p.parse_args(argv)
     small = args.data == "digits"
-    args.epochs = args.epochs or (40 if small else 100)
+    args.epochs = args.epochs or (20 if small else 100)
     args.batch_sizes = args.batch_sizes or ([128, 512] if small else [1024, 4096, 16384])
     args.warmup_epochs = 0.2 * args.epochs if args.warmup_epochs is None else args.warmup_epochs
     args.widths, args.blocks = ((8, 16, 32), 1) if small else ((64, 128, 256, 512), 2)
@@ -532,10 +533,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(b, s, seed) for b in args.batch_sizes for s in specs for seed in args.seeds]
+    commit, changed = _git_state()
     meta = {
         "command": "python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else argv)),
-        "git_commit": _git_commit(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "git_commit": commit, "uncommitted_changes_in": changed,
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "load_average_at_start": os.getloadavg()[0],
         "torch": torch.__version__, "device": args.device, "backend": args.backend,
         "torch_threads": torch.get_num_threads(), "data": args.data,
         "train_size": len(data.y_train), "test_size": len(data.y_test),
@@ -552,14 +556,18 @@ def main(argv=None) -> int:
                               blocks=args.blocks, warmup_epochs=args.warmup_epochs, lr_scale=args.lr_scale,
                               progress=bar))
         meta["total_wall_s"] = round(time.perf_counter() - start, 1)
+        meta["load_average_at_end"] = os.getloadavg()[0]  # other work on the machine slows every run
         runs_json = [{**asdict(r), "final_acc": r.final_acc, "best_acc": r.best_acc} for r in runs]
         (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs_json}, indent=1) + "\n")
     table = summary_table(runs)
-    header = (f"Command: `{meta['command']}`  \nCommit: {meta['git_commit']}, {meta['date_utc']} UTC  \n"
+    dirty = f" (plus uncommitted changes in {', '.join(changed)})" if changed else ""
+    header = (f"Command: `{meta['command']}`  \nCommit: {commit}{dirty}, {meta['date_utc']} UTC  \n"
               f"Machine: {meta['machine']}, torch {meta['torch']} ({meta['torch_threads']} threads), "
               f"device {args.device}, backend {args.backend}  \n"
               f"Data: {args.data} ({meta['train_size']} train / {meta['test_size']} test), "
-              f"{args.epochs} epochs, seeds {args.seeds}; total wall time {meta['total_wall_s']} s\n\n")
+              f"{args.epochs} epochs, seeds {args.seeds}; total wall time {meta['total_wall_s']} s "
+              f"(1-minute load average {meta['load_average_at_start']:.1f} at the start, "
+              f"{meta['load_average_at_end']:.1f} at the end, on {os.cpu_count()} CPUs)\n\n")
     (out / "summary.md").write_text(header + table + "\n")
     print(table)
     try:
