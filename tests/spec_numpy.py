@@ -1,4 +1,4 @@
-"""An independent reading of shared/spec/ALGORITHMS.md in float64 NumPy, written from the spec alone.
+"""An independent reading of docs/algorithms.md in float64 NumPy, written from the spec alone.
 
 It shares no code with tvlars_fused: a misreading of the spec that every backend shares would show up
 as a difference here.

@@ -1,6 +1,6 @@
 """Fused layer-wise adaptive optimizers for PyTorch: TVLARS, LARS and LAMB.
 
-The math of every backend is ``shared/spec/ALGORITHMS.md``; ``reference.py`` is its eager reading.
+The math of every backend is ``docs/algorithms.md``; ``reference.py`` is its eager reading.
 """
 
 import importlib.util
@@ -21,7 +21,8 @@ def _attach_triton_kernels() -> None:
     folder = Path(__file__).resolve().parent.parent / "triton_kernels"
     if not (folder / "__init__.py").exists():
         return
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)

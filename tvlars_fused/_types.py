@@ -7,7 +7,7 @@ step. Every backend implements the same two functions on it::
     lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None, found_inf: Tensor | None)
 
 They update ``bucket.params`` (and ``bucket.masters``), the state tensors and ``bucket.steps`` in place,
-following ``shared/spec/ALGORITHMS.md``; they never write to a gradient. ``grad_scale`` (a float32 scalar
+following ``docs/algorithms.md``; they never write to a gradient. ``grad_scale`` (a float32 scalar
 tensor) means the gradients are multiplied by it and must be divided by it; ``found_inf`` (float32 scalar
 tensor) non-zero means the whole step is skipped: nothing, not even ``steps``, changes.
 """

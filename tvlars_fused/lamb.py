@@ -1,4 +1,4 @@
-"""LAMB (You et al. 2020), as in ``shared/spec/ALGORITHMS.md``.
+"""LAMB (You et al. 2020), as in ``docs/algorithms.md``.
 
 For each layer ``w`` with gradient ``g``, at its step ``t``::
 

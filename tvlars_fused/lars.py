@@ -1,4 +1,4 @@
-"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017), as in ``shared/spec/ALGORITHMS.md``.
+"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017), as in ``docs/algorithms.md``.
 
 For each layer ``w`` with gradient ``g`` (excluded layers skip weight decay and the trust ratio)::
 

@@ -1,4 +1,4 @@
-"""TVLARS: time-varying LARS (Do et al., arXiv 2309.14053), as in ``shared/spec/ALGORITHMS.md``.
+"""TVLARS: time-varying LARS (Do et al., arXiv 2309.14053), as in ``docs/algorithms.md``.
 
 LARS's warm-up is replaced by a sigmoid-shaped factor on the layer-wise trust ratio::
 
