@@ -2,7 +2,8 @@
 //
 // The grid is at most as large as the number of blocks that can be co-resident, so cooperative_groups'
 // grid.sync() is a valid barrier between three phases:
-//   1. blocks stride over the chunks and write each chunk's partial sums of squares to the workspace;
+//   1. blocks stride over the chunks and write each chunk's partial sums of squares (float64) to the
+//      workspace;
 //   2. one warp per layer reduces that layer's partials in chunk order (lane-strided, then a fixed shuffle
 //      tree: no atomics, so results are bit-reproducible), advances the step count once and writes the
 //      trust ratio (and the new step count) to the workspace;
@@ -13,6 +14,13 @@
 // are only read, never overwritten. With found_inf set every block returns before the first barrier, so
 // nothing at all is written. A split step (StepPhase, for sharded layers) runs phases 1 and 2 only, phase 2
 // storing the layer's sums instead of using them, or takes the sums as given and runs phases 2 and 3 only.
+//
+// Memory access: each chunk reads its layer's row once into registers; the element loops move 16-byte packs
+// (8 bfloat16/float16 or 4 float32 elements), kPerThread elements per thread per iteration, all loads of an
+// iteration in flight before its stores. Layers whose tensors are not all 16-byte aligned (views into flat
+// buffers) take a coalesced element-by-element path, chosen per layer. tests/test_cuda_ptx.py checks the PTX.
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
@@ -22,6 +30,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <type_traits>
 
 #include "build_marker.h"
 #include "layer_table.h"
@@ -36,18 +48,32 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kPack = 4;  // consecutive elements per thread per iteration (one 16-byte float32 load)
+// Blocks per SM the kernels are compiled for (at most 85 registers a thread): 24 warps of 16-byte loads in
+// flight, without register spills (ptxas -v, sm_90, nvcc 13.0: 64-80 registers, no spills; at 4 blocks
+// some instantiations spill).
+constexpr int kMinBlocksPerSm = 3;
+// Elements one thread has in flight per loop iteration of the vector path: two 16-byte packs of float32
+// parameters, one of bfloat16/float16 ones (with their float32 state in two 16-byte accesses), per tensor.
+constexpr int kPerThread = 8;
+constexpr int64_t kTile = int64_t{kThreads} * kPerThread;  // elements a block covers per vector iteration
+// The element-by-element path takes fewer per thread: its masks and 64-bit indices cost registers.
+constexpr int kMaskedPerThread = 4;
+
+// Elements of T in one 16-byte access.
+template <typename T>
+constexpr int kPackElems = 16 / sizeof(T);
 
 struct DeviceTable {
-  const int64_t* rows;
+  const int64_t* rows;  // 16-byte aligned (checked on the host)
   const int32_t* chunk_layer;
   int64_t num_layers;
   int64_t num_chunks;
   int64_t chunk_size;
-  float* chunk_partials;  // [num_chunks][2]
-  float* layer_results;   // [num_layers][2]: trust ratio, new step count
-  int64_t phase;          // StepPhase
-  float* layer_sums;      // [num_layers][2]: written by PHASE_SUMS, read by PHASE_APPLY; else nullptr
+  bool chunk_packs;        // chunk_size is a multiple of the parameter dtype's pack: every chunk starts on one
+  double* chunk_partials;  // [num_chunks][2]
+  double* layer_results;   // [num_layers][2]: trust ratio, new step count
+  int64_t phase;           // StepPhase
+  double* layer_sums;      // [num_layers][2]: written by PHASE_SUMS, read by PHASE_APPLY; else nullptr
 };
 
 // Optional device scalars, read in-kernel so that a captured CUDA graph replays with their current values.
@@ -58,67 +84,149 @@ struct DeviceScalars {
   const float* clip_coef;   // nullptr: 1 (LAMB only)
 };
 
-template <typename T>
-struct alignas(sizeof(T) * kPack) Pack {
-  T v[kPack];
+// One layer's row in registers. Read once per chunk through the read-only path (a step never writes the
+// table), so that no store in the element loops can make the compiler read it again.
+struct Row {
+  int64_t col[NUM_COLS];
 };
 
-// Pack-wide loads need every tensor of the layer 16-byte aligned; chunk starts are multiples of 4 elements.
-__device__ __forceinline__ bool packable(const int64_t* row) {
-  const int64_t bits = row[COL_PARAM] | row[COL_GRAD] | row[COL_STATE0] | row[COL_STATE1] | row[COL_MASTER];
-  return (bits & 15) == 0;
+static_assert(NUM_COLS % 2 == 0, "read_row loads the row in 16-byte pairs");
+
+__device__ __forceinline__ Row read_row(const int64_t* __restrict__ rows, int64_t layer) {
+  Row row;
+  const longlong2* src = reinterpret_cast<const longlong2*>(rows + layer * NUM_COLS);
+#pragma unroll
+  for (int k = 0; k < NUM_COLS / 2; ++k) {
+    const longlong2 pair = __ldg(src + k);
+    row.col[2 * k] = pair.x;
+    row.col[2 * k + 1] = pair.y;
+  }
+  return row;
 }
 
-// Loads elements i .. i+kPack-1 (zeros past end) as float32.
-template <typename T>
-__device__ __forceinline__ void load_pack(const T* base, int64_t i, int64_t end, bool vec, float (&out)[kPack]) {
-  if (vec && i + kPack <= end) {
-    const Pack<T> pack = *reinterpret_cast<const Pack<T>*>(base + i);
+__device__ __forceinline__ Row chunk_row(const DeviceTable& tab, int64_t chunk) {
+  return read_row(tab.rows, __ldg(tab.chunk_layer + chunk));
+}
+
+// 16-byte accesses need every tensor of the layer 16-byte aligned (and chunks starting on a pack).
+__device__ __forceinline__ bool packable(const DeviceTable& tab, const Row& row) {
+  const int64_t bits =
+      row.col[COL_PARAM] | row.col[COL_GRAD] | row.col[COL_STATE0] | row.col[COL_STATE1] | row.col[COL_MASTER];
+  return tab.chunk_packs && (bits & 15) == 0;
+}
+
+// Where one thread's elements of one loop iteration lie: kGroups groups of kElems consecutive elements, group
+// k starting at first + k * stride. kVec: whole 16-byte packs, all inside the chunk; otherwise element by
+// element, masked by `end`.
+template <bool kVecT, int kGroupsT, int kElemsT>
+struct Slots {
+  static constexpr bool kVec = kVecT;
+  static constexpr int kGroups = kGroupsT;
+  static constexpr int kElems = kElemsT;
+  int64_t first;
+  int64_t stride;
+  int64_t end;
+  __device__ __forceinline__ int64_t at(int k, int j) const { return first + k * stride + j; }
+  __device__ __forceinline__ bool valid(int k, int j) const { return kVec || at(k, j) < end; }
+};
+
+template <typename S>
+using Values = float[S::kGroups][S::kElems];
+
+// The tensors' addresses come from the table as integers, so the compiler cannot know they are global memory
+// and would emit generic accesses; the 16-byte accesses are therefore written with the ld.global/st.global
+// intrinsics. __ldg (ld.global.nc) is the non-coherent read-only path, only for data no thread writes during
+// the kernel (gradients); the rest bypass L1 (ld/st.global.cg: streamed once per phase, and never stale
+// after a grid.sync). The intrinsics are inline assembly, kept in program order: a tile issues all its loads
+// before it computes and stores.
+//
+// kElems consecutive elements from a 16-byte aligned address, as float32.
+template <int kElems, bool kReadOnly, typename T>
+__device__ __forceinline__ void load_packs(const T* p, float (&out)[kElems]) {
+  constexpr int kPer = kPackElems<T>;
+  static_assert(kElems % kPer == 0, "a group is whole 16-byte packs");
 #pragma unroll
-    for (int j = 0; j < kPack; ++j) out[j] = static_cast<float>(pack.v[j]);
-  } else {
+  for (int k = 0; k < kElems / kPer; ++k) {
+    const uint4* src = reinterpret_cast<const uint4*>(p) + k;
+    const uint4 raw = kReadOnly ? __ldg(src) : __ldcg(src);
+    T v[kPer];
+    memcpy(v, &raw, sizeof(raw));
 #pragma unroll
-    for (int j = 0; j < kPack; ++j) out[j] = i + j < end ? static_cast<float>(base[i + j]) : 0.0f;
+    for (int j = 0; j < kPer; ++j) out[k * kPer + j] = static_cast<float>(v[j]);
   }
 }
 
-// Stores elements i .. min(i+kPack, end)-1, rounding once to T.
-template <typename T>
-__device__ __forceinline__ void store_pack(T* base, int64_t i, int64_t end, bool vec, const float (&in)[kPack]) {
-  if (vec && i + kPack <= end) {
-    Pack<T> pack;
+// Stores kElems float32 values to a 16-byte aligned address, rounding each once to T.
+template <int kElems, typename T>
+__device__ __forceinline__ void store_packs(T* p, const float (&in)[kElems]) {
+  constexpr int kPer = kPackElems<T>;
+  static_assert(kElems % kPer == 0, "a group is whole 16-byte packs");
 #pragma unroll
-    for (int j = 0; j < kPack; ++j) pack.v[j] = static_cast<T>(in[j]);
-    *reinterpret_cast<Pack<T>*>(base + i) = pack;
-  } else {
+  for (int k = 0; k < kElems / kPer; ++k) {
+    T v[kPer];
 #pragma unroll
-    for (int j = 0; j < kPack; ++j) {
-      if (i + j < end) base[i + j] = static_cast<T>(in[j]);
+    for (int j = 0; j < kPer; ++j) v[j] = static_cast<T>(in[k * kPer + j]);
+    uint4 raw;
+    memcpy(&raw, v, sizeof(raw));
+    __stcg(reinterpret_cast<uint4*>(p) + k, raw);
+  }
+}
+
+// A thread's elements of one iteration as float32 (zeros where masked off).
+template <bool kReadOnly = false, typename T, typename S>
+__device__ __forceinline__ void load(const T* p, const S& s, Values<S>& out) {
+#pragma unroll
+  for (int k = 0; k < S::kGroups; ++k) {
+    if constexpr (S::kVec) {
+      load_packs<S::kElems, kReadOnly>(p + s.at(k, 0), out[k]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < S::kElems; ++j) out[k][j] = s.valid(k, j) ? static_cast<float>(p[s.at(k, j)]) : 0.0f;
     }
   }
 }
 
-template <typename weight_t>
-__device__ __forceinline__ const weight_t* weights_of(const int64_t* row) {
-  return column_ptr<const weight_t>(row, row[COL_MASTER] != 0 ? COL_MASTER : COL_PARAM);
+template <typename T, typename S>
+__device__ __forceinline__ void store(T* p, const S& s, const Values<S>& in) {
+#pragma unroll
+  for (int k = 0; k < S::kGroups; ++k) {
+    if constexpr (S::kVec) {
+      store_packs<S::kElems>(p + s.at(k, 0), in[k]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < S::kElems; ++j) {
+        if (s.valid(k, j)) p[s.at(k, j)] = static_cast<T>(in[k][j]);
+      }
+    }
+  }
 }
 
-// The new weights go to the master copy when there is one, and (rounded once) to the parameter.
-template <typename scalar_t, bool kHasMaster>
-__device__ __forceinline__ void store_weights(const int64_t* row, int64_t i, int64_t end, bool vec,
-                                              const float (&w)[kPack]) {
-  if (kHasMaster) store_pack(column_ptr<float>(row, COL_MASTER), i, end, vec, w);
-  store_pack(column_ptr<scalar_t>(row, COL_PARAM), i, end, vec, w);
+// Calls tile(slots) until the chunk's elements are covered: whole tiles of 16-byte packs when `vec`, then
+// element by element (consecutive threads on consecutive elements, so still coalesced) for the chunk's last,
+// partial tile, or for the whole chunk of a layer that is not packable.
+template <typename scalar_t, typename Tile>
+__device__ __forceinline__ void for_each_tile(ElementRange r, bool vec, Tile&& tile) {
+  constexpr int kElems = kPackElems<scalar_t>;
+  int64_t i = r.begin;
+  if (vec) {
+    for (; i + kTile <= r.end; i += kTile) {
+      tile(Slots<true, kPerThread / kElems, kElems>{i + threadIdx.x * kElems, int64_t{kThreads} * kElems, r.end});
+    }
+  }
+  for (; i < r.end; i += int64_t{kThreads} * kMaskedPerThread) {
+    tile(Slots<false, kMaskedPerThread, 1>{i + threadIdx.x, kThreads, r.end});
+  }
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
 // Sums a and b over the block in a fixed order; thread 0 holds the totals.
-__device__ __forceinline__ void block_sum2(float& a, float& b, float (&scratch)[2][kWarps]) {
+__device__ __forceinline__ void block_sum2(double& a, double& b, double (&scratch)[2][kWarps]) {
   a = warp_sum(a);
   b = warp_sum(b);
   const int warp = threadIdx.x / 32;
@@ -128,8 +236,8 @@ __device__ __forceinline__ void block_sum2(float& a, float& b, float (&scratch)[
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    a = 0.0f;
-    b = 0.0f;
+    a = 0.0;
+    b = 0.0;
     for (int w = 0; w < kWarps; ++w) {
       a += scratch[0][w];
       b += scratch[1][w];
@@ -146,13 +254,14 @@ __device__ __forceinline__ void reduce_layers(const DeviceTable& tab, Ratio rati
   const int lane = threadIdx.x % 32;
   const int64_t first_warp = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   for (int64_t layer = first_warp; layer < tab.num_layers; layer += static_cast<int64_t>(gridDim.x) * kWarps) {
-    const int64_t* row = tab.rows + layer * NUM_COLS;
-    float first = 0.0f, second = 0.0f;
+    const Row row = read_row(tab.rows, layer);
+    double first = 0.0, second = 0.0;
     if (tab.phase == PHASE_APPLY) {
       first = tab.layer_sums[2 * layer];
       second = tab.layer_sums[2 * layer + 1];
     } else {
-      for (int64_t c = row[COL_FIRST_CHUNK] + lane; c < row[COL_FIRST_CHUNK] + row[COL_NUM_CHUNKS]; c += 32) {
+      const int64_t end = row.col[COL_FIRST_CHUNK] + row.col[COL_NUM_CHUNKS];
+      for (int64_t c = row.col[COL_FIRST_CHUNK] + lane; c < end; c += 32) {
         first += tab.chunk_partials[2 * c];
         second += tab.chunk_partials[2 * c + 1];
       }
@@ -163,10 +272,10 @@ __device__ __forceinline__ void reduce_layers(const DeviceTable& tab, Ratio rati
       tab.layer_sums[2 * layer] = first;
       tab.layer_sums[2 * layer + 1] = second;
     } else if (lane == 0) {
-      float* step = column_ptr<float>(row, COL_STEP);
+      float* step = column_ptr<float>(row.col, COL_STEP);
       const float t = *step + 1.0f;
       *step = t;
-      tab.layer_results[2 * layer] = ratio(first, second, t, (row[COL_FLAGS] & FLAG_EXCLUDED) != 0);
+      tab.layer_results[2 * layer] = ratio(first, second, t, (row.col[COL_FLAGS] & FLAG_EXCLUDED) != 0);
       tab.layer_results[2 * layer + 1] = t;
     }
   }
@@ -178,39 +287,82 @@ __device__ __forceinline__ int64_t reversed_chunk(const DeviceTable& tab, int64_
   return tab.num_chunks - 1 - k;
 }
 
+// The tensor the step reads the weights from: the float32 master when there is one, else the parameter.
+template <bool kHasMaster>
+constexpr int kWeightCol = kHasMaster ? COL_MASTER : COL_PARAM;
+
 // ---------------------------------------------------------------- LARS family
+//
+// The tile functions take each tensor as a parameter, __restrict__ where it is written: a store through one
+// cannot change another, so the compiler may move the element-by-element path's loads ahead of its stores.
+// Weights and moments are not `const __restrict__` where only read: they are written in another phase of the
+// same kernel, so they must never be loaded through the non-coherent read-only path, which the compiler may
+// choose for such pointers (only gradients are, explicitly).
+
+template <typename S, typename scalar_t, typename weight_t>
+__device__ __forceinline__ void lars_sums_tile(const S& s, const weight_t* w_in, const scalar_t* __restrict__ g_in,
+                                               const LarsHyper& h, float grad_scale, double& w_sq,
+                                               double& denom_sq) {
+  Values<S> w, g;
+  load(w_in, s, w);
+  load<true>(g_in, s, g);
+#pragma unroll
+  for (int k = 0; k < S::kGroups; ++k) {
+#pragma unroll
+    for (int j = 0; j < S::kElems; ++j) {
+      if (!s.valid(k, j)) continue;
+      const float gj = effective_grad(g[k][j], grad_scale, 1.0f);
+      const float term =
+          lars_denominator_term(gj, lars_decayed_grad(gj, w[k][j], h.weight_decay, false), h.sum_of_norms);
+      w_sq += square(w[k][j]);
+      denom_sq += square(term);
+    }
+  }
+}
+
+// w_io: the master weights (then param_out receives the rounded copy) or the parameter itself.
+template <bool kHasMaster, typename S, typename scalar_t, typename weight_t>
+__device__ __forceinline__ void lars_apply_tile(const S& s, weight_t* __restrict__ w_io,
+                                                scalar_t* __restrict__ param_out, const scalar_t* __restrict__ g_in,
+                                                float* __restrict__ buf_io, const LarsHyper& h, float grad_scale,
+                                                float lr, float q, bool excluded) {
+  Values<S> w, g, buf;
+  load(w_io, s, w);
+  load<true>(g_in, s, g);
+  load(buf_io, s, buf);
+#pragma unroll
+  for (int k = 0; k < S::kGroups; ++k) {
+#pragma unroll
+    for (int j = 0; j < S::kElems; ++j) {
+      const float d = lars_decayed_grad(effective_grad(g[k][j], grad_scale, 1.0f), w[k][j], h.weight_decay,
+                                        excluded);
+      lars_apply(h, lr, q, d, w[k][j], buf[k][j]);
+    }
+  }
+  store(buf_io, s, buf);
+  store(w_io, s, w);
+  if constexpr (kHasMaster) store(param_out, s, w);
+}
 
 template <typename scalar_t, bool kHasMaster>
-__global__ void __launch_bounds__(kThreads) lars_step_kernel(DeviceTable tab, LarsHyper h, DeviceScalars s) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    lars_step_kernel(DeviceTable tab, LarsHyper h, DeviceScalars s) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;  // every block leaves before any barrier
   cg::grid_group grid = cg::this_grid();
-  __shared__ float scratch[2][kWarps];
+  __shared__ double scratch[2][kWarps];
   const float grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
 
   // Phase 1, skipped by PHASE_APPLY (as is its barrier: the phase is the same in every block).
   for (int64_t c = blockIdx.x; c < tab.num_chunks && tab.phase != PHASE_APPLY; c += gridDim.x) {
-    const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
-    float w_sq = 0.0f, denom_sq = 0.0f;
-    if (!(row[COL_FLAGS] & FLAG_EXCLUDED)) {  // excluded layers have no trust ratio: nothing to sum
-      const ElementRange r = chunk_elements(row, c, tab.chunk_size);
-      const bool vec = packable(row);
-      const weight_t* w_in = weights_of<weight_t>(row);
-      const scalar_t* g_in = column_ptr<const scalar_t>(row, COL_GRAD);
-      for (int64_t i = r.begin + threadIdx.x * kPack; i < r.end; i += kThreads * kPack) {
-        float w[kPack], g[kPack];
-        load_pack(w_in, i, r.end, vec, w);
-        load_pack(g_in, i, r.end, vec, g);
-#pragma unroll
-        for (int j = 0; j < kPack; ++j) {
-          if (i + j >= r.end) continue;
-          const float gj = effective_grad(g[j], grad_scale, 1.0f);
-          const float term = lars_denominator_term(gj, lars_decayed_grad(gj, w[j], h.weight_decay, false),
-                                                   h.sum_of_norms);
-          w_sq += w[j] * w[j];
-          denom_sq += term * term;
-        }
-      }
+    const Row row = chunk_row(tab, c);
+    double w_sq = 0.0, denom_sq = 0.0;
+    if (!(row.col[COL_FLAGS] & FLAG_EXCLUDED)) {  // excluded layers have no trust ratio: nothing to sum
+      const weight_t* w_in = column_ptr<const weight_t>(row.col, kWeightCol<kHasMaster>);
+      const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
+      for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
+        lars_sums_tile(sl, w_in, g_in, h, grad_scale, w_sq, denom_sq);
+      });
     }
     block_sum2(w_sq, denom_sq, scratch);
     if (threadIdx.x == 0) {
@@ -220,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) lars_step_kernel(DeviceTable tab, La
   }
   if (tab.phase != PHASE_APPLY) grid.sync();
 
-  reduce_layers(tab, [&](float w_sq, float denom_sq, float t, bool excluded) {
+  reduce_layers(tab, [&](double w_sq, double denom_sq, float t, bool excluded) {
     return lars_trust_ratio(h, w_sq, denom_sq, t, excluded);
   });
   if (tab.phase == PHASE_SUMS) return;  // every block: no barrier follows
@@ -229,28 +381,17 @@ __global__ void __launch_bounds__(kThreads) lars_step_kernel(DeviceTable tab, La
   const float lr = s.lr != nullptr ? *s.lr : h.lr;
   for (int64_t k = blockIdx.x; k < tab.num_chunks; k += gridDim.x) {
     const int64_t c = reversed_chunk(tab, k);
-    const int64_t layer = tab.chunk_layer[c];
-    const int64_t* row = tab.rows + layer * NUM_COLS;
-    const float q = tab.layer_results[2 * layer];
-    const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
-    const ElementRange r = chunk_elements(row, c, tab.chunk_size);
-    const bool vec = packable(row);
-    const weight_t* w_in = weights_of<weight_t>(row);
-    const scalar_t* g_in = column_ptr<const scalar_t>(row, COL_GRAD);
-    float* buf_io = column_ptr<float>(row, COL_STATE0);
-    for (int64_t i = r.begin + threadIdx.x * kPack; i < r.end; i += kThreads * kPack) {
-      float w[kPack], g[kPack], buf[kPack];
-      load_pack(w_in, i, r.end, vec, w);
-      load_pack(g_in, i, r.end, vec, g);
-      load_pack(buf_io, i, r.end, vec, buf);
-#pragma unroll
-      for (int j = 0; j < kPack; ++j) {
-        const float d = lars_decayed_grad(effective_grad(g[j], grad_scale, 1.0f), w[j], h.weight_decay, excluded);
-        lars_apply(h, lr, q, d, w[j], buf[j]);
-      }
-      store_pack(buf_io, i, r.end, vec, buf);
-      store_weights<scalar_t, kHasMaster>(row, i, r.end, vec, w);
-    }
+    const int64_t layer = __ldg(tab.chunk_layer + c);
+    const Row row = read_row(tab.rows, layer);
+    const float q = static_cast<float>(tab.layer_results[2 * layer]);  // a float32 value, stored exactly
+    const bool excluded = row.col[COL_FLAGS] & FLAG_EXCLUDED;
+    weight_t* w_io = column_ptr<weight_t>(row.col, kWeightCol<kHasMaster>);
+    scalar_t* param_out = column_ptr<scalar_t>(row.col, COL_PARAM);
+    const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
+    float* buf_io = column_ptr<float>(row.col, COL_STATE0);
+    for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
+      lars_apply_tile<kHasMaster>(sl, w_io, param_out, g_in, buf_io, h, grad_scale, lr, q, excluded);
+    });
   }
 }
 
@@ -266,45 +407,75 @@ __device__ __forceinline__ BiasCorrections bias_corrections(const LambHyper& h, 
   return {bias_correction(t, h.log_beta1), bias_correction(t, h.log_beta2)};
 }
 
+template <typename S, typename scalar_t, typename weight_t>
+__device__ __forceinline__ void lamb_moments_tile(const S& s, const weight_t* w_in, const scalar_t* __restrict__ g_in,
+                                                  float* __restrict__ m_io, float* __restrict__ v_io,
+                                                  const LambHyper& h, float grad_scale, float grad_mult,
+                                                  BiasCorrections bc, float decay, double& w_sq, double& u_sq) {
+  Values<S> w, g, m, v;
+  load(w_in, s, w);
+  load<true>(g_in, s, g);
+  load(m_io, s, m);
+  load(v_io, s, v);
+#pragma unroll
+  for (int k = 0; k < S::kGroups; ++k) {
+#pragma unroll
+    for (int j = 0; j < S::kElems; ++j) {
+      if (!s.valid(k, j)) continue;
+      lamb_moments(h, effective_grad(g[k][j], grad_scale, grad_mult), m[k][j], v[k][j]);
+      const float u = lamb_update(m[k][j], v[k][j], w[k][j], bc.first, bc.second, h.eps, decay);
+      w_sq += square(w[k][j]);
+      u_sq += square(u);
+    }
+  }
+  store(m_io, s, m);
+  store(v_io, s, v);
+}
+
+template <bool kHasMaster, typename S, typename scalar_t, typename weight_t>
+__device__ __forceinline__ void lamb_apply_tile(const S& s, weight_t* __restrict__ w_io,
+                                                scalar_t* __restrict__ param_out, const float* m_in,
+                                                const float* v_in, const LambHyper& h, BiasCorrections bc,
+                                                float decay, float lr_q) {
+  Values<S> w, m, v;
+  load(w_io, s, w);
+  load(m_in, s, m);
+  load(v_in, s, v);
+#pragma unroll
+  for (int k = 0; k < S::kGroups; ++k) {
+#pragma unroll
+    for (int j = 0; j < S::kElems; ++j) {
+      w[k][j] = w[k][j] - lr_q * lamb_update(m[k][j], v[k][j], w[k][j], bc.first, bc.second, h.eps, decay);
+    }
+  }
+  store(w_io, s, w);
+  if constexpr (kHasMaster) store(param_out, s, w);
+}
+
 template <typename scalar_t, bool kHasMaster>
-__global__ void __launch_bounds__(kThreads) lamb_step_kernel(DeviceTable tab, LambHyper h, DeviceScalars s) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+    lamb_step_kernel(DeviceTable tab, LambHyper h, DeviceScalars s) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;  // every block leaves before any barrier
   cg::grid_group grid = cg::this_grid();
-  __shared__ float scratch[2][kWarps];
+  __shared__ double scratch[2][kWarps];
   const float grad_scale = s.grad_scale != nullptr ? *s.grad_scale : 1.0f;
   const float grad_mult = s.clip_coef != nullptr ? *s.clip_coef : 1.0f;
 
   // Phase 1: moments, then sums of w^2 and u^2. The step count is read here (t = old + 1) and written only
   // in phase 2, after the barrier (by PHASE_APPLY's call). Skipped by PHASE_APPLY, as is its barrier.
   for (int64_t c = blockIdx.x; c < tab.num_chunks && tab.phase != PHASE_APPLY; c += gridDim.x) {
-    const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
-    const ElementRange r = chunk_elements(row, c, tab.chunk_size);
-    const bool vec = packable(row);
-    const float decay = lamb_decay(h, row[COL_FLAGS] & FLAG_EXCLUDED);
-    const BiasCorrections bc = bias_corrections(h, *column_ptr<const float>(row, COL_STEP) + 1.0f);
-    const weight_t* w_in = weights_of<weight_t>(row);
-    const scalar_t* g_in = column_ptr<const scalar_t>(row, COL_GRAD);
-    float* m_io = column_ptr<float>(row, COL_STATE0);
-    float* v_io = column_ptr<float>(row, COL_STATE1);
-    float w_sq = 0.0f, u_sq = 0.0f;
-    for (int64_t i = r.begin + threadIdx.x * kPack; i < r.end; i += kThreads * kPack) {
-      float w[kPack], g[kPack], m[kPack], v[kPack];
-      load_pack(w_in, i, r.end, vec, w);
-      load_pack(g_in, i, r.end, vec, g);
-      load_pack(m_io, i, r.end, vec, m);
-      load_pack(v_io, i, r.end, vec, v);
-#pragma unroll
-      for (int j = 0; j < kPack; ++j) {
-        if (i + j >= r.end) continue;
-        lamb_moments(h, effective_grad(g[j], grad_scale, grad_mult), m[j], v[j]);
-        const float u = lamb_update(m[j], v[j], w[j], bc.first, bc.second, h.eps, decay);
-        w_sq += w[j] * w[j];
-        u_sq += u * u;
-      }
-      store_pack(m_io, i, r.end, vec, m);
-      store_pack(v_io, i, r.end, vec, v);
-    }
+    const Row row = chunk_row(tab, c);
+    const float decay = lamb_decay(h, row.col[COL_FLAGS] & FLAG_EXCLUDED);
+    const BiasCorrections bc = bias_corrections(h, *column_ptr<const float>(row.col, COL_STEP) + 1.0f);
+    const weight_t* w_in = column_ptr<const weight_t>(row.col, kWeightCol<kHasMaster>);
+    const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
+    float* m_io = column_ptr<float>(row.col, COL_STATE0);
+    float* v_io = column_ptr<float>(row.col, COL_STATE1);
+    double w_sq = 0.0, u_sq = 0.0;
+    for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
+      lamb_moments_tile(sl, w_in, g_in, m_io, v_io, h, grad_scale, grad_mult, bc, decay, w_sq, u_sq);
+    });
     block_sum2(w_sq, u_sq, scratch);
     if (threadIdx.x == 0) {
       tab.chunk_partials[2 * c] = w_sq;
@@ -313,7 +484,7 @@ __global__ void __launch_bounds__(kThreads) lamb_step_kernel(DeviceTable tab, La
   }
   if (tab.phase != PHASE_APPLY) grid.sync();
 
-  reduce_layers(tab, [&](float w_sq, float u_sq, float, bool excluded) {
+  reduce_layers(tab, [&](double w_sq, double u_sq, float, bool excluded) {
     return lamb_trust_ratio(h, w_sq, u_sq, excluded);
   });
   if (tab.phase == PHASE_SUMS) return;  // every block: no barrier follows
@@ -323,100 +494,143 @@ __global__ void __launch_bounds__(kThreads) lamb_step_kernel(DeviceTable tab, La
   const float lr = s.lr != nullptr ? *s.lr : h.lr;
   for (int64_t k = blockIdx.x; k < tab.num_chunks; k += gridDim.x) {
     const int64_t c = reversed_chunk(tab, k);
-    const int64_t layer = tab.chunk_layer[c];
-    const int64_t* row = tab.rows + layer * NUM_COLS;
-    const float lr_q = lr * tab.layer_results[2 * layer];
-    const BiasCorrections bc = bias_corrections(h, tab.layer_results[2 * layer + 1]);
-    const float decay = lamb_decay(h, row[COL_FLAGS] & FLAG_EXCLUDED);
-    const ElementRange r = chunk_elements(row, c, tab.chunk_size);
-    const bool vec = packable(row);
-    const weight_t* w_in = weights_of<weight_t>(row);
-    const float* m_in = column_ptr<const float>(row, COL_STATE0);
-    const float* v_in = column_ptr<const float>(row, COL_STATE1);
-    for (int64_t i = r.begin + threadIdx.x * kPack; i < r.end; i += kThreads * kPack) {
-      float w[kPack], m[kPack], v[kPack];
-      load_pack(w_in, i, r.end, vec, w);
-      load_pack(m_in, i, r.end, vec, m);
-      load_pack(v_in, i, r.end, vec, v);
-#pragma unroll
-      for (int j = 0; j < kPack; ++j) {
-        w[j] = w[j] - lr_q * lamb_update(m[j], v[j], w[j], bc.first, bc.second, h.eps, decay);
-      }
-      store_weights<scalar_t, kHasMaster>(row, i, r.end, vec, w);
-    }
+    const int64_t layer = __ldg(tab.chunk_layer + c);
+    const Row row = read_row(tab.rows, layer);
+    const float lr_q = lr * static_cast<float>(tab.layer_results[2 * layer]);
+    const BiasCorrections bc = bias_corrections(h, static_cast<float>(tab.layer_results[2 * layer + 1]));
+    const float decay = lamb_decay(h, row.col[COL_FLAGS] & FLAG_EXCLUDED);
+    weight_t* w_io = column_ptr<weight_t>(row.col, kWeightCol<kHasMaster>);
+    scalar_t* param_out = column_ptr<scalar_t>(row.col, COL_PARAM);
+    const float* m_in = column_ptr<const float>(row.col, COL_STATE0);
+    const float* v_in = column_ptr<const float>(row.col, COL_STATE1);
+    for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
+      lamb_apply_tile<kHasMaster>(sl, w_io, param_out, m_in, v_in, h, bc, decay, lr_q);
+    });
   }
 }
 
 // ---------------------------------------------------------------- launch
 
-// The largest grid whose blocks are all co-resident (the condition for grid.sync()), capped by the chunks.
-template <typename Kernel>
-int cooperative_grid(Kernel kernel, int64_t num_chunks, int device) {
+// How many blocks of kKernel can be co-resident on `device` (the largest grid for which grid.sync() is valid).
+// Queried once per kernel instantiation and device: a step must not pay for the occupancy calculator.
+template <auto kKernel>
+int resident_blocks(int device) {
+  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};  // 0: not queried yet
+  TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "tvlars_fused: CUDA device index ", device,
+              " is out of range");
+  int blocks = cache[device].load(std::memory_order_relaxed);
+  if (blocks > 0) return blocks;
   int cooperative = 0, sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
   TORCH_CHECK(cooperative, "tvlars_fused: CUDA device ", device, " does not support cooperative launches");
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, kThreads, 0));
   TORCH_CHECK(per_sm > 0, "tvlars_fused: the step kernel cannot be resident on device ", device);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(sms) * per_sm, num_chunks)));
+  blocks = sms * per_sm;
+  cache[device].store(blocks, std::memory_order_relaxed);  // racing threads store the same value
+  return blocks;
 }
 
-template <typename Kernel, typename Hyper>
-void launch(Kernel kernel, const DeviceTable& tab, const Hyper& h, const DeviceScalars& s, const at::Device& device) {
-  const int grid = cooperative_grid(kernel, tab.num_chunks, device.index());
-  DeviceTable tab_arg = tab;
-  Hyper h_arg = h;
-  DeviceScalars s_arg = s;
-  void* args[] = {&tab_arg, &h_arg, &s_arg};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(grid), dim3(kThreads), args, 0,
-                                             c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+template <auto kKernel, typename Hyper>
+void launch(DeviceTable tab, Hyper h, DeviceScalars s, int device, cudaStream_t stream) {
+  const int grid = static_cast<int>(std::min<int64_t>(resident_blocks<kKernel>(device), tab.num_chunks));
+  void* args[] = {&tab, &h, &s};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kKernel), dim3(std::max(grid, 1)),
+                                             dim3(kThreads), args, 0, stream));
 }
 
-// The device table to read: `layers`, or a fresh device copy of the rows when the lists hold other tensors
-// than the table (functionalization's copies under torch.compile). `keep` owns the copy until the launch.
-DeviceTable device_table(const at::Tensor& layers, const at::Tensor& layers_host, const at::Tensor& chunk_layer,
-                         const TensorColumns& cols, int64_t num_chunks, int64_t chunk_size,
-                         const at::Tensor& workspace, int64_t phase, float* layer_sums, at::Tensor& keep) {
-  const std::optional<at::Tensor> fresh = rows_for_lists(layers_host, cols);
-  keep = fresh.has_value() ? fresh->to(layers.device()) : layers;
-  float* partials = workspace.data_ptr<float>();
-  return {keep.data_ptr<int64_t>(), chunk_layer.data_ptr<int32_t>(), layers_host.size(0), num_chunks, chunk_size,
-          partials, partials + 2 * num_chunks, phase, layer_sums};
+// The device rows the kernel walks: the table, or (list form, when functionalization handed the op copies of
+// the table's tensors) the fresh rows uploaded from pinned memory without blocking the host (graph-safe: no
+// pageable copy, no synchronisation). The caching allocators keep the staging and the device copy alive until
+// the stream has used them.
+at::Tensor device_rows(const StepArgs& args) {
+  if (!args.fresh_rows) return args.layers;
+  at::Tensor rows = at::empty_like(args.layers);
+  rows.copy_(args.rows_host.pin_memory(), /*non_blocking=*/true);
+  return rows;
+}
+
+// The table, chunk map, workspace and layer_sums were allocated on the stream current when the table was built,
+// which need not be the stream this step runs on. Recording the use keeps the caching allocator from handing
+// their memory to that other stream while this launch may still read it. The allocator ignores uses on the
+// allocating stream (and tensors it does not own), so this costs a lookup per tensor and never synchronises.
+void record_use(const at::Tensor& t, c10::cuda::CUDAStream stream) {
+  c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream);
+}
+
+// layer_sums is not part of StepArgs (only its pointer is), so the op entry points record it.
+void record_layer_sums(const std::optional<at::Tensor>& layer_sums) {
+  if (layer_sums.has_value()) record_use(*layer_sums, c10::cuda::getCurrentCUDAStream(layer_sums->get_device()));
+}
+
+// What a launch needs besides the kernel: the device, its current stream and the rows to walk.
+struct LaunchContext {
+  explicit LaunchContext(const StepArgs& args)
+      : guard(args.device), stream(c10::cuda::getCurrentCUDAStream(args.device.index())) {
+    for (const at::Tensor* t : {&args.layers, &args.chunk_layer, &args.workspace}) record_use(*t, stream);
+    rows = device_rows(args);
+  }
+  const c10::cuda::CUDAGuard guard;
+  const c10::cuda::CUDAStream stream;
+  at::Tensor rows;
+};
+
+template <typename scalar_t>
+DeviceTable device_table(const StepArgs& args, const at::Tensor& rows) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 == 0,
+              "tvlars_fused: the layer table `layers` must be 16-byte aligned");
+  return {rows.data_ptr<int64_t>(), args.chunk_layer.data_ptr<int32_t>(), args.num_layers, args.num_chunks,
+          args.chunk_size, args.chunk_size % kPackElems<scalar_t> == 0, args.chunk_partials, args.layer_results,
+          args.phase, args.layer_sums};
+}
+
+DeviceScalars device_scalars(const StepArgs& args) {
+  return {args.lr, args.grad_scale, args.found_inf, args.clip_coef};
 }
 
 }  // namespace
 
-void lars_step_cuda(TVLARS_LARS_STEP_ARGS) {
-  const TensorColumns cols{params, grads, momentum_buffers, {}, masters, steps};
-  const CheckedStep checked = check_step("lars_step", layers, layers_host, chunk_layer, cols, workspace, chunk_size,
-                                         lr_tensor, grad_scale, found_inf, std::nullopt, layer_sums, phase);
-  const c10::cuda::CUDAGuard guard(checked.device);
-  at::Tensor rows;
-  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, checked.num_chunks, chunk_size,
-                                       workspace, phase, checked.layer_sums, rows);
-  const LarsHyper h = make_lars_hyper(lr, momentum, weight_decay, eta, eps, norm_clip, sum_of_norms, nesterov,
-                                      use_phi, lmbda, alpha, delay, gamma_min);
-  const DeviceScalars s{optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf), nullptr};
-  dispatch_dtype(params[0].scalar_type(), !masters.empty(), [&](auto scalar, auto has_master) {
-    launch(lars_step_kernel<decltype(scalar), decltype(has_master)::value>, tab, h, s, checked.device);
+// The launches behind both op forms.
+void lars_run_cuda(const StepArgs& args, const LarsHyper& h) {
+  const LaunchContext ctx(args);
+  dispatch_dtype(args.dtype, args.has_master, [&](auto scalar, auto has_master) {
+    using scalar_t = decltype(scalar);
+    launch<lars_step_kernel<scalar_t, decltype(has_master)::value>>(
+        device_table<scalar_t>(args, ctx.rows), h, device_scalars(args), args.device.index(), ctx.stream.stream());
   });
 }
 
-void lamb_step_cuda(TVLARS_LAMB_STEP_ARGS) {
-  const TensorColumns cols{params, grads, exp_avgs, exp_avg_sqs, masters, steps};
-  TORCH_CHECK(!exp_avg_sqs.empty(), "lamb_step: exp_avg_sqs is empty");
-  const CheckedStep checked = check_step("lamb_step", layers, layers_host, chunk_layer, cols, workspace, chunk_size,
-                                         lr_tensor, grad_scale, found_inf, clip_coef, layer_sums, phase);
-  const c10::cuda::CUDAGuard guard(checked.device);
-  at::Tensor rows;
-  const DeviceTable tab = device_table(layers, layers_host, chunk_layer, cols, checked.num_chunks, chunk_size,
-                                       workspace, phase, checked.layer_sums, rows);
-  const LambHyper h = make_lamb_hyper(lr, beta1, beta2, eps, weight_decay, bias_correction, norm_clip);
-  const DeviceScalars s{optional_ptr(lr_tensor), optional_ptr(grad_scale), optional_ptr(found_inf),
-                        optional_ptr(clip_coef)};
-  dispatch_dtype(params[0].scalar_type(), !masters.empty(), [&](auto scalar, auto has_master) {
-    launch(lamb_step_kernel<decltype(scalar), decltype(has_master)::value>, tab, h, s, checked.device);
+void lamb_run_cuda(const StepArgs& args, const LambHyper& h) {
+  const LaunchContext ctx(args);
+  dispatch_dtype(args.dtype, args.has_master, [&](auto scalar, auto has_master) {
+    using scalar_t = decltype(scalar);
+    launch<lamb_step_kernel<scalar_t, decltype(has_master)::value>>(
+        device_table<scalar_t>(args, ctx.rows), h, device_scalars(args), args.device.index(), ctx.stream.stream());
   });
+}
+
+void lars_step_cuda(TVLARS_LARS_STEP_ARGS) {
+  const StepArgs args = TVLARS_LARS_LIST_CHECKED("lars_step");
+  record_layer_sums(layer_sums);
+  lars_run_cuda(args, TVLARS_LARS_HYPER);
+}
+
+void lamb_step_cuda(TVLARS_LAMB_STEP_ARGS) {
+  const StepArgs args = TVLARS_LAMB_LIST_CHECKED("lamb_step");
+  record_layer_sums(layer_sums);
+  lamb_run_cuda(args, TVLARS_LAMB_HYPER("lamb_step"));
+}
+
+void lars_step_table_cuda(TVLARS_LARS_TABLE_ARGS) {
+  const StepArgs args = TVLARS_LARS_TABLE_CHECKED("lars_step_table");
+  record_layer_sums(layer_sums);
+  lars_run_cuda(args, TVLARS_LARS_HYPER);
+}
+
+void lamb_step_table_cuda(TVLARS_LAMB_TABLE_ARGS) {
+  const StepArgs args = TVLARS_LAMB_TABLE_CHECKED("lamb_step_table");
+  record_layer_sums(layer_sums);
+  lamb_run_cuda(args, TVLARS_LAMB_HYPER("lamb_step_table"));
 }
 
 }  // namespace tvlars
@@ -424,4 +638,6 @@ void lamb_step_cuda(TVLARS_LAMB_STEP_ARGS) {
 TORCH_LIBRARY_IMPL(tvlars_fused, CUDA, m) {
   m.impl("lars_step", &tvlars::lars_step_cuda);
   m.impl("lamb_step", &tvlars::lamb_step_cuda);
+  m.impl("lars_step_table", &tvlars::lars_step_table_cuda);
+  m.impl("lamb_step_table", &tvlars::lamb_step_table_cuda);
 }

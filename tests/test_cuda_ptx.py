@@ -1,0 +1,144 @@
+"""The CUDA kernels' PTX, checked on a machine without a GPU.
+
+csrc/cuda_step.cu is compiled once per session to PTX for sm_90 (the H200 test machine) with the flags the
+extension build passes, split into its kernel instantiations, and each is checked for what the design
+promises and a GPU run would only show as speed or drift:
+- the element loops use 16-byte accesses: each tensor of a tile in kPerThread * itemsize / 16 `ld/st.global
+  .v4` of the exact count the design gives, gradients (and only they) through the read-only path `.nc`
+  (weights and moments are written in another phase of the same kernel, so `.nc` loads of them could be
+  stale);
+- no atomics besides the two grid barriers' integer counters: the norm reductions have a fixed order;
+- square roots and divisions are correctly rounded (`sqrt.rn`, `div.rn`, never `.approx`/`.full`), and
+  the norm path takes its square roots in float64 (the float64 norms of docs/algorithms.md);
+- nothing lives in local memory (register arrays indexed at run time or spilled rows would).
+"""
+
+import collections
+import inspect
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from tvlars_fused import _extension
+
+SOURCE = _extension.CSRC / "cuda_step.cu"
+ARCH = "sm_90"
+
+DTYPES = {"f": ("float32", 4), "N3c108BFloat16E": ("bfloat16", 2), "N3c104HalfE": ("float16", 2)}
+ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+([\w$]+)\s*\(", re.M)
+KERNEL_NAME = re.compile(r"(lars|lamb)_step_kernelI(f|N3c108BFloat16E|N3c104HalfE)Lb([01])E")
+INSTRUCTION = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)", re.M)
+ATOMIC = re.compile(r"^(atom|red)\.")
+
+
+def _nvcc_command(out: Path) -> list[str]:
+    """nvcc to PTX with what torch.utils.cpp_extension and tvlars_fused/_extension.py pass for a build."""
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is a CPU-only build: no CUDA headers to compile against")
+    home = _extension.cuda_home()
+    if home is None:
+        pytest.skip("nvcc not found: put it on PATH or set CUDA_HOME")
+    from torch.utils import cpp_extension
+
+    includes = cpp_extension.include_paths()  # torch's own headers; nvcc adds the CUDA toolkit's
+    if not any((Path(d) / "c10" / "cuda" / "CUDAStream.h").exists() for d in includes):
+        pytest.skip("torch's CUDA headers (c10/cuda/CUDAStream.h) are missing")
+    # the standard the extension build uses: C++20 where torch's build passes it, else C++17
+    std = "-std=c++20" if "-std=c++20" in inspect.getsource(cpp_extension) else "-std=c++17"
+    return ([str(Path(home) / "bin" / "nvcc"), "--ptx", f"-arch={ARCH}", std, *cpp_extension.COMMON_NVCC_FLAGS,
+             *_extension.nvcc_flags(jit=False), *(f"-I{d}" for d in includes), str(SOURCE), "-o", str(out)])
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory) -> dict[tuple[str, str, bool], str]:
+    """{(optimizer, dtype name, has master): that kernel's PTX}."""
+    out = tmp_path_factory.mktemp("ptx") / "cuda_step.ptx"
+    command = _nvcc_command(out)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"nvcc failed:\n{' '.join(command)}\n{done.stderr[-4000:]}"
+    ptx = out.read_text()
+    starts = list(ENTRY.finditer(ptx))
+    found = {}
+    for k, entry in enumerate(starts):
+        name = KERNEL_NAME.search(entry.group(1))
+        assert name is not None, f"unexpected kernel {entry.group(1)}"
+        body = ptx[entry.start():starts[k + 1].start() if k + 1 < len(starts) else len(ptx)]
+        found[(name.group(1), DTYPES[name.group(2)][0], name.group(3) == "1")] = body
+    return found
+
+
+def per_thread() -> int:
+    """kPerThread of the source: elements per thread per iteration of the vector path."""
+    return int(re.search(r"constexpr int kPerThread = (\d+);", SOURCE.read_text()).group(1))
+
+
+def instructions(body: str) -> collections.Counter:
+    return collections.Counter(INSTRUCTION.findall(body))
+
+
+def expected_accesses(optimizer: str, itemsize: int, has_master: bool) -> tuple[int, int, int]:
+    """(16-byte read-only loads, other 16-byte loads, 16-byte stores) of one instantiation's tiles.
+
+    LARS reads w and g to sum their squares, then w, g and the momentum buffer to apply; LAMB reads w, g, m, v
+    and stores m, v, then reads w, m, v again. The update stores w, and the rounded parameter when w is the
+    float32 master."""
+    per = per_thread()
+    state = per * 4 // 16  # a float32 tensor's 16-byte accesses per tile
+    param = per * itemsize // 16
+    w = state if has_master else param
+    if optimizer == "lars":
+        grads = 2 * param
+        loads = w + (w + state)
+        stores = state + w
+    else:
+        grads = param
+        loads = (w + 2 * state) + (w + 2 * state)
+        stores = 2 * state + w
+    return grads, loads, stores + (param if has_master else 0)
+
+
+INSTANTIATIONS = [("lars", "float32", False), ("lamb", "float32", False)] + [
+    (opt, dtype, master) for opt in ("lars", "lamb") for dtype in ("bfloat16", "float16") for master in (False, True)]
+IDS = [f"{opt}-{dtype}-{'master' if master else 'params'}" for opt, dtype, master in INSTANTIATIONS]
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def test_every_instantiation_is_compiled(kernels):
+    assert sorted(kernels) == sorted(INSTANTIATIONS)
+
+
+@pytest.mark.parametrize("key", INSTANTIATIONS, ids=IDS)
+def test_element_loops_use_16_byte_accesses(kernels, key):
+    optimizer, dtype, has_master = key
+    ops = instructions(kernels[key])
+    read_only = sum(n for op, n in ops.items() if re.fullmatch(r"ld\.global\.nc(\.[\w:]+)*\.v4\.\w32", op))
+    loads = sum(n for op, n in ops.items() if re.fullmatch(r"ld\.global(?!\.nc)(\.[\w:]+)*\.v4\.\w32", op))
+    stores = sum(n for op, n in ops.items() if re.fullmatch(r"st\.global(\.[\w:]+)*\.v4\.\w32", op))
+    want = expected_accesses(optimizer, ITEMSIZE[dtype], has_master)
+    assert (read_only, loads, stores) == want, (
+        f"(read-only gradient loads, other loads, stores) of 16 bytes: got {(read_only, loads, stores)}, the "
+        f"design gives {want}; all 16-byte accesses: { {op: n for op, n in ops.items() if '.v4' in op} }")
+
+
+@pytest.mark.parametrize("key", INSTANTIATIONS, ids=IDS)
+def test_reductions_have_no_atomics(kernels, key):
+    atomics = {op: n for op, n in instructions(kernels[key]).items() if ATOMIC.match(op)}
+    # cooperative_groups' grid.sync() counts arrivals with one integer atomic; there are two barriers
+    assert all(re.search(r"\.[us](32|64)$", op) for op in atomics) and sum(atomics.values()) <= 2, atomics
+
+
+@pytest.mark.parametrize("key", INSTANTIATIONS, ids=IDS)
+def test_square_roots_and_divisions_are_correctly_rounded(kernels, key):
+    ops = instructions(kernels[key])
+    approximate = {op: n for op, n in ops.items() if re.match(r"(r?sqrt|div|rcp)\.(approx|full)", op)}
+    assert not approximate, approximate
+    assert ops["sqrt.rn.f64"] >= 2, "the norms' square roots must be float64 (||w|| and the denominator)"
+
+
+@pytest.mark.parametrize("key", INSTANTIATIONS, ids=IDS)
+def test_no_local_memory(kernels, key):
+    local = {op: n for op, n in instructions(kernels[key]).items() if re.match(r"(ld|st)\.local", op)}
+    assert not local, local
