@@ -1,6 +1,7 @@
 """The Triton backend beyond the parity table: layers split over many chunks, the launch count, GradScaler
 inputs, lr as a tensor, reproducibility, strided layers, the step of sharded layers split around an
-all-reduce, phi and bias-correction numerics, bfloat16 rounding.
+all-reduce, aligned and misaligned tensors, norms beyond float32's range, phi and bias-correction numerics,
+bfloat16 rounding.
 
 On the CPU the kernels run under the Triton interpreter (tests/conftest.py); the tests marked ``gpu`` need CUDA.
 """
@@ -19,6 +20,7 @@ import buckets
 from buckets import assert_buckets_close, assert_buckets_equal, clone_bucket
 from cases import CASES, SHAPES, SMALL_SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
 from tvlars_fused import LAMB, LARS, TVLARS, reference
+from tvlars_fused._layer_table import prepare
 from tvlars_fused._types import Bucket, LambHyper, LarsHyper
 from tvlars_fused.triton_kernels.common import one_minus_pow, phi, to_param_dtype
 
@@ -48,7 +50,7 @@ LAMB_HP = LambHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01
                     norm_clip=10.0)
 # Tiny chunks: these layers span 1 to 5 chunks, which pass 2 reduces in tiles of 2 partials (the interpreter
 # runs a program in milliseconds, so the layers stay few and small).
-MANY_CHUNKS = dict(chunk=32, block=16, max_reduce_block=2)
+MANY_CHUNKS = dict(chunk=32, block=16, reduce_block=2)
 MULTI_CHUNK_SHAPES = [s for s in SMALL_SHAPES if s != (300, 7)]
 
 
@@ -340,6 +342,81 @@ def test_sharded_rank_with_only_empty_shards_steps(lamb):
     assert all(s == b + 1 for s, b in zip(bucket.steps, before.steps))
 
 
+# ----------------------------------------------------------------------------- alignment, float64 norms
+# A chunk of full tiles, one of full tiles and a tail, one of a tail alone (MANY_CHUNKS: chunks of 32, tiles of 16).
+ALIGNMENT_SHAPES = [(16, 8), (3, 19), (37,), (1,), (0,)]
+
+
+def _misaligned(t):
+    """t's values in a view one element into a flat buffer: dense, so the table covers it, never 16-byte aligned."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)[1:].view(t.shape)
+    return view.copy_(t)
+
+
+def _misalign(bucket):
+    bucket.params = [_misaligned(t) for t in bucket.params]
+    bucket.grads = [_misaligned(t) for t in bucket.grads]
+    bucket.states = [[_misaligned(t) for t in state] for state in bucket.states]
+    if bucket.masters is not None:
+        bucket.masters = [_misaligned(t) for t in bucket.masters]
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+def test_aligned_and_misaligned_layers_match_reference(aligned, dtype, lamb, many_chunks):
+    masters = dtype != torch.float32
+    bucket = make_bucket(ALIGNMENT_SHAPES, lamb=lamb, dtype=dtype, masters=masters)
+    if not aligned:
+        _misalign(bucket)
+    assert prepare(bucket, MANY_CHUNKS["chunk"])[1].aligned16 == aligned  # the path the launches take
+    expected = clone_bucket(bucket)
+    for _ in range(3):
+        step(bucket, lamb, _triton_module(), grad_scale=torch.tensor(0.5, device=DEVICE))
+        step(expected, lamb, reference, grad_scale=torch.tensor(0.5, device=DEVICE))
+    if masters:  # parameters are the one rounding of their float32 masters, compared below with the states
+        assert all(torch.equal(p, m.to(dtype)) for p, m in zip(bucket.params, bucket.masters))
+        bucket.params, expected.params = [], []
+    assert_buckets_close(bucket, expected, 1e-5)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_weights_near_1e20_have_finite_norms_and_match_reference(lamb):
+    # Squares of 1e20 overflow float32 (3.4e38); without norm_clip an infinite ||w|| makes q infinite.
+    bucket = make_bucket([(16, 8), (3, 19)], lamb=lamb)
+    for p in bucket.params:
+        p.mul_(1e20)
+    expected = clone_bucket(bucket)
+    for _ in range(2):
+        step(bucket, lamb, _triton_module(), norm_clip=None)
+        step(expected, lamb, reference, norm_clip=None)
+    assert all(torch.isfinite(t).all() for t in bucket.params + [s for state in bucket.states for s in state])
+    assert_buckets_close(bucket, expected, 1e-5)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_sum_of_squares_below_float32_normal_range_takes_the_trust_ratio(lamb):
+    # Elements near 1e-25: each layer's sum of squares (about 1e-48) lies below 2**-126 and even below
+    # float32's smallest subnormal, so a float32 sum is 0 and takes q = 1, a step of lr * g here.
+    bucket = make_bucket([(16, 8), (3, 19)], lamb=lamb)
+    for t in bucket.params + [s for state in bucket.states for s in state]:
+        t.mul_(1e-25)
+    expected = clone_bucket(bucket)
+    for _ in range(2):
+        step(bucket, lamb, _triton_module())
+        step(expected, lamb, reference)
+    assert all(p.abs().max() < 1e-20 for p in bucket.params)  # q ~ ||w|| / ||d|| ~ 1e-25: the step is tiny
+    assert_buckets_close(bucket, expected, 1e-5)
+
+
+def test_launch_sizes_reject_chunks_that_split_a_tile():
+    backend = _triton_module()
+    with pytest.raises(ValueError, match="chunk must be a positive multiple of block"):
+        backend.LaunchSizes(chunk=48, block=32)
+    with pytest.raises(ValueError, match="block must be a power of two >= 8"):
+        backend.LaunchSizes(chunk=48, block=24)
+
+
 # ----------------------------------------------------------------------------- device numerics
 # exp overflowing to inf is the point (phi = gamma_min); numpy says so when it interprets the kernel.
 EXP_OVERFLOW_IS_EXPECTED = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -460,6 +537,31 @@ def test_gpu_step_replays_in_a_cuda_graph(lamb):
     graph.replay()
     torch.cuda.synchronize()
     assert_buckets_equal(graphed, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_gpu_step_on_a_side_stream_records_the_table_there_once(lamb, monkeypatch):
+    _cuda_or_skip()
+    backend = _triton_module()
+    bucket = make_bucket(SHAPES, lamb=lamb, device="cuda")
+    expected = clone_bucket(bucket)
+    recorded = []
+    record_stream = torch.Tensor.record_stream
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: recorded.append(s) or record_stream(t, s))
+    side = torch.cuda.Stream()
+    step(bucket, lamb, backend)  # the table is built on the current stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step(bucket, lamb, backend)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        step(expected, lamb, backend)
+    torch.cuda.synchronize()
+    assert_buckets_equal(bucket, expected)
+    # layers, chunk_layer, partials, new_steps and zero: once on each of the two streams
+    assert len(recorded) == 10 and set(recorded) == {torch.cuda.current_stream(), side}
 
 
 @pytest.mark.gpu

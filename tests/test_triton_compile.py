@@ -1,10 +1,20 @@
 """The Triton kernels compiled for real GPUs on a machine without one.
 
 The interpreter (which runs the other Triton tests on the CPU) forgives things the compiler does not: types
-of loop bounds, int-to-pointer casts, constexpr dtypes. So each kernel is compiled here to a cubin for
-Hopper (the H200 test machine) and Ampere, with every constexpr flag both ways, in a subprocess without
-TRITON_INTERPRET; no GPU or driver is needed for that. The PTX must hold no atomics: the reductions are
-deterministic.
+of loop bounds, int-to-pointer casts, constexpr dtypes; and it says nothing of the machine code. So each
+kernel is compiled here to a cubin for Hopper (the H200 test machine) and Ampere, with every constexpr flag
+both ways, in a subprocess without TRITON_INTERPRET; no GPU or driver is needed for that. The PTX is then
+read for what the design promises:
+
+- no atomics: the reductions are deterministic;
+- no ``sqrt.approx`` (it flushes sums below 2**-126 to zero): norms are float64, LAMB's sqrt is rounded;
+- with ALIGNED (every table pointer 16-byte aligned) the element loops load and store 16 bytes per access
+  (``ld.global.v4`` / ``st.global.v4``: four float32 or eight bfloat16), and without it no vector access at
+  all, since those fault on a misaligned address;
+- the runtime chunk size: the launches of two buckets of different layer sizes share one compiled kernel.
+
+Either script also runs outside pytest (``python -c``) under another Triton, with the repository on
+PYTHONPATH: the GPU machine runs another Triton than this one.
 """
 
 import json
@@ -26,46 +36,159 @@ COMPILE_ALL = textwrap.dedent("""
     from tvlars_fused.triton_kernels.lamb import lamb_moments_kernel, lamb_update_kernel
     from tvlars_fused.triton_kernels.lars import lars_norms_kernel, lars_update_kernel
 
+    TYPES = {"layers_ptr": "*i64", "chunk_layer_ptr": "*i32", "num_chunks": "i32", "chunk_size": "i32",
+             "partials_ptr": "*fp64", "sums_ptr": "*fp64", "layer_sums_ptr": "*fp64"}
+
     def signature(fn, constexprs):
-        types = {"layers_ptr": "*i64", "chunk_layer_ptr": "*i32", "num_chunks": "i32"}
-        return {name: "constexpr" if name in constexprs else types.get(name, "*fp32" if name.endswith("_ptr")
+        return {name: "constexpr" if name in constexprs else TYPES.get(name, "*fp32" if name.endswith("_ptr")
                 else "fp32") for name in fn.arg_names}
 
     results = []
     for arch in (90, 80):
         for flag, dtype in [(False, tl.float32), (True, tl.bfloat16), (True, tl.float16), (False, tl.bfloat16)]:
-            common = dict(PARAM_DTYPE=dtype, HAS_MASTER=flag, CHUNK=8192, BLOCK=1024)
+            common = dict(PARAM_DTYPE=dtype, HAS_MASTER=flag, BLOCK=1024)
             variants = [
                 (lars_norms_kernel, dict(HAS_GRAD_SCALE=flag, SUM_OF_NORMS=flag)),
                 (lars_update_kernel, dict(HAS_GRAD_SCALE=flag, LR_ON_DEVICE=not flag, SUM_OF_NORMS=not flag,
-                                          NESTEROV=flag, USE_PHI=not flag, RBLOCK=64, LAYER_SUMS=flag)),
+                                          NESTEROV=flag, USE_PHI=not flag, RBLOCK=64 if flag else 1024,
+                                          LAYER_SUMS=flag)),
                 (lamb_moments_kernel, dict(HAS_GRAD_SCALE=not flag, HAS_CLIP_COEF=flag, BIAS_CORRECTION=flag)),
-                (lamb_update_kernel, dict(LR_ON_DEVICE=flag, BIAS_CORRECTION=not flag, RBLOCK=1024,
-                                          LAYER_SUMS=not flag)),
-                (layer_sums_kernel, dict(RBLOCK=64 if flag else 1024)),
+                (lamb_update_kernel, dict(LR_ON_DEVICE=flag, BIAS_CORRECTION=not flag,
+                                          RBLOCK=64 if flag else 1024, LAYER_SUMS=not flag)),
             ]
+            # Ampere only checks that the code compiles: the PTX checks run on Hopper, both alignments.
+            variants = [(fn, dict(flags, ALIGNED=aligned)) for fn, flags in variants
+                        for aligned in ((True, False) if arch == 90 else (flag,))]
+            variants.append((layer_sums_kernel, dict(RBLOCK=64 if flag else 1024)))
             for fn, flags in variants:
                 # layer_sums_kernel has none of the elementwise flags
                 constexprs = {k: v for k, v in dict(common, **flags).items() if k in fn.arg_names}
                 kernel = triton.compile(ASTSource(fn, signature(fn, constexprs), constexprs),
                                         target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
-                ptx = kernel.asm["ptx"]
-                results.append(dict(name=fn.__name__, arch=arch, dtype=str(dtype), cubin=len(kernel.asm["cubin"]),
-                                    atomics=re.search(r"\\b(atom|red)\\.", ptx) is not None))
-    json.dump(results, sys.stdout)
+                ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+                layouts = dict(re.findall(r"(?m)^(#\\w+) = (.*)$", ttgir))
+                results.append(dict(
+                    name=fn.__name__, arch=arch, dtype=str(dtype), aligned=flags.get("ALIGNED"),
+                    cubin=len(kernel.asm["cubin"]), atomics=re.search(r"\\b(atom|red)\\.", ptx) is not None,
+                    sqrt=sorted(set(re.findall(r"\\bsqrt\\.[\\w.]+", ptx))),
+                    global_access=sorted(set(re.findall(r"\\b(?:ld|st)\\.global(?:\\.\\w+)*", ptx))),
+                    # 16-bit element accesses outside the predicated tail tile: a full tile's that did not
+                    # become a vector access
+                    unpredicated_16bit=len(re.findall(r"(?m)^\\s*(?:ld|st)\\.global\\.b16", ptx)),
+                    # each float64 tile reduction's size and layout, which fix its order of additions
+                    f64_reduces=[(int(n), layouts[name]) for n, name in re.findall(
+                        r"tt\\.reduce.*?\\) : \\(tensor<(\\d+)xf64, (#\\w+)>", ttgir, re.S)]))
+    json.dump(dict(triton=triton.__version__, results=results), sys.stdout)
+""")
+
+# Compile keys of the launches of two buckets, one of small layers and one of a large layer (chunks of 4096
+# and 65536 elements, and differently many chunks), taken by Triton's own launcher in front of a stand-in
+# driver (a Hopper target, no device); the launcher's compile hook records each key and skips the compile.
+CACHE_KEYS = textwrap.dedent("""
+    import json, sys
+    import torch
+    import triton, triton.language as tl
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from tvlars_fused._triton_backend import launch_sizes
+    from tvlars_fused.triton_kernels.common import layer_sums_kernel
+    from tvlars_fused.triton_kernels.lamb import lamb_moments_kernel, lamb_update_kernel
+    from tvlars_fused.triton_kernels.lars import lars_norms_kernel, lars_update_kernel
+
+    class Hopper:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    triton.runtime.driver.set_active(Hopper())
+    keys = {}
+
+    def record(*, key, fn, **kwargs):
+        keys.setdefault(fn.name, set()).add(str(key))
+        return True  # do not compile
+
+    knobs.runtime.jit_cache_hook = record
+    ptr, f64 = torch.float32, torch.float64
+    chunks = []
+    for layers in ([1000, 70000, 3], [1 << 28]):
+        bucket = type("Bucket", (), dict(params=[torch.empty(n, device="meta") for n in layers],
+                                         device=torch.device("cuda")))
+        sizes = launch_sizes(bucket)
+        num_chunks = sum(-(-n // sizes.chunk) for n in layers)
+        chunks.append(sizes.chunk)
+        lengths = dict(num_chunks=num_chunks, chunk_size=sizes.chunk)
+        flags = dict(PARAM_DTYPE=tl.float32, HAS_MASTER=False, ALIGNED=True, BLOCK=sizes.block,
+                     num_warps=sizes.num_warps)
+        grid = (num_chunks,)
+        lars_norms_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, *lengths.values(), 0.0,
+                                 HAS_GRAD_SCALE=False, SUM_OF_NORMS=False, grid=grid, **flags)
+        lars_update_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, ptr, ptr, *lengths.values(),
+                                  *[0.5] * 10, HAS_GRAD_SCALE=False, LR_ON_DEVICE=False, SUM_OF_NORMS=False,
+                                  NESTEROV=False, USE_PHI=True, RBLOCK=sizes.reduce_block, LAYER_SUMS=False,
+                                  grid=grid, **flags)
+        lamb_moments_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, ptr, ptr, *lengths.values(),
+                                   *[0.5] * 8, HAS_GRAD_SCALE=False, HAS_CLIP_COEF=False, BIAS_CORRECTION=True,
+                                   grid=grid, **flags)
+        lamb_update_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, ptr, *lengths.values(), *[0.5] * 6,
+                                  LR_ON_DEVICE=False, BIAS_CORRECTION=True, RBLOCK=sizes.reduce_block,
+                                  LAYER_SUMS=True, grid=grid, **flags)
+        layer_sums_kernel.warmup(torch.int64, f64, f64, num_chunks, RBLOCK=sizes.reduce_block,
+                                 num_warps=sizes.num_warps, grid=(len(layers),))
+    json.dump(dict(chunks=chunks, keys={name: len(k) for name, k in keys.items()}), sys.stdout)
 """)
 
 
-def test_kernels_compile_for_hopper_and_ampere(tmp_path):
+def _run(script, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", COMPILE_ALL], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip(f"this Triton install cannot compile for CUDA without a GPU: {proc.stderr[-500:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout)
-    assert len(results) == 40
+    return json.loads(proc.stdout)
+
+
+def test_kernels_compile_for_hopper_and_ampere(tmp_path):
+    results = _run(COMPILE_ALL, tmp_path)["results"]
+    assert len(results) == 4 * (8 + 1) + 4 * (4 + 1)  # Hopper: both alignments; Ampere: one
     for r in results:
         assert r["cubin"] > 0, r
         assert not r["atomics"], r
+        assert not any(s.startswith("sqrt.approx") for s in r["sqrt"]), r
+        if r["name"] != "layer_sums_kernel":
+            assert "sqrt.rn.f64" in r["sqrt"] or r["name"].endswith("_moments_kernel") \
+                or r["name"] == "lars_norms_kernel", r
+    hopper = [r for r in results if r["arch"] == 90 and r["aligned"] is not None]
+    for r in hopper:
+        vector = [a for a in r["global_access"] if ".v2" in a or ".v4" in a]
+        if not r["aligned"]:
+            assert not vector, r  # a vector access faults on a misaligned address
+            continue
+        assert any(a.startswith("ld.global.v4.") for a in vector), r
+        if r["name"] != "lars_norms_kernel":  # the one kernel that stores no element
+            assert any(a.startswith("st.global.v4.") for a in vector), r
+    # Pass 2 reduces a layer's partials with the tree layer_sums_kernel uses: the sharded step's bits.
+    trees = {(r["arch"], n): layout for r in results if r["name"] == "layer_sums_kernel"
+             for n, layout in r["f64_reduces"]}
+    reducing = [r for r in results if r["name"].endswith("_update_kernel") and r["f64_reduces"]]
+    assert len(reducing) == 12, reducing  # without LAYER_SUMS: 8 on Hopper (both alignments), 4 on Ampere
+    for r in reducing:
+        assert all(layout == trees[r["arch"], n] for n, layout in r["f64_reduces"]), r
+    # bfloat16 and float16 elements: eight per 16-byte access when aligned (ld/st.global.v4.b32), and the scalar
+    # path's unpredicated 16-bit accesses show what the count would see if they were not
+    for r in hopper:
+        if r["dtype"] in ("bf16", "fp16"):
+            assert (r["unpredicated_16bit"] == 0) == r["aligned"], r
+
+
+def test_runtime_chunk_size_compiles_one_kernel_for_every_bucket(tmp_path):
+    measured = _run(CACHE_KEYS, tmp_path)
+    assert measured["chunks"] == [4096, 65536]  # two layer-size classes
+    assert measured["keys"] == {name: 1 for name in ("lars_norms_kernel", "lars_update_kernel",
+                                                     "lamb_moments_kernel", "lamb_update_kernel",
+                                                     "layer_sums_kernel")}, measured

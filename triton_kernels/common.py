@@ -1,10 +1,19 @@
-"""Device helpers shared by the LARS-family and LAMB kernels: reading the layer table, reducing a layer's
-per-chunk partial sums in a fixed order, phi and the bias correction in float32; and ``layer_sums_kernel``,
-the launch between the two passes that sharded layers take.
+"""Device helpers shared by the LARS-family and LAMB kernels: reading the layer table, the element tiles,
+float64 sums of squares reduced per layer in a fixed order, phi and the bias correction in float32; and
+``layer_sums_kernel``, the launch between the two passes that sharded layers take.
 
 Every kernel runs one program per chunk of the layer table (``tvlars_fused/_layer_table.py``); a program
-finds its layer through ``chunk_layer`` and walks the elements ``[start, end)`` of its chunk in tiles of
-``BLOCK`` with 64-bit offsets.
+finds its layer through ``chunk_layer`` and walks the elements ``[start, end)`` of its chunk with 64-bit
+offsets: unmasked full tiles of ``BLOCK``, then one masked tail tile. The chunk size is a runtime argument
+and ``num_chunks`` is not specialized on (Triton would compile variants for 1 and for multiples of 16), so a
+new model compiles nothing new; the host keeps the chunk size a multiple of BLOCK, so every tile starts
+BLOCK-aligned.
+With ``ALIGNED`` (the host saw every table pointer 16-byte aligned) the tensor pointers carry that hint and
+the full tiles compile to 16-byte vector loads and stores; without it the same code makes scalar accesses,
+correct at any alignment.
+
+Squares are summed in float64: a float32 square overflows for |x| > 1.8e19 and is flushed to zero below
+1e-19 on a GPU (whose float32 sqrt also flushes sums below 2**-126); float64 sqrt rounds correctly.
 """
 
 import triton
@@ -35,24 +44,54 @@ EXPM1_SERIES_DEGREE = tl.constexpr(11)
 
 
 @triton.jit
-def table_pointer(row_ptr, col: tl.constexpr, dtype: tl.constexpr):
-    """The tensor address stored in column ``col`` of a layer's row, as a pointer to ``dtype``."""
-    return tl.load(row_ptr + col).to(tl.pointer_type(dtype))
+def table_pointer(row_ptr, col: tl.constexpr, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """The tensor address stored in column ``col`` of a layer's row, as a pointer to ``dtype``; ALIGNED tells
+    the compiler it is 16-byte aligned (the hint must sit on the pointer: one on the integer is lost)."""
+    ptr = tl.load(row_ptr + col).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
-def chunk_span(layers_ptr, chunk_layer_ptr, CHUNK: tl.constexpr):
+def chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK: tl.constexpr):
     """This program's chunk: (its layer's row pointer, layer index, first element, end element, whether it is
-    the layer's first chunk). Offsets are int64, so layers beyond 2**31 elements work."""
+    the layer's first chunk). Offsets are int64, so layers beyond 2**31 elements work. ``start`` is a multiple
+    of BLOCK (the host checks that ``chunk_size`` is), which the vector path needs to know."""
     chunk = tl.program_id(0)
     layer = tl.load(chunk_layer_ptr + chunk).to(tl.int64)
     row_ptr = layers_ptr + layer * NUM_COLS_C
     numel = tl.load(row_ptr + COL_NUMEL_C)
     first_chunk = tl.load(row_ptr + COL_FIRST_CHUNK_C)
     index_in_layer = chunk.to(tl.int64) - first_chunk
-    start = index_in_layer * CHUNK
-    end = tl.minimum(start + CHUNK, numel)
+    start = tl.multiple_of(index_in_layer * chunk_size, BLOCK)
+    end = tl.minimum(start + chunk_size, numel)
     return row_ptr, layer, start, end, index_in_layer == 0
+
+
+@triton.jit
+def full_tiles_end(start, end, BLOCK: tl.constexpr):
+    """Where the chunk's full tiles [start, start + k * BLOCK) end and its masked tail tile begins."""
+    return start + (end - start) // BLOCK * BLOCK
+
+
+@triton.jit
+def load(ptr, mask):
+    """A tile's load: unmasked in a full tile (``mask`` None), zeros beyond the end in the tail tile."""
+    if mask is None:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def square64(x, mask):
+    """x * x in float64, zero beyond the end of a tail tile (where x may be NaN, as LAMB's 0 / 0)."""
+    x = x.to(tl.float64)
+    if mask is None:
+        return x * x
+    else:
+        return tl.where(mask, x * x, 0.0)
 
 
 @triton.jit
@@ -60,24 +99,28 @@ def is_excluded(row_ptr):
     return (tl.load(row_ptr + COL_FLAGS_C) & FLAG_EXCLUDED_C) != 0
 
 
-@triton.jit
+@triton.jit(noinline=True)
 def layer_sum(partials_ptr, row_ptr, RBLOCK: tl.constexpr):
-    """The sum of a layer's per-chunk partials, always added in the same order (chunk by chunk in tiles of
-    RBLOCK, then one tree reduction), so every program of the layer and every run gets the same bits."""
+    """The float64 sum of a layer's float64 per-chunk partials, always added in the same order (chunk by
+    chunk in tiles of RBLOCK, then one tree reduction), so every program of the layer, ``layer_sums_kernel``
+    and every run get the same bits. The tree follows the tile's layout, which the launch's num_warps and
+    the surrounding code choose: not inlined, the function's layout is its own and not the vector layout of
+    pass 2's element tiles, so pass 2 and ``layer_sums_kernel`` reduce alike."""
     first = tl.load(row_ptr + COL_FIRST_CHUNK_C)
     count = tl.load(row_ptr + COL_NUM_CHUNKS_C)
-    acc = tl.zeros([RBLOCK], dtype=tl.float32)
+    acc = tl.zeros([RBLOCK], dtype=tl.float64)
     for offset in range(0, count, RBLOCK):
         index = offset + tl.arange(0, RBLOCK)
         acc += tl.load(partials_ptr + first + index, mask=index < count, other=0.0)
     return tl.sum(acc, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])
 def layer_sums_kernel(layers_ptr, partials_ptr, layer_sums_ptr, num_chunks, RBLOCK: tl.constexpr):
     """Sharded layers, between the passes: program i reduces layer i's partials (``[2, num_chunks]``) with
-    ``layer_sum``, the very sums pass 2 would form, into ``layer_sums[i]`` (``[num_layers, 2]``), which the
-    host then sums over the ranks. Every layer owns at least one chunk, so an empty shard stores zeros."""
+    ``layer_sum``, the very sums pass 2 would form (launched with pass 2's num_warps), into ``layer_sums[i]``
+    (float64 ``[num_layers, 2]``), which the host then sums over the ranks. Every layer owns at least one
+    chunk, so an empty shard stores zeros."""
     layer = tl.program_id(0).to(tl.int64)
     row_ptr = layers_ptr + layer * NUM_COLS_C
     tl.store(layer_sums_ptr + 2 * layer, layer_sum(partials_ptr, row_ptr, RBLOCK))
@@ -86,9 +129,9 @@ def layer_sums_kernel(layers_ptr, partials_ptr, layer_sums_ptr, num_chunks, RBLO
 
 @triton.jit
 def whole_layer_sums(sums_ptr, num_chunks, row_ptr, layer, RBLOCK: tl.constexpr, LAYER_SUMS: tl.constexpr):
-    """Pass 2's two sums of squares over the whole layer: read from ``sums_ptr`` as ``[num_layers, 2]``
-    all-reduced sums when LAYER_SUMS (sharded layers), else reduced here from it as ``[2, num_chunks]``
-    partials."""
+    """Pass 2's two float64 sums of squares over the whole layer: read from ``sums_ptr`` as
+    ``[num_layers, 2]`` all-reduced sums when LAYER_SUMS (sharded layers), else reduced here from it as
+    ``[2, num_chunks]`` partials."""
     if LAYER_SUMS:
         return tl.load(sums_ptr + 2 * layer), tl.load(sums_ptr + 2 * layer + 1)
     else:

@@ -5,12 +5,14 @@ The trust ratio needs ||u|| over the whole layer, and u needs the layer's new mo
 Pass 1 (``lamb_moments_kernel``), one program per chunk: reads the state step and uses t = step + 1 (no
 program writes the state step in this pass; the layer's first-chunk program records t in ``new_steps``).
 It computes the new m and v of its own chunk's elements and stores them (no other program reads them in
-this pass, and pass 2 always follows on the same stream), forms u from them, and writes the chunk's partial
-sums of ||w||^2 and ||u||^2 to ``partials`` (``[2, num_chunks]``). Weights and gradients are not written.
+this pass, and pass 2 always follows on the same stream), forms u from them, and writes the chunk's float64
+partial sums of ||w||^2 and ||u||^2 to ``partials`` (``[2, num_chunks]``). Weights and gradients are not
+written.
 
 Pass 2 (``lamb_update_kernel``), one program per chunk: re-reduces its own layer's partials in a fixed order
 (deterministic, no atomics), reads t from ``new_steps``, recomputes u from the stored new moments with the
-same code as pass 1, and applies w -= lr * q * u; the layer's first-chunk program stores t in the state step.
+same code as pass 1, and applies w -= lr * q * u, with q = ||w|| / ||u|| formed in float64 and rounded once to
+float32; the layer's first-chunk program stores t in the state step.
 
 Sharded layers (``LAYER_SUMS``): pass 1 works on the local shards; ``layer_sums_kernel`` (common) reduces
 each layer's partials into ``[num_layers, 2]``, the host all-reduces that over the ranks, and pass 2 reads the
@@ -23,112 +25,140 @@ import triton
 import triton.language as tl
 
 from .common import (COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STATE1_C, COL_STEP_C, chunk_span,
-                     is_excluded, one_minus_pow, table_pointer, to_param_dtype, whole_layer_sums)
+                     full_tiles_end, is_excluded, load, one_minus_pow, square64, table_pointer, to_param_dtype,
+                     whole_layer_sums)
 
 
 @triton.jit
-def bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION: tl.constexpr):
+def inverse_bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION: tl.constexpr):
+    """1 / (1 - beta1**t) and 1 / (1 - beta2**t), once per program rather than a division per element."""
     if BIAS_CORRECTION:
-        return one_minus_pow(log_beta1, t), one_minus_pow(log_beta2, t)
+        return 1.0 / one_minus_pow(log_beta1, t), 1.0 / one_minus_pow(log_beta2, t)
     else:
         return 1.0, 1.0
 
 
 @triton.jit
-def lamb_update_direction(m, v, w, correction1, correction2, eps, decay):
-    """u = m_hat / (sqrt(v_hat) + eps) + decay * w, shared by both passes so they compute the same u."""
-    return (m / correction1) / (tl.sqrt(v / correction2) + eps) + decay * w
+def lamb_update_direction(m, v, w, inv_correction1, inv_correction2, eps, decay):
+    """u = m_hat / (sqrt(v_hat) + eps) + decay * w, shared by both passes so they compute the same u. The
+    square root is correctly rounded: the default one flushes v_hat below 2**-126 to 0 on a GPU."""
+    return (m * inv_correction1) / (tl.sqrt_rn(v * inv_correction2) + eps) + decay * w
 
 
 @triton.jit
+def lamb_moments_tile(grad_ptr, m_ptr, v_ptr, weight_ptr, index, mask, inv_grad_scale, clip_coef, beta1, beta2,
+                      one_minus_beta1, one_minus_beta2, inv_correction1, inv_correction2, eps, decay, w_sq, u_sq,
+                      HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr):
+    g = load(grad_ptr + index, mask).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = g * inv_grad_scale
+    if HAS_CLIP_COEF:
+        g = g * clip_coef
+    m = beta1 * load(m_ptr + index, mask) + one_minus_beta1 * g
+    v = beta2 * load(v_ptr + index, mask) + one_minus_beta2 * g * g
+    tl.store(m_ptr + index, m, mask=mask)
+    tl.store(v_ptr + index, v, mask=mask)
+    w = load(weight_ptr + index, mask).to(tl.float32)
+    u = lamb_update_direction(m, v, w, inv_correction1, inv_correction2, eps, decay)
+    return w_sq + square64(w, mask), u_sq + square64(u, mask)
+
+
+@triton.jit(do_not_specialize=["num_chunks"])
 def lamb_moments_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, grad_scale_ptr, found_inf_ptr,
-                        clip_coef_ptr, num_chunks, beta1, beta2, one_minus_beta1, one_minus_beta2, log_beta1,
-                        log_beta2, eps, weight_decay,
+                        clip_coef_ptr, num_chunks, chunk_size, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                        log_beta1, log_beta2, eps, weight_decay,
                         PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                        HAS_CLIP_COEF: tl.constexpr, BIAS_CORRECTION: tl.constexpr, CHUNK: tl.constexpr,
+                        HAS_CLIP_COEF: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ALIGNED: tl.constexpr,
                         BLOCK: tl.constexpr):
     # 1 - beta comes from float64 on the host: in float32, 1 - 0.999 is off by 1e-5 relative.
-    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, CHUNK)
+    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
     skip = tl.load(found_inf_ptr) != 0
     end = tl.where(skip, start, end)
-    t = tl.load(table_pointer(row_ptr, COL_STEP_C, tl.float32)) + 1.0
+    t = tl.load(table_pointer(row_ptr, COL_STEP_C, tl.float32, False)) + 1.0
     tl.store(new_steps_ptr + layer, t, mask=first)
-    correction1, correction2 = bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION)
+    inv_correction1, inv_correction2 = inverse_bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION)
     decay = tl.where(is_excluded(row_ptr), 0.0, weight_decay)
+    inv_grad_scale = 1.0
     if HAS_GRAD_SCALE:
-        grad_scale = tl.load(grad_scale_ptr)
+        inv_grad_scale = 1.0 / tl.load(grad_scale_ptr)
+    clip_coef = 1.0
     if HAS_CLIP_COEF:
         clip_coef = tl.load(clip_coef_ptr)
 
-    grad_ptr = table_pointer(row_ptr, COL_GRAD_C, PARAM_DTYPE)
-    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32)
-    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32)
+    grad_ptr = table_pointer(row_ptr, COL_GRAD_C, PARAM_DTYPE, ALIGNED)
+    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32, ALIGNED)
+    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32, ALIGNED)
     if HAS_MASTER:
-        weight_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32)
+        weight_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)
     else:
-        weight_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE)
-    w_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    u_sq = tl.zeros([BLOCK], dtype=tl.float32)
-    for offset in range(start, end, BLOCK):
-        index = offset + tl.arange(0, BLOCK)
-        mask = index < end
-        g = tl.load(grad_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GRAD_SCALE:
-            g = g / grad_scale
-        if HAS_CLIP_COEF:
-            g = g * clip_coef
-        m = beta1 * tl.load(m_ptr + index, mask=mask, other=0.0) + one_minus_beta1 * g
-        v = beta2 * tl.load(v_ptr + index, mask=mask, other=0.0) + one_minus_beta2 * g * g
-        tl.store(m_ptr + index, m, mask=mask)
-        tl.store(v_ptr + index, v, mask=mask)
-        w = tl.load(weight_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        u = lamb_update_direction(m, v, w, correction1, correction2, eps, decay)
-        w_sq += w * w
-        u_sq += tl.where(mask, u * u, 0.0)
+        weight_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
+    w_sq = tl.zeros([BLOCK], dtype=tl.float64)
+    u_sq = tl.zeros([BLOCK], dtype=tl.float64)
+    tail = full_tiles_end(start, end, BLOCK)
+    for offset in range(start, tail, BLOCK):
+        w_sq, u_sq = lamb_moments_tile(grad_ptr, m_ptr, v_ptr, weight_ptr, offset + tl.arange(0, BLOCK), None,
+                                       inv_grad_scale, clip_coef, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                                       inv_correction1, inv_correction2, eps, decay, w_sq, u_sq, HAS_GRAD_SCALE,
+                                       HAS_CLIP_COEF)
+    if tail < end:
+        index = tail + tl.arange(0, BLOCK)
+        w_sq, u_sq = lamb_moments_tile(grad_ptr, m_ptr, v_ptr, weight_ptr, index, index < end, inv_grad_scale,
+                                       clip_coef, beta1, beta2, one_minus_beta1, one_minus_beta2, inv_correction1,
+                                       inv_correction2, eps, decay, w_sq, u_sq, HAS_GRAD_SCALE, HAS_CLIP_COEF)
     chunk = tl.program_id(0)
     tl.store(partials_ptr + chunk, tl.sum(w_sq, axis=0))
     tl.store(partials_ptr + num_chunks + chunk, tl.sum(u_sq, axis=0))
 
 
 @triton.jit
+def lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, index, mask, scale, inv_correction1, inv_correction2,
+                     eps, decay, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr):
+    if HAS_MASTER:
+        w = load(master_ptr + index, mask)
+    else:
+        w = load(param_ptr + index, mask).to(tl.float32)
+    m = load(m_ptr + index, mask)
+    v = load(v_ptr + index, mask)
+    w = w - scale * lamb_update_direction(m, v, w, inv_correction1, inv_correction2, eps, decay)
+    if HAS_MASTER:
+        tl.store(master_ptr + index, w, mask=mask)
+    tl.store(param_ptr + index, to_param_dtype(w, PARAM_DTYPE), mask=mask)  # the one rounding
+
+
+@triton.jit(do_not_specialize=["num_chunks"])
 def lamb_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, found_inf_ptr, lr_ptr,
-                       num_chunks, lr, log_beta1, log_beta2, eps, weight_decay, norm_clip,
+                       num_chunks, chunk_size, lr, log_beta1, log_beta2, eps, weight_decay, norm_clip,
                        PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
-                       BIAS_CORRECTION: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                       BIAS_CORRECTION: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                        RBLOCK: tl.constexpr, LAYER_SUMS: tl.constexpr):
-    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, CHUNK)
+    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
     skip = tl.load(found_inf_ptr) != 0
     end = tl.where(skip, start, end)
     t = tl.load(new_steps_ptr + layer)
-    correction1, correction2 = bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION)
+    inv_correction1, inv_correction2 = inverse_bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION)
 
+    # q = ||w|| / ||u|| in float64 from the float64 sums, rounded once to float32.
     adapted = ~is_excluded(row_ptr)
     decay = tl.where(adapted, weight_decay, 0.0)
     w_sq, u_sq = whole_layer_sums(sums_ptr, num_chunks, row_ptr, layer, RBLOCK, LAYER_SUMS)
     w_norm = tl.minimum(tl.sqrt(w_sq), norm_clip)
     u_norm = tl.sqrt(u_sq)
     trusted = adapted & (w_norm > 0) & (u_norm > 0)
-    q = tl.where(trusted, w_norm / tl.where(trusted, u_norm, 1.0), 1.0)  # no 0 / 0 on the q = 1 branch
+    q = tl.where(trusted, w_norm / tl.where(trusted, u_norm, 1.0), 1.0).to(tl.float32)  # no 0 / 0 when q = 1
     if LR_ON_DEVICE:
         lr = tl.load(lr_ptr)
     scale = lr * q
 
-    param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE)
-    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32)
-    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32)
-    if HAS_MASTER:
-        master_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32)
-    for offset in range(start, end, BLOCK):
-        index = offset + tl.arange(0, BLOCK)
-        mask = index < end
-        if HAS_MASTER:
-            w = tl.load(master_ptr + index, mask=mask, other=0.0)
-        else:
-            w = tl.load(param_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + index, mask=mask, other=0.0)
-        v = tl.load(v_ptr + index, mask=mask, other=0.0)
-        w = w - scale * lamb_update_direction(m, v, w, correction1, correction2, eps, decay)
-        if HAS_MASTER:
-            tl.store(master_ptr + index, w, mask=mask)
-        tl.store(param_ptr + index, to_param_dtype(w, PARAM_DTYPE), mask=mask)  # the one rounding
-    tl.store(table_pointer(row_ptr, COL_STEP_C, tl.float32), t, mask=first & ~skip)
+    param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
+    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32, ALIGNED)
+    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32, ALIGNED)
+    master_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)  # 0 (never read) without masters
+    tail = full_tiles_end(start, end, BLOCK)
+    for offset in range(start, tail, BLOCK):
+        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, offset + tl.arange(0, BLOCK), None, scale,
+                         inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER)
+    if tail < end:
+        index = tail + tl.arange(0, BLOCK)
+        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, index, index < end, scale, inv_correction1,
+                         inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER)
+    tl.store(table_pointer(row_ptr, COL_STEP_C, tl.float32, False), t, mask=first & ~skip)

@@ -8,6 +8,13 @@ value on the host, so a step is CUDA-graph safe: ``lr`` may be a device tensor, 
 and the zero-norm branch live on the device, and ``found_inf`` is honoured in-kernel. Layers the table cannot
 cover (strided views) go through the ``foreach`` backend.
 
+Launches run under the bucket's CUDA device and on the current stream; the table and the scratch tensors
+(``workspace``) are recorded on every stream they are used on, once per (table, stream), so the caching
+allocator does not hand their memory to another stream while a launch may still read it. Every launch names
+its num_warps (the per-layer reduction's tree, and so its bits, depends on it). The chunk size is a runtime
+argument: a new model does not compile new kernels; the vector fast path is chosen per table on the host
+(``table.aligned16``).
+
 Sharded buckets (FSDP2 / DTensor, ``bucket.reduce_sums`` set) hold each rank's shards, and the trust ratios
 need whole-layer norms: the step splits around one all-reduce, in three launches: pass 1 on the local
 shards, ``layer_sums_kernel`` (each layer's partials reduced in a fixed order to ``[num_layers, 2]``),
@@ -19,7 +26,9 @@ collectives: FSDP2's local shards are contiguous, so they always are.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +47,27 @@ from .triton_kernels.lars import lars_norms_kernel, lars_update_kernel
 supports_sharded = True
 
 _PARAM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# This backend's device tensors in a table's workspace (which also holds other entries, host tensors among them).
+_WORKSPACE_KEYS = ("partials", "new_steps", "zero", "layer_sums")
 
 
 @dataclass(frozen=True)
 class LaunchSizes:
-    chunk: int  # elements per program
-    block: int  # elements per tile of a program's loop
-    max_reduce_block: int = 1024  # partials per tile when pass 2 reduces a layer's chunks
+    chunk: int  # elements per program, a runtime kernel argument
+    block: int  # elements per tile of a program's loop (compiled in)
+    reduce_block: int = 1024  # partials per tile when a layer's chunks are reduced (compiled in)
     num_warps: int = 4
+
+    def __post_init__(self):
+        # Tiles start at multiples of block (what the vector path relies on), and a 16-byte vector of the
+        # narrowest dtype (bfloat16) is 8 elements.
+        if self.block < 8 or self.block & (self.block - 1):
+            raise ValueError(f"LaunchSizes: block must be a power of two >= 8, got {self.block}")
+        if self.chunk <= 0 or self.chunk % self.block:
+            raise ValueError(f"LaunchSizes: chunk must be a positive multiple of block ({self.block}), "
+                             f"got {self.chunk}")
+        if self.reduce_block <= 0 or self.reduce_block & (self.reduce_block - 1):
+            raise ValueError(f"LaunchSizes: reduce_block must be a power of two, got {self.reduce_block}")
 
 
 def launch_sizes(bucket: Bucket) -> LaunchSizes:
@@ -54,7 +76,8 @@ def launch_sizes(bucket: Bucket) -> LaunchSizes:
     Pass 2 re-reduces a layer's partials in each of its programs, so a layer of n elements costs
     (n / chunk)^2 partial reads in all: chunks grow like sqrt(n) of the largest layer (4 * sqrt(n), so 2**31
     elements give 2**16-element chunks and 2**15 partials per program, a few percent of its element traffic).
-    The interpreter runs one tile as one numpy operation, so there a tile covers a whole chunk."""
+    Only the chunk varies between buckets, and it is not compiled in. The interpreter runs one tile as one
+    numpy operation, so there a tile covers a whole chunk."""
     largest = max(p.numel() for p in bucket.params)
     if bucket.device.type == "cuda":
         chunk = min(max(triton.next_power_of_2(4 * math.isqrt(largest)), 4096), 65536)
@@ -64,29 +87,50 @@ def launch_sizes(bucket: Bucket) -> LaunchSizes:
 
 
 def _workspace(table: LayerTable, sharded: bool) -> dict:
-    """Scratch allocated once per table: per-chunk partial sums of squares ([2, num_chunks]), each layer's
-    step count t for this step, a zero standing in for an absent ``found_inf``, and for sharded layers the
-    whole-layer sums that are all-reduced ([num_layers, 2])."""
+    """Scratch allocated once per table (tables that differ only in their gradients share it): per-chunk float64
+    partial sums of squares ([2, num_chunks]), each layer's step count t for this step, a zero standing in for
+    an absent scalar input, and for sharded layers the float64 whole-layer sums that are all-reduced
+    ([num_layers, 2])."""
     ws = table.workspace
-    if not ws:
+    if "partials" not in ws:
         device = table.layers.device
-        ws["partials"] = torch.empty(2 * table.num_chunks, dtype=torch.float32, device=device)
+        ws["partials"] = torch.empty(2 * table.num_chunks, dtype=torch.float64, device=device)
         ws["new_steps"] = torch.empty(table.num_layers, dtype=torch.float32, device=device)
         ws["zero"] = torch.zeros((), dtype=torch.float32, device=device)
-        if sharded:
-            ws["layer_sums"] = torch.empty(table.num_layers, 2, dtype=torch.float32, device=device)
+    if sharded and "layer_sums" not in ws:
+        ws["layer_sums"] = torch.empty(table.num_layers, 2, dtype=torch.float64, device=table.layers.device)
     return ws
 
 
-def _pass2_sums(bucket: Bucket, table: LayerTable, ws: dict, rblock: int) -> Tensor:
+# The streams each table's device tensors have been recorded on (a table is hashed by identity).
+_recorded_streams: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _launch_context(table: LayerTable, ws: dict, device: torch.device):
+    """The bucket's CUDA device made current for the launches (nothing on the CPU), after recording the
+    table's device tensors on the current stream the first time they are used there: the caching allocator
+    must not hand their memory to another stream while a launch on this one may still read it."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    stream = torch.cuda.current_stream(device)
+    seen = _recorded_streams.setdefault(table, set())
+    if stream not in seen:
+        seen.add(stream)
+        for t in [table.layers, table.chunk_layer] + [ws[k] for k in _WORKSPACE_KEYS if k in ws]:
+            t.record_stream(stream)
+    return torch.cuda.device(device)
+
+
+def _pass2_sums(bucket: Bucket, table: LayerTable, ws: dict, sizes: LaunchSizes) -> Tensor:
     """What pass 2 reads its layers' sums of squares from (its LAYER_SUMS flag is ``bucket.reduce_sums is not
     None``): the per-chunk partials, which it reduces itself; or for sharded layers the whole-layer sums,
-    reduced from the partials by one launch here and then summed over the ranks by the bucket's all-reduce."""
+    reduced from the partials by one launch here (with pass 2's reduction tiles and warps, so with the same
+    bits) and then summed over the ranks by the bucket's all-reduce."""
     if bucket.reduce_sums is None:
         return ws["partials"]
     layer_sums = ws["layer_sums"]
     layer_sums_kernel[(table.num_layers,)](table.layers, ws["partials"], layer_sums, table.num_chunks,
-                                           RBLOCK=rblock)
+                                           RBLOCK=sizes.reduce_block, num_warps=sizes.num_warps)
     bucket.reduce_sums(layer_sums)
     return layer_sums
 
@@ -95,10 +139,6 @@ def _device_scalar(value: Tensor | None, device: torch.device, absent: Tensor) -
     """An optional scalar as a float32 tensor on ``device`` (no copy, no launch when it already is one), or
     ``absent`` in its place: a stand-in pointer the kernel never reads, since the matching flag is off."""
     return absent if value is None else value.to(device=device, dtype=torch.float32)
-
-
-def _reduce_block(table: LayerTable, sizes: LaunchSizes) -> int:
-    return min(max(triton.next_power_of_2(table.max_layer_chunks), 16), sizes.max_reduce_block)
 
 
 def _norm_clip(norm_clip: float | None) -> float:
@@ -117,27 +157,27 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     if covered is None:
         return
     ws = _workspace(table, covered.reduce_sums is not None)
-    device, partials, new_steps = covered.device, ws["partials"], ws["new_steps"]
+    device, partials, new_steps, zero = covered.device, ws["partials"], ws["new_steps"], ws["zero"]
     lr_on_device = isinstance(hp.lr, Tensor)
-    scale = _device_scalar(grad_scale, device, partials)
     flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
-                 HAS_GRAD_SCALE=grad_scale is not None, SUM_OF_NORMS=hp.sum_of_norms, CHUNK=sizes.chunk,
+                 HAS_GRAD_SCALE=grad_scale is not None, SUM_OF_NORMS=hp.sum_of_norms, ALIGNED=table.aligned16,
                  BLOCK=sizes.block, num_warps=sizes.num_warps)
     # Python floats throughout: an int hyper-parameter (weight_decay=0) would change the kernel signature.
     momentum, weight_decay, eta, eps, lmbda, alpha, delay, gamma_min = map(float, (
         hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min))
     grid = (table.num_chunks,)
-    rblock = _reduce_block(table, sizes)
-    lars_norms_kernel[grid](table.layers, table.chunk_layer, partials, new_steps, scale, table.num_chunks,
-                            weight_decay, **flags)
-    sums = _pass2_sums(covered, table, ws, rblock)
-    lars_update_kernel[grid](
-        table.layers, table.chunk_layer, sums, new_steps, scale, _device_scalar(found_inf, device, ws["zero"]),
-        _device_scalar(hp.lr if lr_on_device else None, device, partials), table.num_chunks,
-        0.0 if lr_on_device else float(hp.lr), momentum, weight_decay, eta, eps, _norm_clip(hp.norm_clip),
-        lmbda, alpha, delay, gamma_min,
-        LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi, RBLOCK=rblock,
-        LAYER_SUMS=covered.reduce_sums is not None, **flags)
+    with _launch_context(table, ws, device):
+        scale = _device_scalar(grad_scale, device, zero)
+        lars_norms_kernel[grid](table.layers, table.chunk_layer, partials, new_steps, scale, table.num_chunks,
+                                sizes.chunk, weight_decay, **flags)
+        sums = _pass2_sums(covered, table, ws, sizes)
+        lars_update_kernel[grid](
+            table.layers, table.chunk_layer, sums, new_steps, scale, _device_scalar(found_inf, device, zero),
+            _device_scalar(hp.lr if lr_on_device else None, device, zero), table.num_chunks, sizes.chunk,
+            0.0 if lr_on_device else float(hp.lr), momentum, weight_decay, eta, eps, _norm_clip(hp.norm_clip),
+            lmbda, alpha, delay, gamma_min,
+            LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi, RBLOCK=sizes.reduce_block,
+            LAYER_SUMS=covered.reduce_sums is not None, **flags)
 
 
 @torch.compiler.disable
@@ -150,25 +190,25 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     if covered is None:
         return
     ws = _workspace(table, covered.reduce_sums is not None)
-    device, partials, new_steps = covered.device, ws["partials"], ws["new_steps"]
+    device, partials, new_steps, zero = covered.device, ws["partials"], ws["new_steps"], ws["zero"]
     lr_on_device = isinstance(hp.lr, Tensor)
-    found = _device_scalar(found_inf, device, ws["zero"])
     log_beta1, log_beta2 = hp.log_beta1, hp.log_beta2
     beta1, beta2, eps, weight_decay = map(float, (hp.beta1, hp.beta2, hp.eps, hp.weight_decay))
     flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
-                 BIAS_CORRECTION=hp.bias_correction, CHUNK=sizes.chunk, BLOCK=sizes.block,
+                 BIAS_CORRECTION=hp.bias_correction, ALIGNED=table.aligned16, BLOCK=sizes.block,
                  num_warps=sizes.num_warps)
     grid = (table.num_chunks,)
-    rblock = _reduce_block(table, sizes)
-    lamb_moments_kernel[grid](
-        table.layers, table.chunk_layer, partials, new_steps, _device_scalar(grad_scale, device, partials), found,
-        _device_scalar(hp.clip_coef, device, partials), table.num_chunks, beta1, beta2, 1.0 - beta1, 1.0 - beta2,
-        log_beta1, log_beta2, eps, weight_decay,
-        HAS_GRAD_SCALE=grad_scale is not None, HAS_CLIP_COEF=hp.clip_coef is not None, **flags)
-    sums = _pass2_sums(covered, table, ws, rblock)
-    lamb_update_kernel[grid](
-        table.layers, table.chunk_layer, sums, new_steps, found,
-        _device_scalar(hp.lr if lr_on_device else None, device, partials), table.num_chunks,
-        0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, eps, weight_decay,
-        _norm_clip(hp.norm_clip), LR_ON_DEVICE=lr_on_device, RBLOCK=rblock,
-        LAYER_SUMS=covered.reduce_sums is not None, **flags)
+    with _launch_context(table, ws, device):
+        found = _device_scalar(found_inf, device, zero)
+        lamb_moments_kernel[grid](
+            table.layers, table.chunk_layer, partials, new_steps, _device_scalar(grad_scale, device, zero), found,
+            _device_scalar(hp.clip_coef, device, zero), table.num_chunks, sizes.chunk, beta1, beta2, 1.0 - beta1,
+            1.0 - beta2, log_beta1, log_beta2, eps, weight_decay,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_CLIP_COEF=hp.clip_coef is not None, **flags)
+        sums = _pass2_sums(covered, table, ws, sizes)
+        lamb_update_kernel[grid](
+            table.layers, table.chunk_layer, sums, new_steps, found,
+            _device_scalar(hp.lr if lr_on_device else None, device, zero), table.num_chunks, sizes.chunk,
+            0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, eps, weight_decay,
+            _norm_clip(hp.norm_clip), LR_ON_DEVICE=lr_on_device, RBLOCK=sizes.reduce_block,
+            LAYER_SUMS=covered.reduce_sums is not None, **flags)
