@@ -4,9 +4,9 @@ csrc/cuda_step.cu is compiled once per session to PTX for sm_90 (the H200 test m
 extension build passes, split into its kernel instantiations, and each is checked for what the design
 promises and a GPU run would only show as speed or drift:
 - the element loops use 16-byte accesses: each tensor of a tile in kPerThread * itemsize / 16 `ld/st.global
-  .v4` of the exact count the design gives, gradients (and only they) through the read-only path `.nc`
-  (weights and moments are written in another phase of the same kernel, so `.nc` loads of them could be
-  stale);
+  .v4` of the exact count the design gives, gradients (and of the float data only they) through the
+  read-only path `.nc` (weights and moments are written in another phase of the same kernel, so `.nc` loads
+  of them could be stale);
 - no atomics besides the two grid barriers' integer counters: the norm reductions have a fixed order;
 - square roots and divisions are correctly rounded (`sqrt.rn`, `div.rn`, never `.approx`/`.full`), and
   the norm path takes its square roots in float64 (the float64 norms of docs/algorithms.md);
@@ -121,6 +121,10 @@ def test_element_loops_use_16_byte_accesses(kernels, key):
     assert (read_only, loads, stores) == want, (
         f"(read-only gradient loads, other loads, stores) of 16 bytes: got {(read_only, loads, stores)}, the "
         f"design gives {want}; all 16-byte accesses: { {op: n for op, n in ops.items() if '.v4' in op} }")
+    # besides the gradients' packs, only the layer table and chunk map (integers) take the read-only path
+    other_read_only = {op: n for op, n in ops.items()
+                       if op.startswith("ld.global.nc") and ".v4." not in op and not re.search(r"\.[us](32|64)$", op)}
+    assert not other_read_only, other_read_only
 
 
 @pytest.mark.parametrize("key", INSTANTIATIONS, ids=IDS)
