@@ -65,26 +65,33 @@ def _apply(bucket: Bucket, weights: list[Tensor], step_dirs: list[Tensor], lr: f
         torch._foreach_copy_(bucket.params, weights)  # one rounding to the parameter dtype
 
 
-def _masked_on_device(step):
-    """``step`` honouring a device ``found_inf`` without reading it on the host: the step runs, then every tensor it
-    wrote gets its old value back where the flag is set (a host read would be a sync, illegal in a CUDA graph)."""
+def _step_then_restore(step, bucket: Bucket, hp, grad_scale: Tensor | None, found_inf: Tensor) -> None:
+    """``step``, then every tensor it wrote gets its old value back where ``found_inf`` is set: the flag is never read
+    on the host (a sync, illegal in a CUDA graph). Costs a copy of the bucket: it serves a fused backend's few strided
+    layers and float64 buckets under GradScaler."""
+    written = bucket.params + (bucket.masters or []) + [t for s in bucket.states for t in s] + bucket.steps
+    before = [t.clone() for t in written]
+    step(bucket, hp, grad_scale)
+    skip = found_inf.to(device=bucket.device) != 0
+    for t, old in zip(written, before):
+        t.copy_(torch.where(skip, old, t))
 
-    def masked(bucket: Bucket, hp, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+
+def _honours_found_inf(step):
+    """The step with GradScaler's ``found_inf``: read on the host for a CPU flag (no sync there), masked on the
+    device otherwise."""
+
+    def with_found_inf(bucket: Bucket, hp, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
         if found_inf is None:
-            return step(bucket, hp, grad_scale)
-        if found_inf.device.type == "cpu":
-            if not found_inf.item():
-                step(bucket, hp, grad_scale)
-            return
-        written = bucket.params + (bucket.masters or []) + [t for s in bucket.states for t in s] + bucket.steps
-        before = [t.clone() for t in written]
-        step(bucket, hp, grad_scale)
-        skip = found_inf.to(device=bucket.device) != 0
-        for t, old in zip(written, before):
-            t.copy_(torch.where(skip, old, t))
+            step(bucket, hp, grad_scale)
+        elif found_inf.device.type != "cpu":
+            _step_then_restore(step, bucket, hp, grad_scale, found_inf)
+        elif not found_inf.item():
+            step(bucket, hp, grad_scale)
 
-    masked.__name__, masked.__doc__ = step.__name__, step.__doc__
-    return masked
+    with_found_inf.__name__, with_found_inf.__doc__ = step.__name__, step.__doc__
+    with_found_inf.unmasked = step
+    return with_found_inf
 
 
 def _bias_correction(log_beta: float, t: Tensor) -> Tensor:
@@ -98,7 +105,7 @@ def _scale_by_layer(tensors: list[Tensor], factors: Tensor) -> None:
         torch._foreach_mul_(tensors, list(factors.unbind(0)))
 
 
-@_masked_on_device
+@_honours_found_inf
 def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None) -> None:
     weights, grads = _read(bucket, grad_scale, None)
     (bufs,) = bucket.states
@@ -131,7 +138,7 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None) -
     _apply(bucket, weights, step_dirs, hp.lr)
 
 
-@_masked_on_device
+@_honours_found_inf
 def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None) -> None:
     weights, grads = _read(bucket, grad_scale, hp.clip_coef)
     exp_avgs, exp_avg_sqs = bucket.states
