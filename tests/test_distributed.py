@@ -122,6 +122,46 @@ def _found_inf_check(rank, world, mesh, name, backend, steps):
         assert torch.equal(p.full_tensor(), b), f"{name}: rank {rank} stepped although rank 0 found inf"
 
 
+def _grad_scaler_check(rank, world, mesh, name, backend, steps):
+    """A real GradScaler: after ``steps - 1`` ordinary steps, an inf in rank 0's shard of the first layer's
+    gradient only: no rank changes its shards or state, and every rank's scale backs off (the ranks' scales
+    must stay equal, else their scaled gradients would be averaged wrongly)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = _make_opt(name, model.parameters(), backend)
+    assert opt._step_supports_amp_scaling  # the scaler hands the fused backend its scale and inf flag
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    params = list(model.parameters())
+    for step in range(steps):
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        scaler.scale(model(x).square().mean()).backward()
+        if step == steps - 1:
+            if rank == 0:
+                params[0].grad.to_local()[0, 0] = float("inf")
+            before = [p.to_local().clone() for p in params]
+            state_before = [{k: _local_clone(v) for k, v in opt.state[p].items()} for p in params]
+        scaler.step(opt)
+        scaler.update()
+    for i, (p, b, s) in enumerate(zip(params, before, state_before)):
+        assert torch.equal(p.to_local(), b), f"{name}: rank {rank} changed its shard of parameter {i}"
+        for key, value in opt.state[p].items():
+            assert torch.equal(_local_clone(value), s[key]), f"{name}: rank {rank} changed {key!r} of {i}"
+    scales = [None] * world
+    dist.all_gather_object(scales, scaler.get_scale())
+    assert scales == [2.0 ** 9] * world, f"{name}: the scale backed off to {scales} on the ranks"
+
+
+def _local_clone(t):
+    return (t.to_local() if hasattr(t, "to_local") else t).clone()
+
+
 def _ddp_check(rank, world, mesh, name, backend, steps):
     ddp, twin = torch.nn.parallel.DistributedDataParallel(_model()), _model()
     opt, twin_opt = _make_opt(name, ddp.parameters(), backend), _make_opt(name, twin.parameters(), backend)
@@ -157,6 +197,15 @@ def test_fsdp2_sharded_run_matches_single_process(backend):
 @pytest.mark.parametrize("backend", ["auto", "foreach"])
 def test_fsdp2_inf_on_one_rank_skips_the_step_on_every_rank(backend):
     _spawn(_found_inf_check, list(OPTIMIZERS), backend, 2)
+
+
+def test_fsdp2_real_grad_scaler_inf_on_one_rank_skips_the_step_on_every_rank():
+    """backend auto (cpp on the CPU, a fused backend: GradScaler hands it found_inf). Fails when the backend
+    ignores found_inf. GradScaler's inf check on DTensor gradients already sums found_inf over the mesh, so this
+    passes even without the optimizer's own all-reduce of the flag (measured: _skip_on_every_rank replaced by
+    the identity); test_fsdp2_inf_on_one_rank_skips_the_step_on_every_rank, which sets the flag on one rank by
+    hand, is the test that catches that."""
+    _spawn(_grad_scaler_check, list(OPTIMIZERS), "auto", 3)
 
 
 def test_ddp_needs_nothing_special():
