@@ -140,3 +140,29 @@ def test_a_sparse_gradient_after_steady_steps_is_refused_and_changes_nothing(bac
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert all(torch.equal(opt.state[p]["step"], s) for p, s in zip(params, steps))
+
+
+@pytest.mark.parametrize("backend", FUSED + ["foreach"])
+def test_a_state_tensor_replaced_by_assignment_is_the_one_stepped(backend):
+    """A kept plan holds the state tensors: one replaced by assignment must be seen at the next step."""
+    backend_or_skip(backend)
+    params, opt, ref, ref_opt = _twins(TVLARS, backend, lr=0.5)
+    _step_both(params, opt, ref, ref_opt, 0, new_grads=False)
+    for o, ps in ((opt, params), (ref_opt, ref)):
+        o.state[ps[0]]["momentum_buffer"] = torch.full_like(ps[0], 0.25)
+    _step_both(params, opt, ref, ref_opt, 1, new_grads=False)
+    assert not torch.equal(opt.state[params[0]]["momentum_buffer"], torch.full_like(params[0], 0.25))
+    for o, r, p, q in ((opt, ref_opt, params[i], ref[i]) for i in range(len(params))):
+        torch.testing.assert_close(o.state[p]["momentum_buffer"], r.state[q]["momentum_buffer"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_holds_plain_dicts_that_load_with_weights_only(tmp_path):
+    params = make_params(SMALL_SHAPES)
+    opt = TVLARS(params, lr=0.5, backend="foreach")
+    set_grads(params, 0)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert all(type(v) is dict for v in loaded["state"].values())
+    opt.load_state_dict(loaded)

@@ -102,12 +102,59 @@ class _GroupPlan:
     params: list[Tensor]  # the group's parameters when planned (compared by identity)
     with_grad: list[bool]  # which of them had a gradient
     state: object  # the optimizer's state dict when planned (replaced wholesale by a reset or a load)
+    state_version: int  # the count of changes to the layers' state dicts when planned
     exclude: object  # the group's exclusion predicate when planned
     buckets: list  # (backend, bucket, positions in `params` of the bucket's layers)
     reusable: bool  # False for sharded (DTensor) groups, whose local views are taken afresh each step
 
 
 _STRIDED = torch.strided
+
+
+class _LayerState(dict):
+    """One parameter's state dict, which counts the changes made to it (``version[0]``, shared by the optimizer's
+    layers): a kept plan holds the state tensors, so a tensor replaced by assignment must invalidate it. In-place
+    changes of the tensors need nothing: the plan holds the same tensors."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, items, version: list[int]) -> None:
+        super().__init__(items)
+        self.version = version
+
+    def _changed(self) -> None:
+        self.version[0] += 1
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, *args):
+        self._changed()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._changed()
+        return super().popitem()
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def setdefault(self, key, default=None):
+        self._changed()
+        return super().setdefault(key, default)
+
+    def __reduce__(self):  # pickles (torch.save, deepcopy) as a plain dict
+        return dict, (dict(self),)
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -129,6 +176,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _init_caches(self) -> None:
         self._bucket_caches: dict[tuple, dict] = {}
         self._plans: dict[int, _GroupPlan] = {}
+        self._state_version = [0]  # changes to any layer's state dict (_LayerState)
         # Layer tables read by launches captured into CUDA graphs: kept for the optimizer's life, since a graph may
         # replay at any time and its launches read them (not freed by a rebuild, a cache clear or a checkpoint load).
         self._graph_tables: list = []
@@ -245,7 +293,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         all dense, same state and exclusion), with this step's gradients put into its buckets; else None."""
         plan = self._plans.get(index)
         if plan is None or not plan.reusable or plan.state is not self.state or \
-                group.get("exclude") is not plan.exclude:
+                plan.state_version != self._state_version[0] or group.get("exclude") is not plan.exclude:
             return None
         params = group["params"]
         if len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params)):
@@ -310,7 +358,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             in_order = len(by_key) == 1 and len(positions) == len(params)
             buckets.append((backend, bucket, None if in_order else positions))
         plan = _GroupPlan(params=params, with_grad=[p.grad is not None for p in params], state=self.state,
-                          exclude=group.get("exclude"), buckets=buckets,
+                          state_version=self._state_version[0], exclude=group.get("exclude"), buckets=buckets,
                           reusable=all(key[2] is None for key in by_key))
         self._plans[index] = plan
         return plan
@@ -330,6 +378,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor) -> dict[str, Tensor]:
         state = self.state[p]
+        if type(state) is not _LayerState:
+            state = self.state[p] = _LayerState(state, self._state_version)
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             for key in self._state_keys:
@@ -370,6 +420,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
+        state_dict["state"] = {key: dict(value) for key, value in state_dict["state"].items()}  # plain dicts
         for group in state_dict["param_groups"]:
             for key in _CODE_KEYS:
                 group.pop(key, None)
