@@ -125,7 +125,10 @@ def _load_cifar(name: str, root: str | None):
     except ImportError as exc:
         raise DataError(f"--data {name} needs torchvision (pip install torchvision) to read {root}: {exc}") from exc
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    train, test = cls(root, train=True, download=False), cls(root, train=False, download=False)
+    try:
+        train, test = cls(root, train=True, download=False), cls(root, train=False, download=False)
+    except RuntimeError as exc:  # torchvision's md5 check: a file is missing or truncated
+        raise DataError(f"--root {root}: torchvision cannot read it ({exc}); " + what.format(root=root)) from exc
 
     def tensors(ds):
         return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
@@ -136,12 +139,15 @@ def _load_cifar(name: str, root: str | None):
 
 def augment_batch(x: Tensor, generator: torch.Generator) -> Tensor:
     """Random 4-pixel-padded crops and horizontal flips (the usual CIFAR augmentation), on x's device."""
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=generator).tolist()
-    dx = torch.randint(0, 9, (n,), generator=generator).tolist()
+    dy = torch.randint(0, 9, (n, 1), generator=generator)
+    dx = torch.randint(0, 9, (n, 1), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+    rows = (dy + torch.arange(h)).to(x.device)  # one gather for the whole batch: no per-image launches
+    cols = (dx + torch.arange(w)).to(x.device)
+    out = padded[torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1),
+                 rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
     return torch.where(flip.to(x.device).view(n, 1, 1, 1), out.flip(3), out)
 
 

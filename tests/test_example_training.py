@@ -191,6 +191,30 @@ def test_cifar_errors_name_the_folder(tmp_path, name, folder):
         lb.load_data(name, str(tmp_path))
 
 
+def test_cifar_with_corrupt_files_says_what_to_put_there(tmp_path):
+    pytest.importorskip("torchvision")
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for f in ("data_batch_1", "test_batch"):
+        (folder / f).write_bytes(b"")  # present but not CIFAR: torchvision's checksum fails
+    with pytest.raises(lb.DataError, match="torchvision cannot read it .*extract cifar-10-python.tar.gz"):
+        lb.load_data("cifar10", str(tmp_path))
+
+
+def test_cifar_augmentation_crops_and_flips():
+    """Each image is a 32x32 window of its 4-pixel zero-padded self, flipped or not, drawn from the generator."""
+    x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    out = lb.augment_batch(x, torch.Generator().manual_seed(1))
+    draws = torch.Generator().manual_seed(1)
+    dy, dx = (torch.randint(0, 9, (40, 1), generator=draws) for _ in range(2))
+    flip = torch.rand(40, generator=draws) < 0.5
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for i in range(40):
+        window = padded[i, :, dy[i, 0]:dy[i, 0] + 32, dx[i, 0]:dx[i, 0] + 32]
+        assert torch.equal(out[i], window.flip(2) if flip[i] else window), i
+    assert flip.any() and not flip.all()
+
+
 def test_cifar_without_torchvision_says_so(tmp_path, monkeypatch):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
