@@ -87,7 +87,10 @@ packages = ", ".join(name + " " + version(name) for name in ("triton", "numpy", 
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), {packages}, "
       f"cuda available: {torch.cuda.is_available()}, GPUs: {torch.cuda.device_count()}")' 2>&1)
 
-# 1. The extension: the CPU library always, the CUDA one on a GPU; the log says why one cannot load.
+# 1. The extension: the CPU library always, the CUDA one on a GPU; the log says why one cannot load. A build
+#    killed earlier (a timeout) leaves torch's lock file in its folder, and the next build would wait on it forever:
+#    nothing else builds while this script runs, so any lock there is stale.
+rm -f "${TVLARS_FUSED_CACHE:-$REPO/.torch_extensions}"/*/lock
 KINDS=$([ "$DEVICE" = cuda ] && echo "cpu cuda" || echo "cpu")
 run_stage build "$(min "${GPU_CHECK_BUILD_S:-90}" "$(left)")" "$PY" -c "
 import sys, time
