@@ -35,6 +35,7 @@ COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_MASTER, COL_STEP = range(6)
 COL_NUMEL, COL_FIRST_CHUNK, COL_NUM_CHUNKS, COL_FLAGS = range(6, 10)
 NUM_COLS = 10
 FLAG_EXCLUDED = 1
+_data_ptr = Tensor.data_ptr
 
 
 @dataclass(eq=False)
@@ -147,8 +148,8 @@ def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable 
         covered, rest = _split(bucket, table_fits(bucket))
         return covered, (None if covered is None else _build(covered, chunk_size, with_addresses=False)), rest
 
-    param_ptrs = [p.data_ptr() for p in bucket.params]
-    grad_ptrs = [g.data_ptr() for g in bucket.grads]
+    param_ptrs = list(map(_data_ptr, bucket.params))
+    grad_ptrs = bucket.grad_ptrs if bucket.grad_ptrs is not None else list(map(_data_ptr, bucket.grads))
     slot, table_slot = ("split", chunk_size), ("layer_table", chunk_size)
     split = bucket.cache.get(slot)
     if split is not None and split.generation != bucket.generation and \
@@ -170,7 +171,7 @@ def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable 
     if covered is None:
         return None, None, rest
     table = bucket.cache.get(table_slot)
-    covered_grads = grad_ptrs if rest is None else [g.data_ptr() for g in covered.grads]
+    covered_grads = grad_ptrs if rest is None else list(map(_data_ptr, covered.grads))
     if table is None:
         table = _build(covered, chunk_size)
     elif split.table_grads != covered_grads:

@@ -8,6 +8,7 @@ the backend's ``lars_step`` / ``lamb_step``.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import defaultdict
 from copy import deepcopy
@@ -106,9 +107,11 @@ class _GroupPlan:
     exclude: object  # the group's exclusion predicate when planned
     buckets: list  # (backend, bucket, positions in `params` of the bucket's layers)
     reusable: bool  # False for sharded (DTensor) groups, whose local views are taken afresh each step
+    all_with_grad: bool = False  # every parameter had a gradient
 
 
-_STRIDED = torch.strided
+_NONES = itertools.repeat(None)
+_data_ptr = Tensor.data_ptr
 
 
 class _LayerState(dict):
@@ -269,7 +272,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         finally:
             for plan in plans:  # a kept plan must not keep this step's gradients alive
                 for _, bucket, _ in plan.buckets:
-                    bucket.grads = []
+                    bucket.grads, bucket.grad_ptrs = [], None
         return loss
 
     def _check_capturable(self, plans: list[_GroupPlan]) -> None:
@@ -299,13 +302,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params)):
             return None
         grads = [p.grad for p in params]
-        if [g is not None for g in grads] != plan.with_grad:
+        if list(map(operator.is_not, grads, _NONES)) != plan.with_grad:
             return None
-        present = [g for g in grads if g is not None] if not all(plan.with_grad) else grads
-        if any(g.layout is not _STRIDED for g in present):  # _check says what is wrong
+        present = grads if plan.all_with_grad else [g for g in grads if g is not None]
+        try:  # the addresses the layer tables compare; a sparse gradient has none (_check then says what is wrong)
+            grad_ptrs = list(map(_data_ptr, present))
+        except RuntimeError:
             return None
         for _, bucket, positions in plan.buckets:
-            bucket.grads = present if positions is None else [grads[i] for i in positions]
+            if positions is None:
+                bucket.grads, bucket.grad_ptrs = present, grad_ptrs
+            else:
+                bucket.grads = [grads[i] for i in positions]
+                bucket.grad_ptrs = list(map(_data_ptr, bucket.grads))
         return plan
 
     def _before_buckets(self, plans, grad_scale: Tensor | None):
@@ -359,7 +368,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             buckets.append((backend, bucket, None if in_order else positions))
         plan = _GroupPlan(params=params, with_grad=[p.grad is not None for p in params], state=self.state,
                           state_version=self._state_version[0], exclude=group.get("exclude"), buckets=buckets,
-                          reusable=all(key[2] is None for key in by_key))
+                          reusable=all(key[2] is None for key in by_key),
+                          all_with_grad=len(with_grad) == len(params))
         self._plans[index] = plan
         return plan
 

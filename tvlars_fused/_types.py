@@ -43,7 +43,7 @@ class Bucket:
     # Per-bucket scratch that survives across steps (the cached layer tables live here).
     cache: dict = field(default_factory=dict)
     # Sharded parameters (FSDP2 / DTensor): the tensors above are each rank's local shards, and this sums a
-    # float32 tensor of per-layer sums of squares over the ranks in place (one all-reduce), so every norm
+    # float64 tensor of per-layer sums of squares over the ranks in place (one all-reduce), so every norm
     # is the norm of the whole layer. None for ordinary tensors.
     reduce_sums: Callable[[Tensor], None] | None = None
     # Where tables read by a launch captured into a CUDA graph are kept for as long as the graph may replay (the
@@ -52,6 +52,8 @@ class Bucket:
     # Unique per Bucket object: what the layer table cache trusts without comparing every address again. The
     # optimizer steps the same object while its plan holds (new gradients assigned to it each step).
     generation: int = field(default_factory=lambda: next(_generations))
+    # The gradients' data pointers when the optimizer already read them this step (else None: computed on use).
+    grad_ptrs: list[int] | None = None
 
     @property
     def device(self) -> torch.device:
