@@ -1,10 +1,11 @@
-"""The device-generic tests of tests/test_triton.py, collected a second time here under the gpu mark.
+"""Device-generic tests of other modules, collected a second time here under the gpu mark.
 
-test_triton.py runs its tests on the GPU when there is one (its DEVICE is cuda there), but most carry no gpu
-mark, so ``pytest -m gpu`` (bench/gpu_check.sh) would leave them out. pytest collects every test function a
-module holds, imported ones included: imported here, they run again under this module's marks (gpu, and
-skipped where there is no GPU, since their first collection already covers the CPU). The fixtures they use are
-imported with them.
+tests/test_triton.py runs its tests on the GPU when there is one (its DEVICE is cuda there) but most carry no
+gpu mark, and the cuda case of tests/test_optimizer_behaviour.py's dense non-contiguous layers test is unmarked,
+so ``pytest -m gpu`` (bench/gpu_check.sh) would leave them out. pytest collects every test function a module
+holds, imported ones included: imported here, they run again under this module's marks (gpu, and skipped where
+there is no GPU, since their first collection covers the CPU; the cpp case runs again, the triton case skips).
+The fixture they use is imported with them. Where Triton is missing on a GPU, tests/test_gpu_parity.py fails.
 """
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from test_optimizer_behaviour import test_dense_non_contiguous_layers_go_through_the_kernel_in_place  # noqa: E402,F401
 from test_triton import (  # noqa: E402,F401
     many_chunks,
     test_bfloat16_store_rounds_to_nearest_even,
@@ -31,8 +33,6 @@ from test_triton import (  # noqa: E402,F401
     test_sharded_split_step_on_one_rank_is_bit_identical_to_the_ordinary_step,
     test_strided_layers_are_updated_in_place_through_foreach,
     test_tvlars_with_overflowing_exp_matches_reference,
-    triton_backend,
 )
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
-              pytest.mark.usefixtures("triton_backend")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
