@@ -20,6 +20,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def pytest_configure(config):
     """In a run that includes tests/ (the default `pytest`), bench/'s pytest-benchmark cases run each step once
     as a smoke test instead of timing it; `pytest bench --benchmark-only` (or --benchmark-enable) times them."""
-    if config.pluginmanager.hasplugin("pytest_benchmark") and not (
+    if config.pluginmanager.hasplugin("benchmark") and not (
             config.getoption("benchmark_only") or config.getoption("benchmark_enable")):
         config.option.benchmark_disable = True
