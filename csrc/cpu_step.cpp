@@ -1,16 +1,24 @@
-// The CPU twin of the CUDA kernel: same layer table, same math header, same phases.
+// The CPU twin of the CUDA kernel: same layer table, same math header, same phases, same sums.
 //
-// Pass 1 writes per-chunk partial sums of squares to the workspace (LAMB also updates the moments here);
-// the per-layer step reduces each layer's partials in chunk order (no atomics, so two runs are
+// Pass 1 writes each chunk's float64 partial sums of squares to the workspace (LAMB also updates the moments
+// here); the per-layer step reduces a layer's partials in chunk order (no atomics, so two runs are
 // bit-identical whatever the thread count), advances the step count once and computes the trust ratio;
 // pass 2 applies the update. A split step (StepPhase) runs pass 1 and the reduction only, storing the sums,
-// or takes the sums as given and runs the per-layer step and pass 2 only. Chunks are split into one
-// contiguous block per OpenMP thread and pass 2 walks each block backwards, so a thread starts on the chunks
-// it read last (still in its cache).
+// or takes the sums as given and runs the per-layer step and pass 2 only.
+//
+// Memory bounds the step (once the arithmetic is vectorised), and pass 2 re-reads what pass 1 read. So the
+// bucket is walked in groups of consecutive layers whose pass-1 bytes fit in the threads' caches
+// (kGroupBytesPerThread each): every thread sums its share of a group's chunks, the group's layers are
+// finished, and each thread updates the same chunks, last read first, while they are still in its cache.
+// A layer larger than that is a group of its own: its second pass re-reads from cache only the part each
+// thread read last. Where a chunk is summed, and by which thread, never changes its sums, and a layer's sum
+// is always its chunks' partials in chunk order: the results do not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <omp.h>
+
+#include <algorithm>
 
 #include "layer_table.h"
 #include "optimizer_math.h"
@@ -20,13 +28,37 @@
 namespace tvlars {
 namespace {
 
-// The chunk functions take the hyper-parameters by value: a local copy cannot alias the float32 state they
-// store to.
-//
-// Sums of squares go to kLanes independent accumulators (lane j takes elements begin + j, begin + j + kLanes,
-// ...), summed in lane order at the end: the order depends neither on the thread count nor on addresses, and
-// `omp simd` on the lane loop vectorises it without -ffast-math.
+// Pass-1 bytes of one group, per thread of the team: half of a 512 KB L2 (the other half holds what pass 2
+// streams through). On the shared 2-core development VM the L3 behind it is polluted by other tenants, so only
+// the private L2 could be counted on: ResNet-50's TVLARS step, 1 thread, was ~1.5x fused SGD's time with
+// groups of 64 KB to 16 MB against ~1.8x with the whole bucket as one group (differences between group sizes
+// were within the machine's noise).
+constexpr int64_t kGroupBytesPerThread = int64_t{256} << 10;
+// Elements below which one thread does the whole step: waking a second costs more than it saves.
+constexpr int64_t kElementsPerThread = 32768;
+// When splitting a group among threads, a chunk costs this many elements' time besides its own elements.
+constexpr int64_t kChunkCost = 64;
+
+// Sums of squares go to kLanes independent float64 accumulators (lane j takes elements begin + j,
+// begin + j + kLanes, ...), summed in lane order at the end: the order depends neither on the thread count
+// nor on addresses, and `omp simd` on the lane loop vectorises it without -ffast-math.
 constexpr int kLanes = 16;
+
+// The chunk functions, where the time goes, are compiled twice, for AVX2 and for any x86-64 (or the default
+// target elsewhere), and the CPU picks one at load time: the library stays portable (no -march) and gets
+// 32-byte vectors where they exist. Not FMA: fused multiply-adds would round differently from the default clone.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TVLARS_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TVLARS_CPU_CLONES
+#endif
+
+// The gradient as the step sees it. kScaled is false when the scale and multiplier are both 1: dividing and
+// multiplying by 1 is exact, so skipping them changes no bit and saves a division per element and pass.
+template <bool kScaled>
+inline float step_grad(float g, float grad_scale, float grad_mult) {
+  return kScaled ? effective_grad(g, grad_scale, grad_mult) : g;
+}
 
 inline double ordered_sum(const double (&lanes)[kLanes]) {
   double total = 0.0;
@@ -44,14 +76,66 @@ struct CpuTable {
   double* layer_results;   // [num_layers][2]: trust ratio, new step count
   int64_t phase;           // StepPhase
   double* layer_sums;      // [num_layers][2]: written by PHASE_SUMS, read by PHASE_APPLY; else nullptr
+  const int64_t* row(int64_t layer) const { return rows + layer * NUM_COLS; }
+  const int64_t* row_of_chunk(int64_t c) const { return row(chunk_layer[c]); }
 };
+
+// Consecutive layers [layer_begin, layer_end) and their chunks [chunk_begin, chunk_end).
+struct Group {
+  int64_t layer_begin;
+  int64_t layer_end;
+  int64_t chunk_begin;
+  int64_t chunk_end;
+};
+
+// The group starting at `layer`: layers are added while their pass-1 bytes (bytes_of(row)) fit in `budget`;
+// a layer larger than that is alone.
+template <typename BytesOf>
+inline Group next_group(const CpuTable& tab, int64_t layer, int64_t budget, BytesOf bytes_of) {
+  int64_t end = layer + 1;
+  int64_t bytes = bytes_of(tab.row(layer));
+  while (end < tab.num_layers && bytes + bytes_of(tab.row(end)) <= budget) bytes += bytes_of(tab.row(end++));
+  const int64_t* last = tab.row(end - 1);
+  return {layer, end, tab.row(layer)[COL_FIRST_CHUNK], last[COL_FIRST_CHUNK] + last[COL_NUM_CHUNKS]};
+}
+
+// The first chunk of the group at which `target` of its work (elements + kChunkCost per chunk) is done.
+inline int64_t split_point(const CpuTable& tab, const Group& g, int64_t target) {
+  int64_t done = 0;
+  for (int64_t layer = g.layer_begin; layer < g.layer_end; ++layer) {
+    const int64_t* row = tab.row(layer);
+    const int64_t work = row[COL_NUMEL] + kChunkCost * row[COL_NUM_CHUNKS];
+    if (done + work > target) {
+      const int64_t into = (target - done + tab.chunk_size + kChunkCost - 1) / (tab.chunk_size + kChunkCost);
+      return row[COL_FIRST_CHUNK] + std::min(into, row[COL_NUM_CHUNKS]);
+    }
+    done += work;
+  }
+  return g.chunk_end;
+}
+
+// This thread's contiguous share of the group's chunks, balanced by work.
+inline ElementRange thread_share(const CpuTable& tab, const Group& g, int64_t work) {
+  const int64_t threads = omp_get_num_threads();
+  const int64_t id = omp_get_thread_num();
+  if (threads == 1) return {g.chunk_begin, g.chunk_end};
+  return {split_point(tab, g, work * id / threads), split_point(tab, g, work * (id + 1) / threads)};
+}
+
+inline int64_t group_work(const CpuTable& tab, const Group& g) {
+  int64_t work = 0;
+  for (int64_t layer = g.layer_begin; layer < g.layer_end; ++layer) {
+    work += tab.row(layer)[COL_NUMEL] + kChunkCost * tab.row(layer)[COL_NUM_CHUNKS];
+  }
+  return work;
+}
 
 // The per-layer step of both optimizers: the layer's two sums of squares from its chunks' partials, added in
 // chunk order (PHASE_APPLY: the given whole-layer sums instead). PHASE_SUMS stores them and stops; otherwise
 // the step count advances once and the layer's results are ratio(first, second, t, excluded) and t.
 template <typename Ratio>
 inline void finish_layer(const CpuTable& tab, int64_t layer, Ratio ratio) {
-  const int64_t* row = tab.rows + layer * NUM_COLS;
+  const int64_t* row = tab.row(layer);
   double first = 0.0, second = 0.0;
   if (tab.phase == PHASE_APPLY) {
     first = tab.layer_sums[2 * layer];
@@ -74,11 +158,33 @@ inline void finish_layer(const CpuTable& tab, int64_t layer, Ratio ratio) {
   tab.layer_results[2 * layer + 1] = t;
 }
 
-// This thread's contiguous block of [0, n).
-inline ElementRange thread_block(int64_t n) {
-  const int64_t threads = omp_get_num_threads();
-  const int64_t id = omp_get_thread_num();
-  return {n * id / threads, n * (id + 1) / threads};
+// One step over the bucket, group by group, in the calling OpenMP team: sums(c) is chunk c's pass 1,
+// ratio the per-layer trust ratio (finish_layer), apply(c) chunk c's pass 2. Every thread walks the same
+// groups, so the barriers match.
+template <typename BytesOf, typename Sums, typename Ratio, typename Apply>
+inline void step_groups(const CpuTable& tab, BytesOf bytes_of, Sums sums, Ratio ratio, Apply apply) {
+  const int64_t budget = kGroupBytesPerThread * omp_get_num_threads();
+  for (int64_t layer = 0; layer < tab.num_layers;) {
+    const Group g = next_group(tab, layer, budget, bytes_of);
+    const ElementRange mine = thread_share(tab, g, group_work(tab, g));
+    if (tab.phase != PHASE_APPLY) {  // the same branch in every thread, so the barrier inside is valid
+      for (int64_t c = mine.begin; c < mine.end; ++c) sums(c);
+#pragma omp barrier
+    }
+#pragma omp for schedule(static)
+    for (int64_t l = g.layer_begin; l < g.layer_end; ++l) finish_layer(tab, l, ratio);  // implicit barrier
+    if (tab.phase != PHASE_SUMS) {
+      for (int64_t c = mine.end - 1; c >= mine.begin; --c) apply(c);
+    }
+    layer = g.layer_end;  // the next group's chunks are other chunks: no barrier needed before its pass 1
+  }
+}
+
+// The team size: one thread for small buckets, at most at::get_num_threads().
+inline int team_size(const CpuTable& tab) {
+  int64_t elements = 0;
+  for (int64_t layer = 0; layer < tab.num_layers; ++layer) elements += tab.row(layer)[COL_NUMEL];
+  return static_cast<int>(std::clamp<int64_t>(elements / kElementsPerThread, 1, at::get_num_threads()));
 }
 
 template <typename weight_t>
@@ -95,15 +201,16 @@ inline void store_weight(scalar_t* __restrict__ param, float* __restrict__ maste
 
 // ---------------------------------------------------------------- LARS family
 
-template <typename scalar_t, typename weight_t>
-void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, const LarsHyper h, double* out) {
+template <typename scalar_t, typename weight_t, bool kScaled>
+TVLARS_CPU_CLONES void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, const LarsHyper h,
+                                           double* out) {
   const weight_t* __restrict__ w = weights_of<weight_t>(row);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   double w_sq[kLanes] = {};
   double denom_sq[kLanes] = {};
   auto accumulate = [&](int64_t i, int j) {
     const float wi = static_cast<float>(w[i]);
-    const float gi = effective_grad(static_cast<float>(g[i]), grad_scale, 1.0f);
+    const float gi = step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, 1.0f);
     const float term = lars_denominator_term(gi, lars_decayed_grad(gi, wi, h.weight_decay, false), h.sum_of_norms);
     w_sq[j] += square(wi);
     denom_sq[j] += square(term);
@@ -118,8 +225,9 @@ void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, c
   out[1] = ordered_sum(denom_sq);
 }
 
-template <typename scalar_t, bool kHasMaster>
-void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, float lr, float q, const LarsHyper h) {
+template <typename scalar_t, bool kHasMaster, bool kScaled>
+TVLARS_CPU_CLONES void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, float lr, float q,
+                                        const LarsHyper h) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
   float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
@@ -130,7 +238,7 @@ void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, floa
 #pragma omp simd
   for (int64_t i = r.begin; i < r.end; ++i) {
     float w = static_cast<float>(w_in[i]);
-    const float d = lars_decayed_grad(effective_grad(static_cast<float>(g[i]), grad_scale, 1.0f), w,
+    const float d = lars_decayed_grad(step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, 1.0f), w,
                                       h.weight_decay, excluded);
     float b = buf[i];
     lars_apply(h, lr, q, d, w, b);
@@ -139,39 +247,33 @@ void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, floa
   }
 }
 
-template <typename scalar_t, bool kHasMaster>
+template <typename scalar_t, bool kHasMaster, bool kScaled>
 void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float lr) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const ElementRange mine = thread_block(tab.num_chunks);
-    if (tab.phase != PHASE_APPLY) {  // the same branch in every thread, so the barrier inside is valid
-      for (int64_t c = mine.begin; c < mine.end; ++c) {
-        const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
-        double* out = tab.chunk_partials + 2 * c;
-        if (row[COL_FLAGS] & FLAG_EXCLUDED) {  // no trust ratio: nothing to sum
-          out[0] = out[1] = 0.0;
-          continue;
-        }
-        lars_chunk_partials<scalar_t, weight_t>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, h, out);
-      }
-#pragma omp barrier
+  // Pass 1 reads the weight and the gradient; excluded layers have no trust ratio and skip it.
+  auto bytes_of = [](const int64_t* row) -> int64_t {
+    return (row[COL_FLAGS] & FLAG_EXCLUDED) ? 0 : row[COL_NUMEL] * int64_t{sizeof(weight_t) + sizeof(scalar_t)};
+  };
+  auto sums = [&](int64_t c) {
+    const int64_t* row = tab.row_of_chunk(c);
+    double* out = tab.chunk_partials + 2 * c;
+    if (row[COL_FLAGS] & FLAG_EXCLUDED) {
+      out[0] = out[1] = 0.0;
+      return;
     }
-#pragma omp for schedule(static)
-    for (int64_t layer = 0; layer < tab.num_layers; ++layer) {
-      finish_layer(tab, layer, [&](double w_sq, double denom_sq, float t, bool excluded) {
-        return lars_trust_ratio(h, w_sq, denom_sq, t, excluded);
-      });
-    }  // implicit barrier
-    if (tab.phase != PHASE_SUMS) {
-      for (int64_t c = mine.end - 1; c >= mine.begin; --c) {
-        const int64_t layer = tab.chunk_layer[c];
-        const int64_t* row = tab.rows + layer * NUM_COLS;
-        lars_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr,
-                                               static_cast<float>(tab.layer_results[2 * layer]), h);
-      }
-    }
-  }
+    lars_chunk_partials<scalar_t, weight_t, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, h, out);
+  };
+  auto ratio = [&](double w_sq, double denom_sq, float t, bool excluded) {
+    return lars_trust_ratio(h, w_sq, denom_sq, t, excluded);
+  };
+  auto apply = [&](int64_t c) {
+    const int64_t layer = tab.chunk_layer[c];
+    const int64_t* row = tab.row(layer);
+    lars_chunk_apply<scalar_t, kHasMaster, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr,
+                                                    static_cast<float>(tab.layer_results[2 * layer]), h);
+  };
+#pragma omp parallel num_threads(team_size(tab))
+  step_groups(tab, bytes_of, sums, ratio, apply);
 }
 
 // ---------------------------------------------------------------- LAMB
@@ -187,9 +289,9 @@ inline BiasCorrections bias_corrections(const LambHyper& h, float t) {
 }
 
 // Updates the moments of one chunk and sums w^2 and u^2 over it.
-template <typename scalar_t, typename weight_t>
-void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, float grad_mult, BiasCorrections bc,
-                        const LambHyper h, double* out) {
+template <typename scalar_t, typename weight_t, bool kScaled>
+TVLARS_CPU_CLONES void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, float grad_mult,
+                                          BiasCorrections bc, const LambHyper h, double* out) {
   const weight_t* __restrict__ w = weights_of<weight_t>(row);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   float* __restrict__ m = column_ptr<float>(row, COL_STATE0);
@@ -200,7 +302,7 @@ void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, fl
   auto accumulate = [&](int64_t i, int j) {
     const float wi = static_cast<float>(w[i]);
     float mi = m[i], vi = v[i];
-    lamb_moments(h, effective_grad(static_cast<float>(g[i]), grad_scale, grad_mult), mi, vi);
+    lamb_moments(h, step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, grad_mult), mi, vi);
     m[i] = mi;
     v[i] = vi;
     const float u = lamb_update(mi, vi, wi, bc.first, bc.second, h.eps, decay);
@@ -219,7 +321,8 @@ void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, fl
 
 // Recomputes u from the stored moments (bit-identical to pass 1's) and applies w -= lr*q*u.
 template <typename scalar_t, bool kHasMaster>
-void lamb_chunk_apply(const int64_t* row, ElementRange r, BiasCorrections bc, float lr_q, const LambHyper h) {
+TVLARS_CPU_CLONES void lamb_chunk_apply(const int64_t* row, ElementRange r, BiasCorrections bc, float lr_q,
+                                        const LambHyper h) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
   float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
@@ -235,41 +338,34 @@ void lamb_chunk_apply(const int64_t* row, ElementRange r, BiasCorrections bc, fl
   }
 }
 
-template <typename scalar_t, bool kHasMaster>
+template <typename scalar_t, bool kHasMaster, bool kScaled>
 void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float grad_mult, float lr) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const ElementRange mine = thread_block(tab.num_chunks);
-    if (tab.phase != PHASE_APPLY) {  // the same branch in every thread, so the barrier inside is valid
-      for (int64_t c = mine.begin; c < mine.end; ++c) {
-        const int64_t* row = tab.rows + static_cast<int64_t>(tab.chunk_layer[c]) * NUM_COLS;
-        const float t = *column_ptr<const float>(row, COL_STEP) + 1.0f;  // written back only after the barrier
-        lamb_chunk_moments<scalar_t, weight_t>(row, chunk_elements(row, c, tab.chunk_size), grad_scale,
-                                               grad_mult, bias_corrections(h, t), h, tab.chunk_partials + 2 * c);
-      }
-#pragma omp barrier
-    }
-#pragma omp for schedule(static)
-    for (int64_t layer = 0; layer < tab.num_layers; ++layer) {
-      finish_layer(tab, layer, [&](double w_sq, double u_sq, float, bool excluded) {
-        return lamb_trust_ratio(h, w_sq, u_sq, excluded);
-      });
-    }  // implicit barrier
-    if (tab.phase != PHASE_SUMS) {
-      for (int64_t c = mine.end - 1; c >= mine.begin; --c) {
-        const int64_t layer = tab.chunk_layer[c];
-        const int64_t* row = tab.rows + layer * NUM_COLS;
-        const float lr_q = lr * static_cast<float>(tab.layer_results[2 * layer]);
-        lamb_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size),
-                                               bias_corrections(h, static_cast<float>(tab.layer_results[2 * layer + 1])),
-                                               lr_q, h);
-      }
-    }
-  }
+  // Pass 1 reads the weight, the gradient and both moments.
+  auto bytes_of = [](const int64_t* row) -> int64_t {
+    return row[COL_NUMEL] * int64_t{sizeof(weight_t) + sizeof(scalar_t) + 2 * sizeof(float)};
+  };
+  auto sums = [&](int64_t c) {
+    const int64_t* row = tab.row_of_chunk(c);
+    const float t = *column_ptr<const float>(row, COL_STEP) + 1.0f;  // written back only after the barrier
+    lamb_chunk_moments<scalar_t, weight_t, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, grad_mult,
+                                           bias_corrections(h, t), h, tab.chunk_partials + 2 * c);
+  };
+  auto ratio = [&](double w_sq, double u_sq, float, bool excluded) {
+    return lamb_trust_ratio(h, w_sq, u_sq, excluded);
+  };
+  auto apply = [&](int64_t c) {
+    const int64_t layer = tab.chunk_layer[c];
+    const int64_t* row = tab.row(layer);
+    const float lr_q = lr * static_cast<float>(tab.layer_results[2 * layer]);
+    const BiasCorrections bc = bias_corrections(h, static_cast<float>(tab.layer_results[2 * layer + 1]));
+    lamb_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size), bc, lr_q, h);
+  };
+#pragma omp parallel num_threads(team_size(tab))
+  step_groups(tab, bytes_of, sums, ratio, apply);
 }
 
-// ---------------------------------------------------------------- dispatch
+// ---------------------------------------------------------------- entry points
 
 inline float scalar_or(const float* t, float otherwise) {
   return t != nullptr ? *t : otherwise;
@@ -288,7 +384,10 @@ void lars_run_cpu(const StepArgs& a, const LarsHyper& h) {
   const float scale = scalar_or(a.grad_scale, 1.0f);
   const float lr_now = scalar_or(a.lr, h.lr);
   dispatch_dtype(a.dtype, a.has_master, [&](auto scalar, auto has_master) {
-    lars_cpu<decltype(scalar), decltype(has_master)::value>(tab, h, scale, lr_now);
+    using scalar_t = decltype(scalar);
+    constexpr bool kHasMaster = decltype(has_master)::value;
+    scale != 1.0f ? lars_cpu<scalar_t, kHasMaster, true>(tab, h, scale, lr_now)
+                  : lars_cpu<scalar_t, kHasMaster, false>(tab, h, scale, lr_now);
   });
 }
 
@@ -299,7 +398,10 @@ void lamb_run_cpu(const StepArgs& a, const LambHyper& h) {
   const float mult = scalar_or(a.clip_coef, 1.0f);
   const float lr_now = scalar_or(a.lr, h.lr);
   dispatch_dtype(a.dtype, a.has_master, [&](auto scalar, auto has_master) {
-    lamb_cpu<decltype(scalar), decltype(has_master)::value>(tab, h, scale, mult, lr_now);
+    using scalar_t = decltype(scalar);
+    constexpr bool kHasMaster = decltype(has_master)::value;
+    scale != 1.0f || mult != 1.0f ? lamb_cpu<scalar_t, kHasMaster, true>(tab, h, scale, mult, lr_now)
+                                  : lamb_cpu<scalar_t, kHasMaster, false>(tab, h, scale, mult, lr_now);
   });
 }
 

@@ -179,11 +179,13 @@ inline StepArgs check_table_step(const char* op, const at::Tensor& layers, const
     // An empty tensor may have a null data pointer; every other tensor of the step must have an address.
     const bool addressed = row[COL_STEP] != 0 &&
         (numel == 0 || (row[COL_PARAM] != 0 && row[COL_GRAD] != 0 && row[COL_STATE0] != 0 &&
-                        (!two_states || row[COL_STATE1] != 0) && (!has_master || row[COL_MASTER] != 0)));
+                        (!two_states || row[COL_STATE1] != 0)));
     TORCH_CHECK(addressed, op, ": layer ", i, " has no tensor addresses in the table (a table built under "
                 "torch.compile belongs to the list-form op)");
     TORCH_CHECK(has_master || row[COL_MASTER] == 0, op, ": layer ", i,
                 " has a master weight but has_master is false");
+    TORCH_CHECK(!has_master || numel == 0 || row[COL_MASTER] != 0, op, ": layer ", i,
+                " has no master weight but has_master is true");
   }
   return args;
 }

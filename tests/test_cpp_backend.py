@@ -1,15 +1,20 @@
 """The CPU twin (backend="cpp") beyond the parity table: GradScaler inputs, lr as a tensor, reproducibility,
 many layers, strided layers, master weights, the op schemas and their checks."""
 
+import os
+
+import numpy as np
 import pytest
 import torch
 
 from buckets import assert_buckets_close, assert_buckets_equal, bucket_tensors, clone_bucket, make_bucket
 from cases import CASES, SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
+from spec_numpy import lamb as spec_lamb
+from spec_numpy import lars_family as spec_lars
 from tvlars_fused import LAMB, TVLARS
 from tvlars_fused import _cpp_backend, _foreach, reference
 from tvlars_fused._layer_table import prepare
-from tvlars_fused._types import LambHyper, LarsHyper
+from tvlars_fused._types import Bucket, LambHyper, LarsHyper
 
 pytestmark = pytest.mark.usefixtures("cpp_backend")
 
@@ -93,6 +98,9 @@ def test_lr_tensor_is_read_at_each_step(lamb):
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_bit_identical_across_runs_and_thread_counts(case):
     threads = torch.get_num_threads()
+    if os.cpu_count() == 1 or threads == 1:
+        pytest.skip(f"one thread only (os.cpu_count() = {os.cpu_count()}, torch.get_num_threads() = {threads}): "
+                    "nothing to compare a one-thread step with")
     first, first_opt = run(case, "cpp", steps=5)
     try:
         torch.set_num_threads(1)
@@ -430,3 +438,176 @@ def test_bad_split_arguments_are_rejected(sums, phase, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.tvlars_fused.lars_step(*op_args(bucket, False), sums, phase)
     assert_buckets_equal(bucket, before)
+
+
+# ---------------------------------------------------------------- the table-form ops
+
+
+def table_args(bucket, lamb, hp=None):
+    """The table-form op's arguments for the bucket (the hyper-parameters as in op_args)."""
+    covered, table, _ = prepare(bucket, _cpp_backend.CHUNK)
+    head = [table.layers, table.layers_host, table.chunk_layer, _cpp_backend._workspace(table), covered.dtype,
+            covered.masters is not None, None, None, None]
+    if lamb:
+        h = hp or LAMB_HP
+        return head + [None, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.norm_clip,
+                       _cpp_backend.CHUNK]
+    h = hp or TVLARS_HP
+    return head + [h.lr, h.momentum, h.weight_decay, h.eta, h.eps, h.norm_clip, h.sum_of_norms, h.nesterov,
+                   h.use_phi, h.lmbda, h.alpha, h.delay, h.gamma_min, _cpp_backend.CHUNK]
+
+
+def ops_of(lamb):
+    """(list form, table form) of the optimizer's op."""
+    ops = torch.ops.tvlars_fused
+    return (ops.lamb_step, ops.lamb_step_table) if lamb else (ops.lars_step, ops.lars_step_table)
+
+
+@pytest.mark.parametrize("lamb, hyper", SPLIT_CASES, ids=SPLIT_IDS)
+@pytest.mark.parametrize("masters", [False, True], ids=["params", "masters"])
+def test_table_form_is_bit_identical_to_list_form(lamb, hyper, masters):
+    hp = LambHyper(**{**LAMB_HP.__dict__, **hyper}) if lamb else LarsHyper(**{**TVLARS_HP.__dict__, **hyper})
+    listed = make_bucket(SHAPES, lamb=lamb, dtype=torch.bfloat16 if masters else torch.float32, masters=masters)
+    tabled, expected = clone_bucket(listed), clone_bucket(listed)
+    list_op, table_op = ops_of(lamb)
+    for _ in range(3):
+        list_op(*op_args(listed, lamb, hp=hp))
+        table_op(*table_args(tabled, lamb, hp=hp))
+        step(expected, lamb, reference, **hyper)
+    assert_buckets_equal(tabled, listed)
+    assert_buckets_close(tabled, expected, 2 * 2.0 ** -8 if masters else 1e-6)
+    assert not torch.equal(tabled.params[0], make_bucket(SHAPES, lamb=lamb).params[0].to(tabled.dtype))
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_table_form_split_phases_match_list_form(lamb):
+    listed = make_bucket(SHAPES, lamb=lamb)
+    tabled = clone_bucket(listed)
+    list_op, table_op = ops_of(lamb)
+    for phase in (_cpp_backend.PHASE_SUMS, _cpp_backend.PHASE_APPLY):
+        list_sums = torch.full((len(SHAPES), 2), 3.0, dtype=torch.float64) if phase == 2 else \
+            torch.zeros(len(SHAPES), 2, dtype=torch.float64)
+        table_sums = list_sums.clone()
+        list_op(*op_args(listed, lamb), list_sums, phase)
+        table_op(*table_args(tabled, lamb), table_sums, phase)
+        assert torch.equal(table_sums, list_sums)
+        assert_buckets_equal(tabled, listed)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_table_form_found_inf_writes_nothing(lamb):
+    bucket = make_bucket(SHAPES, lamb=lamb)
+    before = clone_bucket(bucket)
+    args = table_args(bucket, lamb)
+    args[7], args[8] = torch.tensor(4.0), torch.tensor(1.0)  # grad_scale, found_inf
+    ops_of(lamb)[1](*args)
+    assert_buckets_equal(bucket, before)
+
+
+def table_bad(bucket, position, value):
+    args = table_args(bucket, False)
+    args[position] = value
+    return args
+
+
+def traced_table(bucket):
+    """A table as prepare() builds it under torch.compile: sizes only, no addresses."""
+    from tvlars_fused._layer_table import _build
+    return _build(bucket, _cpp_backend.CHUNK, None)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b: table_bad(b, 3, torch.zeros(200)), "lars_step_table: workspace must be a contiguous float64 tensor"),
+    (lambda b: table_bad(b, 4, torch.float64), "lars_step_table: params must be float32, bfloat16 or float16"),
+    (lambda b: table_bad(b, 5, True), "lars_step_table: master weights are for bfloat16/float16 params only"),
+    (lambda b: table_bad(b, 1, table_args(b, False)[1].int()), "lars_step_table: layers_host must be a contiguous"),
+    (lambda b: table_bad(b, 2, table_args(b, False)[2][:-1]), "lars_step_table: chunk_layer has"),
+    (lambda b: table_bad(b, 8, torch.tensor([1.0, 0.0])), "lars_step_table: found_inf must have one element"),
+    (lambda b: table_bad(b, 6, torch.zeros((), dtype=torch.float64)), "lars_step_table: lr_tensor must be float32"),
+    (lambda b: table_bad(b, -1, 6), "lars_step_table: chunk_size must be a positive multiple of 4"),
+    (lambda b: table_bad(b, -1, 8), r"lars_step_table: layer 0's row does not describe chunks of 8 elements"),
+    (lambda b: [traced_table(b).layers, traced_table(b).layers] + table_args(b, False)[2:],
+     "lars_step_table: layer 0 has no tensor addresses in the table"),
+    (lambda b: table_args(b, False) + [torch.zeros(10, 2), 1], r"lars_step_table: phase 1 needs layer_sums, a "
+     r"contiguous float64 tensor of shape \[10, 2\]"),
+])
+def test_table_form_bad_arguments_name_the_parameter(change, message):
+    bucket = make_bucket(SHAPES)
+    before = clone_bucket(bucket)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.tvlars_fused.lars_step_table(*change(bucket))
+    assert_buckets_equal(bucket, before)
+
+
+def test_table_form_checks_has_master_against_the_rows():
+    """has_master picks how the weights are read (float32 masters or the parameters' dtype): it must agree with
+    the table's master column."""
+    with_masters = make_bucket(SHAPES, lamb=True, dtype=torch.bfloat16, masters=True)
+    without = make_bucket(SHAPES, lamb=True, dtype=torch.bfloat16)
+    before = [clone_bucket(with_masters), clone_bucket(without)]
+    args = table_args(with_masters, True)
+    args[5] = False
+    with pytest.raises(RuntimeError, match="lamb_step_table: layer 0 has a master weight but has_master is false"):
+        torch.ops.tvlars_fused.lamb_step_table(*args)
+    args = table_args(without, True)
+    args[5] = True
+    with pytest.raises(RuntimeError, match="lamb_step_table: layer 0 has no master weight but has_master is true"):
+        torch.ops.tvlars_fused.lamb_step_table(*args)
+    assert_buckets_equal(with_masters, before[0])
+    assert_buckets_equal(without, before[1])
+
+
+# ---------------------------------------------------------------- float64 sums of squares
+
+
+def single_layer_bucket(w, lamb):
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(w.shape, generator=gen)
+    states = [[torch.zeros_like(w)] for _ in range(1 + lamb)]
+    return Bucket(params=[w], grads=[g], states=states, steps=[torch.tensor(0.0)], excluded=[False])
+
+
+def spec_step(bucket, lamb, hp):
+    """The float64 NumPy reading of the spec (tests/spec_numpy.py): one step from zero state."""
+    w, g = bucket.params[0].double().numpy(), bucket.grads[0].double().numpy()
+    if lamb:
+        return spec_lamb([w], [[g]], lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                         weight_decay=hp.weight_decay, bias_correction=hp.bias_correction, norm_clip=hp.norm_clip)[0]
+    phi = dict(lmbda=hp.lmbda, alpha=hp.alpha, delay=hp.delay, gamma_min=hp.gamma_min)
+    return spec_lars([w], [[g]], lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, eta=hp.eta,
+                     eps=hp.eps, phi=phi)[0]
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+@pytest.mark.parametrize("form", ["table", "list"])
+def test_huge_finite_weights_give_finite_norms(lamb, form):
+    """|w| = 1e20: each square (1e40) overflows float32; summed in float64 the norm and the step are finite.
+    LAMB without norm_clip, so that its trust ratio (~100) moves weights this large visibly."""
+    w = torch.full((64, 64), 1e20) * torch.linspace(0.5, 1.5, 64 * 64).reshape(64, 64)
+    bucket = single_layer_bucket(w.clone(), lamb)
+    expected = clone_bucket(bucket)
+    hp = LambHyper(**{**LAMB_HP.__dict__, "norm_clip": None}) if lamb else TVLARS_HP
+    want = spec_step(bucket, lamb, hp)
+    if form == "table":
+        ops_of(lamb)[1](*table_args(bucket, lamb, hp=hp))
+    else:
+        ops_of(lamb)[0](*op_args(bucket, lamb, hp=hp))
+    step(expected, lamb, reference, norm_clip=None)
+    assert torch.isfinite(bucket.params[0]).all() and not torch.equal(bucket.params[0], w)
+    assert_buckets_close(bucket, expected, 1e-6)
+    np.testing.assert_allclose(bucket.params[0].double().numpy(), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_tiny_weights_take_the_trust_ratio_not_the_zero_norm_branch(lamb):
+    """Squares of 1e-25 (1e-50) flush to zero in float32, which would give ||w|| = 0 and q = 1: the step would
+    move w by lr * d (about 0.5). In float64 ||w|| = 6.4e-24 > 0, and q = ||w|| / ... keeps the step tiny."""
+    w = torch.full((64, 64), 1e-25)
+    bucket = single_layer_bucket(w.clone(), lamb)
+    expected = clone_bucket(bucket)
+    want = spec_step(bucket, lamb, LAMB_HP if lamb else TVLARS_HP)
+    step(bucket, lamb, _cpp_backend)
+    step(expected, lamb, reference)
+    assert (bucket.params[0] - w).abs().max() < 1e-25  # q = 1 would move w by ~1e-3 (LAMB) or ~1 (TVLARS)
+    assert_buckets_close(bucket, expected, 1e-6)
+    np.testing.assert_allclose(bucket.params[0].double().numpy(), want, rtol=1e-6)
