@@ -37,57 +37,25 @@ supports_sharded = True  # _optimizer._plan gives this backend sharded buckets (
 
 
 def _workspace(table: LayerTable) -> Tensor:
-    """The table's float64 scratch: per-chunk partial sums of squares, then per-layer results."""
+    """The table's float64 scratch: per-chunk partial sums of squares, then per-layer results. (On CUDA the op
+    records its use on the launch stream, whichever stream it was allocated on.)"""
     ws = table.workspace.get("cpp_partials")
     if ws is None:
-        ws = table.workspace["cpp_partials"] = _allocate(table, 2 * (table.num_chunks + table.num_layers))
+        ws = table.workspace["cpp_partials"] = torch.empty(2 * (table.num_chunks + table.num_layers),
+                                                           dtype=torch.float64, device=table.layers.device)
     return ws
-
-
-def _layer_sums(table: LayerTable) -> Tensor:
-    """The float64 [num_layers, 2] sums a sharded bucket's two op calls pass through the all-reduce."""
-    sums = table.workspace.get("cpp_layer_sums")
-    if sums is None:
-        sums = table.workspace["cpp_layer_sums"] = _allocate(table, 2 * table.num_layers).view(-1, 2)
-    return sums
-
-
-def _allocate(table: LayerTable, numel: int) -> Tensor:
-    """Zeros on the table's device, allocated on the table's stream (CUDA) like its other tensors, so that one
-    record_stream rule (_use_stream) covers them all."""
-    device = table.layers.device
-    if table.stream is None or torch.compiler.is_compiling():  # a traced table lives in one graph
-        return torch.zeros(numel, dtype=torch.float64, device=device)
-    with torch.cuda.stream(table.stream):
-        return torch.zeros(numel, dtype=torch.float64, device=device)
-
-
-def _use_stream(table: LayerTable, tensors: list[Tensor]) -> None:
-    """A CUDA table's tensors belong to the stream it was built on; a step launched on another stream tells the
-    caching allocator they are used there too (once per table and stream), so their memory is not handed out
-    again while that stream may still read them."""
-    if table.stream is None or torch.compiler.is_compiling():
-        return
-    stream = torch.cuda.current_stream(table.layers.device)
-    if stream == table.stream:
-        return
-    recorded = table.workspace.setdefault("cpp_streams", set())
-    if stream not in recorded:
-        recorded.add(stream)
-        for t in tensors:
-            t.record_stream(stream)
 
 
 def _run(op, bucket: Bucket, table: LayerTable, *args) -> None:
     """One op call, or for a sharded bucket the sums phase, one all-reduce and the apply phase. The all-reduce
     runs even when found_inf is set (the op then writes nothing), so every rank issues the same collectives."""
-    scratch = [table.layers, table.chunk_layer, _workspace(table)]
     if bucket.reduce_sums is None:
-        _use_stream(table, scratch)
         op(*args)
         return
-    sums = _layer_sums(table)
-    _use_stream(table, scratch + [sums])
+    sums = table.workspace.get("cpp_layer_sums")
+    if sums is None:
+        sums = table.workspace["cpp_layer_sums"] = torch.zeros(table.num_layers, 2, dtype=torch.float64,
+                                                               device=table.layers.device)
     op(*args, sums, PHASE_SUMS)
     bucket.reduce_sums(sums)
     op(*args, sums, PHASE_APPLY)
