@@ -126,7 +126,6 @@ def _grad_scaler_check(rank, world, mesh, name, backend, steps):
     """A real GradScaler: after ``steps - 1`` ordinary steps, an inf in rank 0's shard of the first layer's
     gradient only: no rank changes its shards or state, and every rank's scale backs off (the ranks' scales
     must stay equal, else their scaled gradients would be averaged wrongly)."""
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     model = _model()
