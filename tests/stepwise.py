@@ -53,6 +53,8 @@ def _reference_of(cls, kwargs, opt, params, grad_scale):
     """A reference optimizer with the hyper-parameters ``kwargs`` (the truth, whatever ``opt`` was given) on
     float32 copies of ``params`` (float64 ones stay float64) holding ``opt``'s state and the same gradients
     divided by ``grad_scale`` (a power of two: exact)."""
+    if opt.master_weights:
+        raise ValueError("stepwise compares parameters stepped in place; master weights are not modelled")
     copies = []
     for p in params:
         dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
@@ -114,8 +116,6 @@ def step_mismatches(cls, kwargs, opt, params, step=None, grad_scale=1.0) -> list
             problems.append(f"{name}: state keys {sorted(state)} != reference {sorted(ref_state)}")
             continue
         for key in ref_state:
-            if key == "master_weight":
-                continue
             old = s_before.get(key, torch.zeros_like(ref_state[key]))
             problem = _check_state(name, key, state[key], ref_state[key], old)
             if problem:
