@@ -294,6 +294,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _reuse_plan(self, index: int, group: dict[str, Any]) -> _GroupPlan | None:
         """The group's plan from the last step when it still holds (same parameters, the same ones with gradients,
         all dense, same state and exclusion), with this step's gradients put into its buckets; else None."""
+        if torch.compiler.is_compiling():  # a traced step is planned once per trace; addresses do not exist there
+            return None
         plan = self._plans.get(index)
         if plan is None or not plan.reusable or plan.state is not self.state or \
                 plan.state_version != self._state_version[0] or group.get("exclude") is not plan.exclude:
