@@ -24,6 +24,7 @@ modified again and is kept alive by ``bucket.keep_alive`` (the optimizer's, for 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ COL_NUMEL, COL_FIRST_CHUNK, COL_NUM_CHUNKS, COL_FLAGS = range(6, 10)
 NUM_COLS = 10
 FLAG_EXCLUDED = 1
 _data_ptr = Tensor.data_ptr
+_generations = itertools.count()
 
 
 @dataclass(eq=False)
@@ -148,6 +150,8 @@ def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable 
         covered, rest = _split(bucket, table_fits(bucket))
         return covered, (None if covered is None else _build(covered, chunk_size, with_addresses=False)), rest
 
+    if bucket.generation is None:
+        bucket.generation = next(_generations)
     param_ptrs = list(map(_data_ptr, bucket.params))
     grad_ptrs = bucket.grad_ptrs if bucket.grad_ptrs is not None else list(map(_data_ptr, bucket.grads))
     slot, table_slot = ("split", chunk_size), ("layer_table", chunk_size)

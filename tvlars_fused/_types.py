@@ -14,16 +14,12 @@ tensor) non-zero means the whole step is skipped: nothing, not even ``steps``, c
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
-
-
-_generations = itertools.count()
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,9 +45,10 @@ class Bucket:
     # Where tables read by a launch captured into a CUDA graph are kept for as long as the graph may replay (the
     # optimizer's list); None: nowhere (a bucket made by hand).
     keep_alive: list | None = None
-    # Unique per Bucket object: what the layer table cache trusts without comparing every address again. The
-    # optimizer steps the same object while its plan holds (new gradients assigned to it each step).
-    generation: int = field(default_factory=lambda: next(_generations))
+    # Unique per Bucket object, given by its first (eager) layer-table lookup: what the table cache trusts without
+    # comparing every address again. The optimizer steps the same object while its plan holds (new gradients
+    # assigned to it each step). Not drawn at construction: torch.compile would guard on the counter.
+    generation: int | None = None
     # The gradients' data pointers when the optimizer already read them this step (else None: computed on use).
     grad_ptrs: list[int] | None = None
 
