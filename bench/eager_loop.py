@@ -1,7 +1,7 @@
 """The baseline: a per-parameter Python loop with separate torch ops per tensor, in the style of the TVLARS
 authors' code (KhoiDOO/tvlars, opt/tvlars.py and opt/lamb.py). Written for this benchmark, not copied.
 
-It computes the same math as the package's defaults (``shared/spec/ALGORITHMS.md``) so that the time
+It computes the same math as the package's defaults (``docs/algorithms.md``) so that the time
 difference is the implementation, not the algorithm: every tensor gets its own norm, ``where``, multiply
 and in-place updates, each a separate dispatch (and on a GPU a separate kernel launch).
 """

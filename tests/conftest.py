@@ -5,7 +5,7 @@ import torch
 from hypothesis import settings
 
 # The Triton interpreter must be chosen before triton is first imported; without a GPU it is the only way
-# the Triton kernels run (BUILD_NOTES.md).
+# the Triton kernels run (docs/building.md).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

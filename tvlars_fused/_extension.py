@@ -48,7 +48,7 @@ def omp_link_flags() -> list[str]:
 
 
 def configure_cuda_env() -> None:
-    """Defaults that make a CUDA build work here and on the GPU machine (see shared/BUILD_NOTES.md).
+    """Defaults that make a CUDA build work here and on the GPU machine (see docs/building.md).
 
     ``CUDA_HOME``: /usr/local/bin/nvcc is a wrapper script, from which torch guesses /usr/local and misses the
     headers. ``TORCH_CUDA_ARCH_LIST``: the local GPU's architecture, else Hopper (unset without a GPU, torch's
