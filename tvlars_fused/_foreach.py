@@ -31,11 +31,6 @@ def _layer_norms(bucket: Bucket, *layer_lists: list[Tensor]) -> tuple[Tensor, ..
     return tuple(norms.unbind(0))
 
 
-def _ratio_dtype(bucket: Bucket) -> torch.dtype:
-    """Trust ratios are computed in float64 and rounded once to the working precision."""
-    return math_dtype(bucket.dtype)
-
-
 def _read(bucket: Bucket, grad_scale: Tensor | None, grad_mult: Tensor | None):
     """The layers' weights and gradients in the working precision (float32, or float64 for float64
     parameters). Gradients already in it are used as they are (the steps below only read them); any scaling
@@ -128,7 +123,7 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None) -
             t = torch.stack([bucket.steps[i] for i in adapted])
             ratio = ratio * (1.0 / (hp.alpha + torch.exp(hp.lmbda * (t - hp.delay))) + hp.gamma_min)
         trust_ratio = torch.where((w_norm > 0) & (d_norm > 0), ratio, torch.ones_like(ratio))
-        _scale_by_layer(d_a, trust_ratio.to(_ratio_dtype(bucket)))
+        _scale_by_layer(d_a, trust_ratio.to(math_dtype(bucket.dtype)))  # float64, rounded once
         for i, d in zip(adapted, d_a):
             updates[i] = d
 
@@ -171,5 +166,5 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None) -
         bucket.cache[("adapted_mask", tuple(bucket.excluded))] = adapted_mask
     trust_ratio = torch.where((w_norm > 0) & (u_norm > 0) & adapted_mask[0], w_norm / u_norm,
                               torch.ones_like(w_norm))
-    _scale_by_layer(updates, trust_ratio.to(_ratio_dtype(bucket)))
+    _scale_by_layer(updates, trust_ratio.to(math_dtype(bucket.dtype)))  # float64, rounded once
     _apply(bucket, weights, updates, hp.lr)

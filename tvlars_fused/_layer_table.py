@@ -156,13 +156,16 @@ def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable 
     grad_ptrs = bucket.grad_ptrs if bucket.grad_ptrs is not None else list(map(_data_ptr, bucket.grads))
     slot, table_slot = ("split", chunk_size), ("layer_table", chunk_size)
     split = bucket.cache.get(slot)
-    if split is not None and split.generation != bucket.generation and \
-            split.fixed_key == _fixed_key(bucket, param_ptrs):
-        split.generation = bucket.generation  # a new bucket object over the very same tensors
+    fixed_key = None
+    if split is not None and split.generation != bucket.generation:
+        fixed_key = _fixed_key(bucket, param_ptrs)
+        if split.fixed_key == fixed_key:
+            split.generation = bucket.generation  # a new bucket object over the very same tensors
     if split is None or split.generation != bucket.generation or split.param_ptrs != param_ptrs:
         # New state, a checkpoint loaded or a parameter moved: check and lay out everything again.
-        split = bucket.cache[slot] = _Split(bucket.generation, _fixed_key(bucket, param_ptrs), param_ptrs,
-                                            grad_ptrs, [g.stride() for g in bucket.grads], table_fits(bucket))
+        split = bucket.cache[slot] = _Split(bucket.generation, fixed_key or _fixed_key(bucket, param_ptrs),
+                                            param_ptrs, grad_ptrs, [g.stride() for g in bucket.grads],
+                                            table_fits(bucket))
         bucket.cache.pop(table_slot, None)
     elif split.grad_ptrs != grad_ptrs:
         strides = [g.stride() for g in bucket.grads]
@@ -193,14 +196,6 @@ def _split(bucket: Bucket, fits: list[bool]) -> tuple[Bucket | None, Bucket | No
     outside = [i for i, ok in enumerate(fits) if not ok]
     covered = bucket.subset(inside, bucket.cache.setdefault("covered", {})) if inside else None
     return covered, bucket.subset(outside, bucket.cache.setdefault("rest", {}))
-
-
-def layer_table(bucket: Bucket, chunk_size: int) -> LayerTable:
-    """The table of a bucket whose layers all fit (``table_fits``), from the cache when no address changed."""
-    covered, table, rest = prepare(bucket, chunk_size)
-    if rest is not None:
-        raise ValueError("layer_table: some layers of this bucket are strided; use prepare()")
-    return table
 
 
 def capturing(device: torch.device) -> bool:

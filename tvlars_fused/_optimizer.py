@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import _backends, _layer_table
+from ._layer_table import _data_ptr
 from ._types import Bucket, math_dtype
 
 try:
@@ -111,7 +112,6 @@ class _GroupPlan:
 
 
 _NONES = itertools.repeat(None)
-_data_ptr = Tensor.data_ptr
 
 
 class _LayerState(dict):
@@ -473,6 +473,5 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     new_group[key] = group[key]
             new_group["params"] = group["params"]
             param_groups.append(new_group)
-        self.__setstate__({"state": state, "param_groups": param_groups})
+        self.__setstate__({"state": state, "param_groups": param_groups})  # clears the plans too
         self._bucket_caches.clear()
-        self._plans.clear()
