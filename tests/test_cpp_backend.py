@@ -185,13 +185,19 @@ def op_args(bucket, lamb, lists=None, hp=None):
     lists = lists or covered
     head = [table.layers, table.layers_host, table.chunk_layer, lists.params, lists.grads, *lists.states,
             lists.masters or [], lists.steps, _cpp_backend._workspace(table), None, None, None]
+    return head + hyper_args(lamb, hp)
+
+
+def hyper_args(lamb, hp=None):
+    """The ops' trailing arguments, the same in both forms: LAMB's clip_coef (None) and the hyper-parameters from
+    ``hp`` (default: LAMB_HP or TVLARS_HP), then the chunk size."""
     if lamb:
         h = hp or LAMB_HP
-        return head + [None, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.norm_clip,
-                       _cpp_backend.CHUNK]
+        return [None, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.norm_clip,
+                _cpp_backend.CHUNK]
     h = hp or TVLARS_HP
-    return head + [h.lr, h.momentum, h.weight_decay, h.eta, h.eps, h.norm_clip, h.sum_of_norms, h.nesterov,
-                   h.use_phi, h.lmbda, h.alpha, h.delay, h.gamma_min, _cpp_backend.CHUNK]
+    return [h.lr, h.momentum, h.weight_decay, h.eta, h.eps, h.norm_clip, h.sum_of_norms, h.nesterov, h.use_phi,
+            h.lmbda, h.alpha, h.delay, h.gamma_min, _cpp_backend.CHUNK]
 
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["lars_step", "lamb_step"])
@@ -452,13 +458,7 @@ def table_args(bucket, lamb, hp=None):
     covered, table, _ = prepare(bucket, _cpp_backend.CHUNK)
     head = [table.layers, table.layers_host, table.chunk_layer, _cpp_backend._workspace(table), covered.dtype,
             covered.masters is not None, None, None, None]
-    if lamb:
-        h = hp or LAMB_HP
-        return head + [None, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.norm_clip,
-                       _cpp_backend.CHUNK]
-    h = hp or TVLARS_HP
-    return head + [h.lr, h.momentum, h.weight_decay, h.eta, h.eps, h.norm_clip, h.sum_of_norms, h.nesterov,
-                   h.use_phi, h.lmbda, h.alpha, h.delay, h.gamma_min, _cpp_backend.CHUNK]
+    return head + hyper_args(lamb, hp)
 
 
 def ops_of(lamb):

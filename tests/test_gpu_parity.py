@@ -11,7 +11,7 @@ import torch
 
 from cases import CASES, SHAPES, SMALL_SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
 from test_parity import LOW_PRECISION
-from test_spec_cases import HAND_CASES, _lamb_expected, _spec_kwargs
+from test_spec_cases import HAND_CASES, _lamb_expected, numpy_expected
 from tvlars_fused import LAMB, TVLARS, available_backends
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
@@ -121,27 +121,6 @@ def test_lamb_max_grad_norm_hand(backend):
     assert b.item() == pytest.approx(-1 - 0.1 * 1, rel=1e-6)
 
 
-def _numpy_expected(case, steps):
-    """The float64 NumPy reading of the spec (tests/spec_numpy.py) for ``case`` over SMALL_SHAPES, fed the very
-    starting weights and gradients that ``cases.run`` uses (both are drawn on the CPU)."""
-    fn, kwargs, phi_args, exclude = _spec_kwargs(case)
-    start = [p.detach().double().numpy() for p in make_params(SMALL_SHAPES)]
-    probe = make_params(SMALL_SHAPES)
-    grads = []
-    for step in range(steps):
-        set_grads(probe, step)
-        grads.append([p.grad.double().numpy() for p in probe])
-    if exclude == "1d":
-        excluded = [w.ndim <= 1 for w in start]
-    elif exclude is None:
-        excluded = None
-    else:
-        excluded = [bool(exclude(p)) for p in probe]
-    if phi_args is not None:
-        kwargs["phi"] = phi_args
-    return fn(start, grads, excluded=excluded, **kwargs)
-
-
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=repr)
 def test_case_table_matches_independent_numpy_reading(case, backend):
@@ -149,6 +128,6 @@ def test_case_table_matches_independent_numpy_reading(case, backend):
     backend_or_skip(backend, "cuda")
     steps = 10
     params, _ = run(case, backend, shapes=SMALL_SHAPES, steps=steps, device="cuda")
-    for i, (p, e) in enumerate(zip(params, _numpy_expected(case, steps))):
+    for i, (p, e) in enumerate(zip(params, numpy_expected(case, steps))):
         np.testing.assert_allclose(p.detach().double().cpu().numpy(), e, rtol=1e-5, atol=1e-6,
                                    err_msg=f"layer {i} {tuple(p.shape)}")
