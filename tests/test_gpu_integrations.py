@@ -13,6 +13,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from cases import SHAPES, SMALL_SHAPES, assert_matches, backend_or_skip, make_params, set_grads
+from test_integrations import compiled_matches_eager_without_graph_breaks, master_weights_follow_the_float32_run
 from tvlars_fused import LAMB, TVLARS, available_backends
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
@@ -116,21 +117,7 @@ def test_grad_scaler_skips_an_inf_and_nan_step_in_kernel_without_host_sync(backe
 def test_compiled_cuda_step_matches_eager_without_graph_breaks(cls, kwargs):
     """torch.compile(opt.step) with backend="cuda" on CUDA parameters: the op is traced into one graph (no
     graph break) and gives the eager step's result."""
-    backend_or_skip("cuda", "cuda")
-    compiled_params, eager_params = make_params(SMALL_SHAPES, device="cuda"), make_params(SMALL_SHAPES, device="cuda")
-    opt = cls(compiled_params, backend="cuda", **kwargs)
-    eager = cls(eager_params, backend="cuda", **kwargs)
-    compiled_step = torch.compile(opt.step)
-    for step in range(3):
-        set_grads(compiled_params, step)
-        set_grads(eager_params, step)
-        compiled_step()
-        eager.step()
-    for p, q in zip(compiled_params, eager_params):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    set_grads(compiled_params, 3)
-    explanation = torch._dynamo.explain(opt.step)()
-    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    compiled_matches_eager_without_graph_breaks(cls, kwargs, "cuda", "cuda")
 
 
 def test_compiled_triton_step_runs_outside_the_graph():
@@ -155,22 +142,8 @@ def test_compiled_triton_step_runs_outside_the_graph():
 def test_bf16_master_weights_follow_the_float32_run(backend, cls, kwargs):
     """bfloat16 CUDA parameters with master_weights=True: the float32 masters follow a float32 reference run
     on the same gradients to the float32 contract, and each parameter is its master rounded once."""
-    backend_or_skip(backend, "cuda")
-    low = make_params(SHAPES, dtype=torch.bfloat16, device="cuda")
-    full = [p.detach().float().requires_grad_() for p in low]  # the same starting values, in float32
-    opt = cls(low, backend=backend, master_weights=True, **kwargs)
-    full_opt = cls(full, backend="reference", **kwargs)
-    for step in range(5):
-        set_grads(low, step)
-        for p, q in zip(low, full):
-            q.grad = p.grad.float()  # identical (representable) gradients for both runs
-        opt.step()
-        full_opt.step()
-    for p, q in zip(low, full):
-        master = opt.state[p]["master_weight"]
-        assert master.dtype == torch.float32 and master.device == p.device
-        torch.testing.assert_close(master, q.detach(), rtol=FLOAT32_TOL, atol=FLOAT32_TOL)
-        assert torch.equal(p.detach(), master.to(torch.bfloat16))
+    master_weights_follow_the_float32_run(cls, kwargs, torch.bfloat16, backend, SHAPES, "cuda", rtol=FLOAT32_TOL,
+                                          atol=FLOAT32_TOL)
 
 
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=OPTIMIZER_IDS)

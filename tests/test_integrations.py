@@ -117,8 +117,14 @@ def test_amp_scaling_support_is_declared_only_for_fused_backends(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_master_weights_follow_the_float32_run(cls, kwargs, dtype, backend):
-    backend_or_skip(backend)
-    low = make_params(SMALL_SHAPES, dtype=dtype)
+    master_weights_follow_the_float32_run(cls, kwargs, dtype, backend, SMALL_SHAPES, "cpu", rtol=1e-5, atol=1e-6)
+
+
+def master_weights_follow_the_float32_run(cls, kwargs, dtype, backend, shapes, device, rtol, atol):
+    """Low-precision parameters with master_weights=True: the float32 masters follow a float32 reference run on the
+    same gradients, and each parameter is its master rounded once."""
+    backend_or_skip(backend, device)
+    low = make_params(shapes, dtype=dtype, device=device)
     full = [p.detach().float().requires_grad_() for p in low]  # the same starting values, in float32
     opt = cls(low, backend=backend, master_weights=True, **kwargs)
     full_opt = cls(full, backend="reference", **kwargs)
@@ -130,8 +136,8 @@ def test_master_weights_follow_the_float32_run(cls, kwargs, dtype, backend):
         full_opt.step()
     for p, q in zip(low, full):
         master = opt.state[p]["master_weight"]
-        assert master.dtype == torch.float32
-        torch.testing.assert_close(master, q.detach(), rtol=1e-5, atol=1e-6)
+        assert master.dtype == torch.float32 and master.device == p.device
+        torch.testing.assert_close(master, q.detach(), rtol=rtol, atol=atol)
         assert torch.equal(p.detach(), master.to(dtype))  # the parameter is its master, rounded once
 
 
@@ -156,8 +162,13 @@ def test_master_weights_survive_a_checkpoint_in_float32():
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", ""))
 @pytest.mark.parametrize("backend", ["foreach", "cpp"])
 def test_compiled_step_matches_eager_without_graph_breaks(cls, kwargs, backend):
-    backend_or_skip(backend)
-    compiled_params, eager_params = make_params(SMALL_SHAPES), make_params(SMALL_SHAPES)
+    compiled_matches_eager_without_graph_breaks(cls, kwargs, backend, "cpu")
+
+
+def compiled_matches_eager_without_graph_breaks(cls, kwargs, backend, device):
+    """torch.compile(opt.step) on ``device`` gives the eager step's result, and dynamo sees no graph break."""
+    backend_or_skip(backend, device)
+    compiled_params, eager_params = make_params(SMALL_SHAPES, device=device), make_params(SMALL_SHAPES, device=device)
     opt = cls(compiled_params, backend=backend, **kwargs)
     eager = cls(eager_params, backend=backend, **kwargs)
     compiled_step = torch.compile(opt.step)
