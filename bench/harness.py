@@ -3,8 +3,8 @@
 A case is (parameter set, dtype, optimizer, contender). Parameters and gradients of a set are made once,
 seeded, before any timing; every contender then builds its own optimizer on them, so the timed region is
 ``optimizer.step()`` and nothing else. The contenders of one (set, dtype, optimizer), the torch floor of that
-optimizer and the bandwidth yardstick are timed in interleaved rounds (see ``run``), and every ratio compares
-medians of the same rounds.
+optimizer and the bandwidth yardstick are timed in interleaved rounds (see ``run``), and every ratio is the
+median of ratios taken within each round.
 """
 
 from __future__ import annotations
@@ -353,7 +353,7 @@ def run(config: RunConfig) -> dict:
 
     The contenders of one (set, dtype, grads, optimizer), its torch floor and the yardstick are timed in
     interleaved rounds, one step each per round, so that a load that comes and goes on the machine hits them
-    all alike; every statistic is the median over the rounds."""
+    all alike; every time is the median over the rounds, every ratio the median of the ratios within a round."""
     device = config.device
     yardstick = make_yardstick(device)
     summary = {"description": yardstick.description, "bytes_per_step": yardstick.bytes,
@@ -480,7 +480,8 @@ def _measure_group(param_set, dtype, grads, optimizer, group, params, config: Ru
         records[name] = dict(
             kind=entries[name].kind, algorithm=algorithm,
             median_ms=statistics.median(times[name]) * 1e3, min_ms=min(times[name]) * 1e3,
-            max_ms=max(times[name]) * 1e3, steps=len(times[name]), first_step_s=first_step_s[name],
+            max_ms=max(times[name]) * 1e3, steps=len(times[name]), round_ms=[t * 1e3 for t in times[name]],
+            first_step_s=first_step_s[name],
             bytes_per_step=byte_model.bytes_per_step(algorithm, dtype, param_set.numel),
             footprint_bytes=byte_model.footprint_bytes(algorithm, dtype, param_set.numel),
             device_ops_per_step=device_ops_per_step(step, device),
@@ -508,18 +509,35 @@ def share_note(fraction: float | None, footprint: int, cache_bytes: int | None) 
     return "above the yardstick in this run: a noisy machine?"
 
 
+def paired_ratio(numerator_ms: list[float] | None, denominator_ms: list[float]) -> tuple[float, float, float] | None:
+    """(median, first quartile, third quartile) of numerator / denominator taken round by round: a load that
+    slows one round slows both sides of its ratio, so the spread shows the machine's noise rather than hiding
+    it in two medians. None without a numerator or when a denominator is 0 (too fast for the clock)."""
+    if numerator_ms is None or not all(denominator_ms):
+        return None
+    ratios = [a / b for a, b in zip(numerator_ms, denominator_ms, strict=True)]
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
+
+
 def add_ratios(results: list[dict], cache_bytes: int | None) -> None:
-    """Speed-ups vs the eager loop and vs foreach, the ratio to the optimizer's torch floor, the bandwidth and
-    its share of the yardstick's, each against the same rounds (set, dtype, grads, optimizer)."""
-    median = {(r["set"], r["dtype"], r["grads"], r["optimizer"], r["contender"]): r["median_ms"] for r in results}
+    """Speed-ups vs the eager loop and vs foreach and the ratio to the optimizer's torch floor, each the median of
+    per-round ratios (the floor's with its quartiles); the bandwidth and its share of the yardstick's in the same
+    rounds (set, dtype, grads, optimizer)."""
+    rounds = {(r["set"], r["dtype"], r["grads"], r["optimizer"], r["contender"]): r["round_ms"] for r in results}
     for r in results:
         group = (r["set"], r["dtype"], r["grads"], r["optimizer"])
-        eager, foreach = median.get((*group, "eager-loop")), median.get((*group, "foreach"))
-        floor = median.get((*group, r["floor"]))
+        eager = paired_ratio(rounds.get((*group, "eager-loop")), r["round_ms"])
+        foreach = paired_ratio(rounds.get((*group, "foreach")), r["round_ms"])
+        floor_rounds = rounds.get((*group, r["floor"]))
+        floor = paired_ratio(r["round_ms"], floor_rounds) if floor_rounds else None
         seconds = r["median_ms"] / 1e3
-        r["speedup_vs_eager"] = eager / r["median_ms"] if eager else None
-        r["speedup_vs_foreach"] = foreach / r["median_ms"] if foreach else None
-        r["ratio_to_floor"] = r["median_ms"] / floor if floor else None
+        r["speedup_vs_eager"] = eager[0] if eager else None
+        r["speedup_vs_foreach"] = foreach[0] if foreach else None
+        r["ratio_to_floor"] = floor[0] if floor else None
+        r["ratio_to_floor_quartiles"] = list(floor[1:]) if floor else None
         r["achieved_GBps"] = r["bytes_per_step"] / seconds / 1e9 if seconds > 0 else math.inf
         r["fraction_of_yardstick"] = r["achieved_GBps"] / r["yardstick_GBps"] if seconds > 0 else None
         r["share_note"] = share_note(r["fraction_of_yardstick"], r["footprint_bytes"], cache_bytes)
@@ -535,7 +553,8 @@ def headline(results: list[dict]) -> list[dict]:
             best[key] = r
     return [dict(set=r["set"], dtype=r["dtype"], grads=r["grads"], optimizer=r["optimizer"], backend=r["contender"],
                  median_ms=r["median_ms"], speedup_vs_eager=r["speedup_vs_eager"], floor=r["floor"],
-                 ratio_to_floor=r["ratio_to_floor"]) for r in best.values()]
+                 ratio_to_floor=r["ratio_to_floor"], ratio_to_floor_quartiles=r["ratio_to_floor_quartiles"])
+            for r in best.values()]
 
 
 def _cpu_name() -> str:

@@ -21,9 +21,9 @@ COLUMNS = (  # header, record key, format
     ("extra MB", "extra_memory_bytes", "{}"),
 )
 LEGEND = ("x eager = eager-loop time / this time; x foreach = foreach time / this time; / floor = this time / "
-          "the torch floor's time (fused SGD with momentum for tvlars and lars, fused AdamW for lamb); "
-          "of yardstick = GB/s of the byte model / GB/s of the yardstick in the same rounds. Every ratio compares "
-          "medians of the same interleaved rounds.")
+          "the torch floor's time (fused SGD with momentum for tvlars and lars, fused AdamW for lamb), with its "
+          "quartiles in brackets; of yardstick = GB/s of the byte model / GB/s of the yardstick in the same rounds. "
+          "Each ratio is the median over the interleaved rounds of the ratio within a round.")
 
 
 def _cell(record: dict, key: str, fmt: str) -> str:
@@ -34,6 +34,8 @@ def _cell(record: dict, key: str, fmt: str) -> str:
         return "n/a"
     if key == "extra_memory_bytes":
         return f"{value / 2**20:.1f}"
+    if key == "ratio_to_floor":
+        return _floor_ratio(value, record.get("ratio_to_floor_quartiles"))
     if key == "fraction_of_yardstick" and record.get("share_note"):
         return f"{fmt.format(value)} ({record['share_note']})"
     return fmt.format(value)
@@ -69,6 +71,13 @@ def _ratio(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _floor_ratio(value: float | None, quartiles: list[float] | None) -> str:
+    """The ratio to the floor and, when there were several rounds, its quartiles: how noisy the machine was."""
+    if value is None or not quartiles or quartiles[0] == quartiles[1]:
+        return _ratio(value)
+    return f"{value:.2f} ({quartiles[0]:.2f}-{quartiles[1]:.2f})"
+
+
 def _dtype(name: str):
     import torch
 
@@ -80,7 +89,7 @@ def headline_lines(run: dict) -> list[str]:
     lines = ["headline: the fastest of our backends per case, against the eager loop and the torch floor"]
     for h in run["headline"]:
         lines.append(f"  {_case(h)}: {h['backend']} {h['median_ms']:.3f} ms, x eager {_ratio(h['speedup_vs_eager'])}, "
-                     f"/ floor ({h['floor']}) {_ratio(h['ratio_to_floor'])}")
+                     f"/ floor ({h['floor']}) {_floor_ratio(h['ratio_to_floor'], h.get('ratio_to_floor_quartiles'))}")
     return lines
 
 
@@ -127,7 +136,8 @@ def markdown(run: dict, meta: dict) -> str:
         out += ["", "## Headline", "",
                 "| case | fastest of ours | median ms | x eager | floor | / floor |", "|---|---|---|---|---|---|"]
         out += [f"| {_case(h)} | {h['backend']} | {h['median_ms']:.3f} | {_ratio(h['speedup_vs_eager'])} | "
-                f"{h['floor']} | {_ratio(h['ratio_to_floor'])} |" for h in run["headline"]]
+                f"{h['floor']} | {_floor_ratio(h['ratio_to_floor'], h.get('ratio_to_floor_quartiles'))} |"
+                for h in run["headline"]]
     for records in _groups(run["results"]).values():
         out += ["", f"## {_heading(records)}", "",
                 "| " + " | ".join(header for header, _, _ in columns) + " |",

@@ -2,6 +2,7 @@
 and a tiny end-to-end run of ``python -m bench``. Fast enough for the default suite."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_yardstick_arrays_are_well_past_the_last_level_cache(monkeypatch):
 
 def _record(optimizer, contender, median_ms, floor, grads="same", kind="ours", footprint_bytes=10**9):
     return dict(set="s", dtype="float32", grads=grads, optimizer=optimizer, contender=contender, kind=kind,
-                median_ms=median_ms, bytes_per_step=2_000_000, footprint_bytes=footprint_bytes, floor=floor,
+                median_ms=median_ms, round_ms=[median_ms], bytes_per_step=2_000_000, footprint_bytes=footprint_bytes, floor=floor,
                 yardstick_GBps=4.0, num_tensors=2, numel=10**5)
 
 
@@ -198,13 +199,20 @@ def test_tiny_run_writes_table_json_and_summary(tmp_path, capsys):
     assert foreach["steps"] == 2 and foreach["numel"] == 2410 and foreach["bytes_per_step"] == 2410 * 28
     assert floor["steps"] == 2 and floor["bytes_per_step"] == 2410 * 20 and floor["floor"] == "sgd-fused"
     assert foreach["min_ms"] <= foreach["median_ms"] <= foreach["max_ms"]
-    assert foreach["speedup_vs_eager"] == pytest.approx(rows["lars", "eager-loop"]["median_ms"] / foreach["median_ms"])
-    assert foreach["ratio_to_floor"] == pytest.approx(foreach["median_ms"] / floor["median_ms"])
+    eager = rows["lars", "eager-loop"]
+
+    def per_round(numerator, denominator):  # two rounds: the median of the two ratios is their mean
+        return sum(a / b for a, b in zip(numerator["round_ms"], denominator["round_ms"])) / 2
+
+    assert len(foreach["round_ms"]) == 2 and statistics.median(foreach["round_ms"]) == foreach["median_ms"]
+    assert foreach["speedup_vs_eager"] == pytest.approx(per_round(eager, foreach))
+    assert foreach["ratio_to_floor"] == pytest.approx(per_round(foreach, floor))
+    low, high = sorted(a / b for a, b in zip(foreach["round_ms"], floor["round_ms"]))
+    assert foreach["ratio_to_floor_quartiles"] == pytest.approx([low + (high - low) / 4, low + 3 * (high - low) / 4])
     assert foreach["device_ops_per_step"] is None
-    assert rows["lars", "eager-loop"]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert eager["speedup_vs_eager"] == pytest.approx(1.0)
     assert foreach["speedup_vs_foreach"] == pytest.approx(1.0)
-    assert rows["lars", "eager-loop"]["speedup_vs_foreach"] == pytest.approx(
-        foreach["median_ms"] / rows["lars", "eager-loop"]["median_ms"])
+    assert eager["speedup_vs_foreach"] == pytest.approx(per_round(foreach, eager))
     assert all(r["share_note"] for r in data["results"] if r["fraction_of_yardstick"] > 1)
     assert data["headline"][0]["backend"] == "foreach" and data["headline"][0]["floor"] == "sgd-fused"
     assert [s["contender"] for s in data["skipped"]] == ["triton"]  # the Triton interpreter is not timed
@@ -278,7 +286,11 @@ def test_floor_and_yardstick_are_interleaved_with_the_contenders_and_share_their
     records = {r["contender"]: r for r in run["results"]}
     assert list(records) == ["a", "b", "sgd-fused"]
     assert records["a"]["median_ms"] == pytest.approx(2000) and records["sgd-fused"]["median_ms"] == pytest.approx(3000)
-    assert records["a"]["ratio_to_floor"] == pytest.approx(2 / 3)  # medians of the same rounds
+    # Ratios within each round (1/3, 5/30, 2/1), then their median and quartiles: the slow second round slowed
+    # both a and the floor, and its ratio is as good as the others (the ratio of medians would be 2/3).
+    assert records["a"]["ratio_to_floor"] == pytest.approx(1 / 3)
+    assert records["a"]["ratio_to_floor_quartiles"] == pytest.approx([0.25, (1 / 3 + 2) / 2])
+    assert records["a"]["round_ms"] == pytest.approx([1000, 5000, 2000])
     assert records["a"]["yardstick_GBps"] == pytest.approx(4.0)  # 8 GB in a median of 2 s
     assert records["sgd-fused"]["bytes_per_step"] == 2410 * 20  # the floor's own byte model
     assert [(s["contender"], s["reason"]) for s in run["skipped"]] == [("c", "failed: RuntimeError: kernel exploded")]
@@ -355,3 +367,19 @@ def test_pytest_benchmark_cases_include_each_optimizers_floor_and_the_overhead_s
     assert ("many-tiny-2000x1", "tvlars", "sgd-fused") in test_bench_steps.CASES
     assert ("many-tiny-2000x1", "lamb", "adamw-fused") in test_bench_steps.CASES
     assert ("many-tiny-2000x1", "lamb", "sgd-fused") not in test_bench_steps.CASES
+
+
+def test_ratios_are_taken_within_rounds_and_printed_with_their_quartiles():
+    # Round 3 was slowed for both: its ratio (2.0) is as good as the others; the ratio of medians would be 1.0.
+    assert harness.paired_ratio([2.0, 4.0, 20.0, 6.0, 8.0], [1.0, 2.0, 10.0, 3.0, 4.0]) == pytest.approx((2, 2, 2))
+    median, q1, q3 = harness.paired_ratio([1.0, 3.0, 2.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0])
+    assert (median, q1, q3) == pytest.approx((3.0, 2.0, 4.0))
+    assert harness.paired_ratio([1.0], [0.0]) is None and harness.paired_ratio(None, [1.0]) is None
+    ours = _record("lars", "cpp", 3.0, "sgd-fused") | {"round_ms": [1.0, 3.0, 2.0, 4.0, 5.0]}
+    floor = _record("lars", "sgd-fused", 1.0, "sgd-fused", kind="torch") | {"round_ms": [1.0] * 5}
+    harness.add_ratios([ours, floor], cache_bytes=None)
+    assert ours["ratio_to_floor_quartiles"] == pytest.approx([2.0, 4.0])
+    assert "3.00 (2.00-4.00)" in report.text_table({"results": [ours, floor], "skipped": [],
+                                                    "yardstick": {"description": "d"}})
+    line = report.headline_lines({"headline": harness.headline([ours, floor])})[1]
+    assert line.endswith("/ floor (sgd-fused) 3.00 (2.00-4.00)")
