@@ -28,10 +28,54 @@ BACKENDS = ["reference", "foreach", "cpp", "triton"]
     (LAMB, dict(max_grad_norm=-1.0), "max_grad_norm"),
     (LAMB, dict(lr=-1.0), "lr"),
     (LAMB, dict(exclude="1d"), "exclude"),
+    (TVLARS, dict(lr=float("inf")), "lr"),
+    (TVLARS, dict(lr=0.1, lmbda=float("inf")), "lmbda"),
 ])
 def test_bad_hyper_parameters_raise_at_construction(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(make_params([(2, 2)]), **kwargs)
+
+
+# What a scheduler, a loaded checkpoint or a hand-edit of param_groups can set after construction.
+LATER_BAD_VALUES = [
+    (TVLARS, dict(lr=0.1), "lr", float("nan")),
+    (TVLARS, dict(lr=0.1), "lr", -0.1),
+    (TVLARS, dict(lr=0.1), "momentum", 1.5),
+    (TVLARS, dict(lr=0.1), "lmbda", float("inf")),
+    (TVLARS, dict(lr=0.1), "alpha", 0.0),
+    (LARS, dict(lr=0.1), "weight_decay", float("nan")),
+    (LARS, dict(lr=0.1), "trust_denominator", "mean"),
+    (LAMB, dict(), "betas", (0.9, 1.0)),
+    (LAMB, dict(), "eps", 0.0),
+    (LAMB, dict(), "exclude", "1d"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,key,value", LATER_BAD_VALUES,
+                         ids=[f"{c.__name__}-{k}={v}" for c, _, k, v in LATER_BAD_VALUES])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_hyper_parameters_set_after_construction_raise_at_the_step_and_change_nothing(
+        cls, kwargs, key, value, backend):
+    backend_or_skip(backend)
+    params = make_params(SMALL_SHAPES[:3])
+    opt = cls([{"params": params[:1]}, {"params": params[1:]}], backend=backend, **kwargs)
+    before, state_before = _bad_step(opt, params, lambda ps: None)
+    opt.param_groups[1][key] = value
+    with pytest.raises(ValueError, match=f"Invalid {key}"):
+        opt.step()
+    _assert_untouched(opt, params, before, state_before)
+
+
+def test_hyper_parameters_are_checked_again_only_when_one_changed(monkeypatch):
+    params = make_params(SMALL_SHAPES[:2])
+    opt = TVLARS(params, lr=0.1)
+    checked = []
+    monkeypatch.setattr(opt, "_validate_group", lambda group: checked.append(group["lr"]))
+    for lr in (0.1, 0.1, 0.1, 0.05, 0.05):  # a scheduler changing lr once
+        opt.param_groups[0]["lr"] = lr
+        set_grads(params, 0)
+        opt.step()
+    assert checked == [0.1, 0.05]  # the first step, then the changed value: a steady step compares, not checks
 
 
 def test_unavailable_backend_says_why():

@@ -9,6 +9,7 @@ the backend's ``lars_step`` / ``lamb_step``.
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from collections import defaultdict
 from copy import deepcopy
@@ -44,11 +45,13 @@ def _check_range(name: str, value, low: float, high: float | None = None, *, ope
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if torch.compiler.is_compiling() or _layer_table.capturing(value.device):
+            return  # its value is not readable in a trace, and reading it would synchronise a graph capture
         value = value.item()
-    ok = value >= low and (high is None or (value < high if open_high else value <= high))
-    if not ok:
+    ok = math.isfinite(value) and value >= low and (high is None or (value < high if open_high else value <= high))
+    if not ok:  # not finite: an infinite lr, lmbda or delay would step to inf or NaN (inf * 0 at t == delay)
         bound = "" if high is None else (f", {high})" if open_high else f", {high}]")
-        raise ValueError(f"Invalid {name}: {value!r} (must be in [{low}{bound or ', inf)'})")
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite and in [{low}{bound or ', inf)'})")
 
 
 def _sharding(t: Tensor):
@@ -183,6 +186,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # Layer tables read by launches captured into CUDA graphs: kept for the optimizer's life, since a graph may
         # replay at any time and its launches read them (not freed by a rebuild, a cache clear or a checkpoint load).
         self._graph_tables: list = []
+        self._valid_hyper_parameters: dict[int, list] = {}  # per group: the values last found valid
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -217,14 +221,31 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         raise NotImplementedError  # each optimizer checks its own hyper-parameters
 
+    def _check_hyper_parameters(self, group: dict[str, Any]) -> None:
+        self._validate_group(group)
+        exclude = group.get("exclude")
+        if exclude is not None and not callable(exclude):
+            raise ValueError(f"Invalid exclude: {exclude!r} (must be None or a predicate on a parameter)")
+
+    def _check_changed_hyper_parameters(self, index: int, group: dict[str, Any]) -> None:
+        """Checks a group's hyper-parameters again when any changed since they were last found valid: a scheduler,
+        a loaded checkpoint or a hand-edit of ``param_groups`` can set what the constructor would refuse. Compared by
+        value (tensors by identity), so a steady step costs one comparison per group. A traced step checks the
+        values it is traced with (it is traced again when a guarded value changes)."""
+        if torch.compiler.is_compiling():
+            self._check_hyper_parameters(group)
+            return
+        values = [(key, id(value) if isinstance(value, Tensor) else value)
+                  for key, value in group.items() if key != "params"]
+        if self._valid_hyper_parameters.get(index) != values:
+            self._check_hyper_parameters(group)
+            self._valid_hyper_parameters[index] = values
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._validate_group(group)
-            exclude = group.get("exclude")
-            if exclude is not None and not callable(exclude):
-                raise ValueError(f"Invalid exclude: {exclude!r} (must be None or a predicate on a parameter)")
+            self._check_hyper_parameters(group)
             for device in {p.device for p in group["params"]}:
                 _backends.resolve(self.backend, device)
         except Exception:
@@ -255,6 +276,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # Every group is checked before any state is created or any tensor is written.
         planned = []
         for index, group in enumerate(self.param_groups):
+            self._check_changed_hyper_parameters(index, group)
             plan = self._reuse_plan(index, group)
             planned.append((plan, None if plan is not None else self._check(index, group)))
         plans = [plan if plan is not None else self._plan(index, group, *checked)
