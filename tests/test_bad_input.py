@@ -152,3 +152,18 @@ def test_integer_parameter_is_rejected():
         opt = LARS([torch.zeros(3, dtype=torch.int64)], lr=0.1)
         opt.param_groups[0]["params"][0].grad = torch.zeros(3, dtype=torch.int64)
         opt.step()
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+@pytest.mark.parametrize("cls", [TVLARS, LAMB])
+def test_a_parameter_listed_twice_in_a_group_is_refused(cls):
+    # torch.optim only warns; a fused launch would update the parameter twice at once (a race on a GPU).
+    params = make_params(SMALL_SHAPES[:2])
+    with pytest.raises(ValueError, match="param group 0 lists the same parameter twice .positions 0 and 2."):
+        cls([params[0], params[1], params[0]], lr=0.1)
+    opt = cls(params, lr=0.1)
+    before, state_before = _bad_step(opt, params, lambda ps: None)
+    opt.param_groups[0]["params"].append(params[1])  # an edit after construction
+    with pytest.raises(ValueError, match="positions 1 and 2"):
+        opt.step()
+    _assert_untouched(opt, params, before, state_before)

@@ -241,10 +241,23 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._check_hyper_parameters(group)
             self._valid_hyper_parameters[index] = values
 
+    def _check_distinct(self, index: int, params: list[Tensor]) -> None:
+        """torch.optim warns about a parameter listed twice in a group; a fused launch would update it twice at once
+        (on a GPU, a race), so here it is an error."""
+        if len({id(p) for p in params}) == len(params):
+            return
+        first: dict[int, int] = {}
+        for position, p in enumerate(params):
+            if id(p) in first:
+                raise ValueError(f"{type(self).__name__}: param group {index} lists the same parameter twice (positions "
+                                 f"{first[id(p)]} and {position}); list each parameter once")
+            first[id(p)] = position
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            self._check_distinct(len(self.param_groups) - 1, group["params"])
             self._check_hyper_parameters(group)
             for device in {p.device for p in group["params"]}:
                 _backends.resolve(self.backend, device)
@@ -349,6 +362,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """A group's parameters that have a gradient, and the backend of each device, after checking them.
 
         Every group is checked before any state is created or any tensor is written."""
+        self._check_distinct(index, group["params"])  # the list may have been edited since add_param_group
         with_grad = []
         for position, p in enumerate(group["params"]):
             g = p.grad
