@@ -167,3 +167,32 @@ def test_a_parameter_listed_twice_in_a_group_is_refused(cls):
     with pytest.raises(ValueError, match="positions 1 and 2"):
         opt.step()
     _assert_untouched(opt, params, before, state_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_sharing_memory_are_refused_before_anything_is_written(backend):
+    backend_or_skip(backend)
+    encoder, decoder = torch.nn.Linear(4, 6), torch.nn.Linear(6, 4)
+    decoder.weight.data = encoder.weight.data.t()  # tied as two Parameters: one launch would race on it
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    opt = TVLARS(params, lr=0.1, backend=backend)
+    set_grads(params, 1)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="parameters 0 and 2 of param group 0 share memory"):
+        opt.step()
+    _assert_untouched(opt, params, before, [{} for _ in params])  # and no state was created
+
+
+def test_views_of_one_buffer_that_do_not_overlap_are_fine_and_overlapping_ones_are_not():
+    flat = torch.zeros(64)
+    a, b = torch.nn.Parameter(flat[:24].view(4, 6)), torch.nn.Parameter(flat[24:].view(8, 5).t())  # b strided
+    set_grads([a, b], 1)
+    TVLARS([a, b], lr=0.1).step()  # adjacent, not overlapping
+    c = torch.nn.Parameter(flat[20:30])  # the last 4 elements of a
+    set_grads([c], 2)
+    with pytest.raises(ValueError, match="parameters 0 and 1 of param group 0 share memory"):
+        TVLARS([a, c], lr=0.1).step()
+    d = torch.nn.Parameter(flat[60:])  # within b's span only through b's last column
+    set_grads([d], 3)
+    with pytest.raises(ValueError, match="share memory"):
+        TVLARS([b, d], lr=0.1).step()

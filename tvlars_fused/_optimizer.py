@@ -371,6 +371,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if g.layout is not torch.strided or g.dtype not in _FLOAT_DTYPES:  # one cheap test per step
                 self._reject(p, g, f"parameter {position} of param group {index}")
             with_grad.append(p)
+        if not torch.compiler.is_compiling():  # traced tensors have no addresses
+            self._check_no_shared_memory(index, group["params"], with_grad)
         devices = {p.device for p in with_grad}
         if len(devices) > 1:
             raise RuntimeError(f"{type(self).__name__}: the parameters of param group {index} are on several devices "
@@ -378,6 +380,32 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                "in a param group of its own")
         backends = {d: _backends.resolve(self.backend, d) for d in devices}
         return with_grad, backends
+
+    def _check_no_shared_memory(self, index: int, params: list[Tensor], with_grad: list[Tensor]) -> None:
+        """Two parameters whose memory overlaps (``b.weight.data = a.weight.data`` ties them as two Parameters) would
+        be updated at once by one fused launch, each from its own gradient and state: refused, never raced."""
+        spans: dict[torch.device, list] = defaultdict(list)  # per device: (first byte, end, parameter)
+        for param in with_grad:
+            t = param.to_local() if _sharding(param) is not None else param  # a shard: what this rank writes
+            numel = t.numel()
+            if numel == 0:
+                continue
+            start, size = t.data_ptr(), t.element_size()
+            if t.is_contiguous():
+                spans[t.device].append((start, start + numel * size, param))
+                continue
+            last = sum((n - 1) * abs(stride) for n, stride in zip(t.shape, t.stride()))  # the farthest element
+            start -= size * sum((n - 1) * -stride for n, stride in zip(t.shape, t.stride()) if stride < 0)
+            spans[t.device].append((start, start + (last + 1) * size, param))
+        for on_device in spans.values():
+            on_device.sort(key=operator.itemgetter(0))
+            for (_, end_a, a), (start_b, _, b) in zip(on_device, on_device[1:]):
+                if start_b < end_a:
+                    position = {id(p): i for i, p in enumerate(params)}
+                    first, second = sorted((position[id(a)], position[id(b)]))
+                    raise ValueError(f"{type(self).__name__}: parameters {first} and {second} of param group {index} "
+                                     "share memory; tie shared weights as one Parameter "
+                                     "(module.b.weight = module.a.weight)")
 
     def _reject(self, p: Tensor, g: Tensor, where: str) -> None:
         name = type(self).__name__
