@@ -196,3 +196,24 @@ def test_views_of_one_buffer_that_do_not_overlap_are_fine_and_overlapping_ones_a
     set_grads([d], 3)
     with pytest.raises(ValueError, match="share memory"):
         TVLARS([b, d], lr=0.1).step()
+
+
+@pytest.mark.parametrize("cls,key", [(TVLARS, "momentum_buffer"), (LAMB, "exp_avg_sq"), (LAMB, "step")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_that_does_not_fit_fails_before_any_group_is_stepped(cls, key, backend):
+    backend_or_skip(backend)
+    first, second = make_params(SMALL_SHAPES[:2]), make_params([(3, 3)], seed=5)
+    opt = cls([{"params": first}, {"params": second}], lr=0.1, backend=backend)
+    params = first + second
+    set_grads(params, 0)
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][2][key] = torch.zeros(2, 2)  # the last group's layer, from a checkpoint of another model
+    opt.load_state_dict(saved)
+    set_grads(params, 1)
+    before = [p.detach().clone() for p in params]
+    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    with pytest.raises(ValueError, match=f"state '{key}' of parameter 0 of param group 1 is a torch.float32 tensor "
+                                         r"of shape \(2, 2\)"):
+        opt.step()
+    _assert_untouched(opt, params, before, state_before)  # the first group was not stepped either

@@ -370,6 +370,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 continue
             if g.layout is not torch.strided or g.dtype not in _FLOAT_DTYPES:  # one cheap test per step
                 self._reject(p, g, f"parameter {position} of param group {index}")
+            self._check_state(p, f"parameter {position} of param group {index}")
             with_grad.append(p)
         if not torch.compiler.is_compiling():  # traced tensors have no addresses
             self._check_no_shared_memory(index, group["params"], with_grad)
@@ -380,6 +381,27 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                "in a param group of its own")
         backends = {d: _backends.resolve(self.backend, d) for d in devices}
         return with_grad, backends
+
+    def _check_state(self, p: Tensor, where: str) -> None:
+        """A parameter's existing state (from load_state_dict or assigned by hand) must fit it: checked with the
+        rest of the step's input, so that a checkpoint of another model fails before any group is stepped."""
+        state = self.state.get(p)
+        if not state:
+            return  # created at this step
+        dtype = math_dtype(p.dtype)
+        expected = {key: (tuple(p.shape), dtype) for key in self._state_keys}
+        expected["step"] = ((), torch.float32)
+        if "master_weight" in state:
+            expected["master_weight"] = (tuple(p.shape), torch.float32)
+        for key, (shape, key_dtype) in expected.items():
+            value = state.get(key)
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{type(self).__name__}: the state of {where} has no tensor {key!r} "
+                                 f"(it has {sorted(state)}); was the state dict saved by another optimizer?")
+            if tuple(value.shape) != shape or value.dtype != key_dtype or value.device != p.device:
+                raise ValueError(f"{type(self).__name__}: state {key!r} of {where} is a {value.dtype} tensor of shape "
+                                 f"{tuple(value.shape)} on {value.device}; the parameter needs {key_dtype}, shape "
+                                 f"{shape} on {p.device} (a checkpoint of another model?)")
 
     def _check_no_shared_memory(self, index: int, params: list[Tensor], with_grad: list[Tensor]) -> None:
         """Two parameters whose memory overlaps (``b.weight.data = a.weight.data`` ties them as two Parameters) would
