@@ -78,6 +78,17 @@ def test_hyper_parameters_are_checked_again_only_when_one_changed(monkeypatch):
     assert checked == [0.1, 0.05]  # the first step, then the changed value: a steady step compares, not checks
 
 
+def test_a_hyper_parameter_list_edited_in_place_is_checked_again():
+    params = make_params(SMALL_SHAPES[:2])
+    opt = LAMB(params, betas=[0.9, 0.999])
+    set_grads(params, 0)
+    opt.step()
+    opt.param_groups[0]["betas"][1] = 1.0  # the same list object, a new value
+    set_grads(params, 1)
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        opt.step()
+
+
 def test_unavailable_backend_says_why():
     with pytest.raises(BackendUnavailableError, match="cuda"):
         TVLARS(make_params([(2, 2)]), lr=0.1, backend="cuda")

@@ -54,6 +54,16 @@ def _check_range(name: str, value, low: float, high: float | None = None, *, ope
         raise ValueError(f"Invalid {name}: {value!r} (must be finite and in [{low}{bound or ', inf)'})")
 
 
+def _snapshot(value):
+    """A hyper-parameter's value to compare with a later one: tensors by identity (comparing their values would
+    read the device), lists and tuples as tuples (a list edited in place compares unequal to its copy)."""
+    if isinstance(value, Tensor):
+        return "tensor", id(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_snapshot, value))
+    return value
+
+
 def _sharding(t: Tensor):
     """(mesh, placements) of a DTensor, None for an ordinary tensor."""
     if _DTensor is not None and isinstance(t, _DTensor):
@@ -235,8 +245,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             self._check_hyper_parameters(group)
             return
-        values = [(key, id(value) if isinstance(value, Tensor) else value)
-                  for key, value in group.items() if key != "params"]
+        values = [(key, _snapshot(value)) for key, value in group.items() if key != "params"]
         if self._valid_hyper_parameters.get(index) != values:
             self._check_hyper_parameters(group)
             self._valid_hyper_parameters[index] = values
