@@ -370,8 +370,9 @@ def test_pytest_benchmark_cases_include_each_optimizers_floor_and_the_overhead_s
 
 
 def test_ratios_are_taken_within_rounds_and_printed_with_their_quartiles():
-    # Round 3 was slowed for both: its ratio (2.0) is as good as the others; the ratio of medians would be 1.0.
-    assert harness.paired_ratio([2.0, 4.0, 20.0, 6.0, 8.0], [1.0, 2.0, 10.0, 3.0, 4.0]) == pytest.approx((2, 2, 2))
+    # Rounds 4 and 5 were slowed for both sides: their ratios (2.0) are as good as the others', while the ratio of
+    # the medians (3 / 1) would be 3.0.
+    assert harness.paired_ratio([1.0, 2.0, 3.0, 40.0, 50.0], [1.0, 1.0, 1.0, 20.0, 25.0]) == pytest.approx((2, 2, 2))
     median, q1, q3 = harness.paired_ratio([1.0, 3.0, 2.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0])
     assert (median, q1, q3) == pytest.approx((3.0, 2.0, 4.0))
     assert harness.paired_ratio([1.0], [0.0]) is None and harness.paired_ratio(None, [1.0]) is None
