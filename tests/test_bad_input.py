@@ -100,9 +100,12 @@ def _bad_step(opt, params, make_bad):
     opt.step()
     set_grads(params, 1)
     make_bad(params)
-    before = [p.detach().clone() for p in params]
-    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
-    return before, state_before
+    return _snapshot(opt, params)
+
+
+def _snapshot(opt, params):
+    """Copies of the parameters and of their state, for _assert_untouched."""
+    return [p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
 
 
 def _assert_untouched(opt, params, before, state_before):
@@ -222,8 +225,7 @@ def test_a_checkpoint_that_does_not_fit_fails_before_any_group_is_stepped(cls, k
     saved["state"][2][key] = torch.zeros(2, 2)  # the last group's layer, from a checkpoint of another model
     opt.load_state_dict(saved)
     set_grads(params, 1)
-    before = [p.detach().clone() for p in params]
-    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    before, state_before = _snapshot(opt, params)
     with pytest.raises(ValueError, match=f"state '{key}' of parameter 0 of param group 1 is a torch.float32 tensor "
                                          r"of shape \(2, 2\)"):
         opt.step()
