@@ -134,11 +134,11 @@ template <typename S>
 using Values = float[S::kGroups][S::kElems];
 
 // The tensors' addresses come from the table as integers, so the compiler cannot know they are global memory
-// and would emit generic accesses; the 16-byte accesses are therefore written with the ld.global/st.global
-// intrinsics. __ldg (ld.global.nc) is the non-coherent read-only path, only for data no thread writes during
-// the kernel (gradients); the rest bypass L1 (ld/st.global.cg: streamed once per phase, and never stale
-// after a grid.sync). The intrinsics are inline assembly, kept in program order: a tile issues all its loads
-// before it computes and stores.
+// and would emit generic accesses; every access to the tensors (16-byte packs, single elements, step counts) is
+// therefore written with the ld.global/st.global intrinsics. __ldg (ld.global.nc) is the non-coherent read-only
+// path, only for data no thread writes during the kernel (gradients); the rest bypass L1 (ld/st.global.cg:
+// streamed once per phase, and never stale after a grid.sync). The intrinsics are inline assembly, kept in
+// program order: a tile issues all its loads before it computes and stores.
 //
 // kElems consecutive elements from a 16-byte aligned address, as float32.
 template <int kElems, bool kReadOnly, typename T>
@@ -172,6 +172,35 @@ __device__ __forceinline__ void store_packs(T* p, const float (&in)[kElems]) {
   }
 }
 
+// One element, for the element-by-element path: the same global accesses and cache policy as the packs (a plain
+// `p[i]` would compile to a generic access). 16-bit types move as their raw bits.
+template <bool kReadOnly, typename T>
+__device__ __forceinline__ float load_one(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return kReadOnly ? __ldg(p) : __ldcg(p);
+  } else {
+    static_assert(sizeof(T) == 2, "parameters are float32, bfloat16 or float16");
+    const unsigned short* src = reinterpret_cast<const unsigned short*>(p);
+    const unsigned short raw = kReadOnly ? __ldg(src) : __ldcg(src);
+    T v;
+    memcpy(&v, &raw, sizeof(raw));
+    return static_cast<float>(v);
+  }
+}
+
+// Stores one float32 value, rounded once to T.
+template <typename T>
+__device__ __forceinline__ void store_one(T* p, float x) {
+  if constexpr (std::is_same_v<T, float>) {
+    __stcg(p, x);
+  } else {
+    const T v = static_cast<T>(x);
+    unsigned short raw;
+    memcpy(&raw, &v, sizeof(raw));
+    __stcg(reinterpret_cast<unsigned short*>(p), raw);
+  }
+}
+
 // A thread's elements of one iteration as float32 (zeros where masked off).
 template <bool kReadOnly = false, typename T, typename S>
 __device__ __forceinline__ void load(const T* p, const S& s, Values<S>& out) {
@@ -181,7 +210,7 @@ __device__ __forceinline__ void load(const T* p, const S& s, Values<S>& out) {
       load_packs<S::kElems, kReadOnly>(p + s.at(k, 0), out[k]);
     } else {
 #pragma unroll
-      for (int j = 0; j < S::kElems; ++j) out[k][j] = s.valid(k, j) ? static_cast<float>(p[s.at(k, j)]) : 0.0f;
+      for (int j = 0; j < S::kElems; ++j) out[k][j] = s.valid(k, j) ? load_one<kReadOnly>(p + s.at(k, j)) : 0.0f;
     }
   }
 }
@@ -195,7 +224,7 @@ __device__ __forceinline__ void store(T* p, const S& s, const Values<S>& in) {
     } else {
 #pragma unroll
       for (int j = 0; j < S::kElems; ++j) {
-        if (s.valid(k, j)) p[s.at(k, j)] = static_cast<T>(in[k][j]);
+        if (s.valid(k, j)) store_one(p + s.at(k, j), in[k][j]);
       }
     }
   }
@@ -273,8 +302,8 @@ __device__ __forceinline__ void reduce_layers(const DeviceTable& tab, Ratio rati
       tab.layer_sums[2 * layer + 1] = second;
     } else if (lane == 0) {
       float* step = column_ptr<float>(row.col, COL_STEP);
-      const float t = *step + 1.0f;
-      *step = t;
+      const float t = __ldcg(step) + 1.0f;
+      __stcg(step, t);
       tab.layer_results[2 * layer] = ratio(first, second, t, (row.col[COL_FLAGS] & FLAG_EXCLUDED) != 0);
       tab.layer_results[2 * layer + 1] = t;
     }
@@ -294,7 +323,8 @@ constexpr int kWeightCol = kHasMaster ? COL_MASTER : COL_PARAM;
 // ---------------------------------------------------------------- LARS family
 //
 // The tile functions take each tensor as a parameter, __restrict__ where it is written: a store through one
-// cannot change another, so the compiler may move the element-by-element path's loads ahead of its stores.
+// cannot change another. (Every access is an ld/st.global intrinsic, kept in program order, so each tile's
+// loads are issued ahead of its stores by how the tile is written, on both paths.)
 // Weights and moments are not `const __restrict__` where only read: they are written in another phase of the
 // same kernel, so they must never be loaded through the non-coherent read-only path, which a compiler may
 // choose for such pointers (nvcc 13.0 does not here; only gradients take it, explicitly).
@@ -467,7 +497,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   for (int64_t c = blockIdx.x; c < tab.num_chunks && tab.phase != PHASE_APPLY; c += gridDim.x) {
     const Row row = chunk_row(tab, c);
     const float decay = lamb_decay(h, row.col[COL_FLAGS] & FLAG_EXCLUDED);
-    const BiasCorrections bc = bias_corrections(h, *column_ptr<const float>(row.col, COL_STEP) + 1.0f);
+    const BiasCorrections bc = bias_corrections(h, __ldcg(column_ptr<const float>(row.col, COL_STEP)) + 1.0f);
     const weight_t* w_in = column_ptr<const weight_t>(row.col, kWeightCol<kHasMaster>);
     const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
     float* m_io = column_ptr<float>(row.col, COL_STATE0);

@@ -7,6 +7,10 @@ promises and a GPU run would only show as speed or drift:
   .v4` of the exact count the design gives, gradients (and of the float data only they) through the
   read-only path `.nc` (weights and moments are written in another phase of the same kernel, so `.nc` loads
   of them could be stale);
+- the element-by-element path (layers that are not 16-byte aligned, chunk tails) and the step counts use global
+  accesses too: the tensors' addresses come from the layer table as integers, so plain C++ accesses would compile
+  to generic ones (LD.E/ST.E in SASS, which resolve the state space at run time). Its scalar accesses have exact
+  counts as well, gradients again the only float data read through `.nc`;
 - no atomics besides the two grid barriers' integer counters: the norm reductions have a fixed order;
 - square roots and divisions are correctly rounded (`sqrt.rn`, `div.rn`, never `.approx`/`.full`), and
   the norm path takes its square roots in float64 (the float64 norms of docs/algorithms.md);
@@ -32,6 +36,9 @@ ENTRY = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.entry\s+([\w$]+)\s*\(", re
 KERNEL_NAME = re.compile(r"(lars|lamb)_step_kernelI(f|N3c108BFloat16E|N3c104HalfE)Lb([01])E")
 INSTRUCTION = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)", re.M)
 ATOMIC = re.compile(r"^(atom|red)\.")
+STATE_SPACE = re.compile(r"\.(global|shared|param|local|const)\b")
+# A scalar access to float data: float32, or a 16-bit parameter's raw bits.
+SCALAR_FLOAT_ACCESS = re.compile(r"(ld|st)\.global(\.nc)?(\.[a-z]+)*\.(f32|[bu]16)")
 
 
 def _nvcc_command(out: Path) -> list[str]:
@@ -73,6 +80,11 @@ def kernels(tmp_path_factory) -> dict[tuple[str, str, bool], str]:
 def per_thread() -> int:
     """kPerThread of the source: elements per thread per iteration of the vector path."""
     return int(re.search(r"constexpr int kPerThread = (\d+);", SOURCE.read_text()).group(1))
+
+
+def masked_per_thread() -> int:
+    """kMaskedPerThread of the source: elements per thread per iteration of the element-by-element path."""
+    return int(re.search(r"constexpr int kMaskedPerThread = (\d+);", SOURCE.read_text()).group(1))
 
 
 def instructions(body: str) -> collections.Counter:
@@ -121,10 +133,51 @@ def test_element_loops_use_16_byte_accesses(kernels, key):
     assert (read_only, loads, stores) == want, (
         f"(read-only gradient loads, other loads, stores) of 16 bytes: got {(read_only, loads, stores)}, the "
         f"design gives {want}; all 16-byte accesses: { {op: n for op, n in ops.items() if '.v4' in op} }")
-    # besides the gradients' packs, only the layer table and chunk map (integers) take the read-only path
-    other_read_only = {op: n for op, n in ops.items()
-                       if op.startswith("ld.global.nc") and ".v4." not in op and not re.search(r"\.[us](32|64)$", op)}
+    # the read-only path's other loads: the element path's gradients (test_element_path_uses_global_accesses)
+    # and the layer table and chunk map (integers)
+    other_read_only = {op: n for op, n in ops.items() if op.startswith("ld.global.nc") and ".v4." not in op
+                       and not re.search(r"\.[us](32|64)$", op) and not SCALAR_FLOAT_ACCESS.fullmatch(op)}
     assert not other_read_only, other_read_only
+
+
+def expected_element_accesses(optimizer: str, dtype: str, has_master: bool) -> collections.Counter:
+    """{(read-only load / load / store, "f32" or "16"): count} of one instantiation's scalar float accesses.
+
+    The element-by-element tiles touch the tensors that the 16-byte tiles do (expected_accesses), one element of
+    each per thread kMaskedPerThread times; 16-bit tensors move as raw 16-bit words. Besides the tiles: the step
+    count is loaded and stored once per layer (LAMB loads it again in phase 1 for the bias corrections), and the
+    device scalars (lr, grad_scale, found_inf, LAMB's clip coefficient) are loaded once each."""
+    param = "f32" if dtype == "float32" else "16"
+    w = "f32" if has_master else param
+    if optimizer == "lars":
+        grads, reads, writes, step_loads, scalars = 2, [w, w, "f32"], ["f32", w], 1, 3
+    else:
+        grads, reads, writes, step_loads, scalars = 1, [w, "f32", "f32"] * 2, ["f32", "f32", w], 2, 4
+    if has_master:
+        writes.append(param)  # the rounded parameter
+    per = masked_per_thread()
+    want = collections.Counter({("ld.nc", param): grads * per, ("ld", "f32"): step_loads + scalars, ("st", "f32"): 1})
+    for kind, tensors in (("ld", reads), ("st", writes)):
+        for t in tensors:
+            want[(kind, t)] += per
+    return want
+
+
+@pytest.mark.parametrize("key", INSTANTIATIONS, ids=IDS)
+def test_element_path_uses_global_accesses(kernels, key):
+    ops = instructions(kernels[key])
+    # every access names its state space; generic ones are left only to the grid barrier's integer flag
+    generic = {op: n for op, n in ops.items() if re.match(r"(ld|st)\.", op) and not STATE_SPACE.search(op)
+               and not re.fullmatch(r"ld\.acquire\.gpu\.[bu]32", op)}
+    assert not generic, f"generic loads/stores (LD.E/ST.E): {generic}"
+    got = collections.Counter()
+    for op, n in ops.items():
+        match = SCALAR_FLOAT_ACCESS.fullmatch(op)
+        if match:
+            kind = "ld.nc" if match.group(2) else match.group(1)
+            got[(kind, "f32" if match.group(4) == "f32" else "16")] += n
+    want = expected_element_accesses(*key)
+    assert got == want, f"scalar float accesses (kind, type): got {dict(got)}, the design gives {dict(want)}"
 
 
 @pytest.mark.parametrize("key", INSTANTIATIONS, ids=IDS)
