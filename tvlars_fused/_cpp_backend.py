@@ -5,10 +5,11 @@ A bucket is split by ``prepare``: the layers the layer table covers go to one op
 go through the ``foreach`` backend. The ops read ``lr``, ``grad_scale``, ``found_inf`` and LAMB's clip
 coefficient from device scalars, so a step never synchronises with the host.
 
-Each optimizer has two ops. Eager steps call the table form (``lars_step_table``), which takes the cached
-layer table alone: its tensors were checked when it was built, so a step of thousands of small layers does
-not pay for passing and checking five tensor lists. Under ``torch.compile`` the list form (``lars_step``)
-is called instead, with every tensor the step writes, so that the compiler sees the mutations.
+A step calls the table form of the ops (``lars_step_table``), which takes the cached layer table alone: its
+tensors were checked when it was built, so a step of thousands of small layers does not pay for passing and
+checking five tensor lists. (The list form, ``lars_step``, takes the tensors too: for callers without a cached
+table.) Under ``torch.compile`` a bucket's step is traced as one ``tvlars_fused::bucket_lars_step`` call, which
+runs this very step at run time (``_compiled_step``): traced tensors have no addresses to build a table from.
 
 Sharded buckets (FSDP2, ``bucket.reduce_sums`` set) run fused too, in two op calls around one all-reduce: the
 "sums" phase writes each layer's local sums of squares, ``reduce_sums`` adds them over the ranks, and the
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _extension, _foreach
+from . import _compiled_step, _extension, _foreach
 from ._layer_table import LayerTable, prepare
 from ._types import Bucket, LambHyper, LarsHyper
 
@@ -97,6 +98,9 @@ def _lr(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]
 
 def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
               found_inf: Tensor | None = None) -> None:
+    if torch.compiler.is_compiling():  # traced tensors have no addresses: one op call that steps at run time
+        _compiled_step.lars_step(bucket, hp, grad_scale, found_inf)
+        return
     chunk = _chunk_size(bucket)
     covered, table, rest = prepare(bucket, chunk)
     if rest is not None:
@@ -110,16 +114,15 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
                _device_scalar(found_inf, "found_inf", device)]
     tail = [lr, hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.norm_clip, hp.sum_of_norms, hp.nesterov,
             hp.use_phi, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min, chunk]
-    if torch.compiler.is_compiling():
-        _run(_ops.lars_step, covered, table, *head, covered.params, covered.grads, covered.states[0],
-             covered.masters or [], covered.steps, _workspace(table), *scalars, *tail)
-    else:
-        _run(_ops.lars_step_table, covered, table, *head, _workspace(table), covered.dtype,
-             covered.masters is not None, *scalars, *tail)
+    _run(_ops.lars_step_table, covered, table, *head, _workspace(table), covered.dtype, covered.masters is not None,
+         *scalars, *tail)
 
 
 def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
               found_inf: Tensor | None = None) -> None:
+    if torch.compiler.is_compiling():
+        _compiled_step.lamb_step(bucket, hp, grad_scale, found_inf)
+        return
     chunk = _chunk_size(bucket)
     covered, table, rest = prepare(bucket, chunk)
     if rest is not None:
@@ -132,10 +135,5 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     scalars = [lr_tensor, _device_scalar(grad_scale, "grad_scale", device),
                _device_scalar(found_inf, "found_inf", device), _device_scalar(hp.clip_coef, "clip_coef", device)]
     tail = [lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.bias_correction, hp.norm_clip, chunk]
-    if torch.compiler.is_compiling():
-        exp_avgs, exp_avg_sqs = covered.states
-        _run(_ops.lamb_step, covered, table, *head, covered.params, covered.grads, exp_avgs, exp_avg_sqs,
-             covered.masters or [], covered.steps, _workspace(table), *scalars, *tail)
-    else:
-        _run(_ops.lamb_step_table, covered, table, *head, _workspace(table), covered.dtype,
-             covered.masters is not None, *scalars, *tail)
+    _run(_ops.lamb_step_table, covered, table, *head, _workspace(table), covered.dtype, covered.masters is not None,
+         *scalars, *tail)

@@ -142,14 +142,8 @@ def prepare(bucket: Bucket, chunk_size: int) -> tuple[Bucket | None, LayerTable 
     steps, never this step's tensors: holding on to last step's gradients would keep their memory alive, so new ones
     would get new addresses and a new table every step.
 
-    Under ``torch.compile`` the tensors being traced have no addresses: the table then holds sizes only (pointer
-    columns 0) and is not cached. Only the compiled ops can use such a table, because they check the table's pointers
-    against their tensor arguments and fill in the real ones; the Triton backend, which cannot, runs outside the
-    compiled graph."""
-    if torch.compiler.is_compiling():
-        covered, rest = _split(bucket, table_fits(bucket))
-        return covered, (None if covered is None else _build(covered, chunk_size, with_addresses=False)), rest
-
+    Never called while tracing (traced tensors have no addresses): a compiled step calls it at run time
+    (``_compiled_step``)."""
     if bucket.generation is None:
         bucket.generation = next(_generations)
     param_ptrs = list(map(_data_ptr, bucket.params))
@@ -212,12 +206,27 @@ def _note_capture(bucket: Bucket, table: LayerTable) -> None:
         bucket.keep_alive.append(table)
 
 
+# torch's pinned-memory allocator keeps a block that a graph capture used out of reuse (so a replay re-reads the rows
+# the capture uploaded) since torch 2.10; 2.11 is the first release whose wheel we checked for it.
+def pinned_upload_capturable(version: str) -> bool:
+    return torch.torch_version.TorchVersion(version) >= (2, 11)
+
+
+PINNED_UPLOAD_CAPTURABLE = pinned_upload_capturable(torch.__version__)
+
+
 def _upload(host: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
     """(the rows on ``device``, the host tensor to keep) without synchronising: pinned memory and a non_blocking copy
-    for CUDA (legal while a stream is captured); on the CPU the host tensor is the table."""
+    for CUDA (legal while a stream is captured, on the torch releases that keep pinned blocks a capture used); on the
+    CPU the host tensor is the table."""
     if device.type == "cpu":
         return host, host
     if device.type == "cuda":
+        if not PINNED_UPLOAD_CAPTURABLE and capturing(device):
+            raise RuntimeError(
+                f"tvlars_fused: a layer table is being built inside a CUDA graph capture, which needs torch >= 2.11 "
+                f"(torch {torch.__version__} may reuse the pinned memory a replay reads). Keep the gradients' "
+                "addresses across the capture (zero_grad(set_to_none=False) before it) or upgrade torch")
         host = host.pin_memory()
     return host.to(device, non_blocking=True), host
 
@@ -230,9 +239,9 @@ def _aligned(addresses) -> bool:
     return all(a % 16 == 0 for a in addresses)
 
 
-def _build(bucket: Bucket, chunk_size: int, with_addresses: bool = True) -> LayerTable:
-    """A new table; without addresses (under torch.compile) its pointer columns are left 0."""
-    address = (lambda t: t.data_ptr()) if with_addresses else (lambda t: 0)
+def _build(bucket: Bucket, chunk_size: int) -> LayerTable:
+    """A new table."""
+    address = _data_ptr
     rows = []
     chunk_layer = []
     first_chunk = 0

@@ -51,6 +51,9 @@ class Bucket:
     generation: int | None = None
     # The gradients' data pointers when the optimizer already read them this step (else None: computed on use).
     grad_ptrs: list[int] | None = None
+    # Under torch.compile: (the number of the optimizer's _compiled_step.Owner, this bucket's name among its buckets),
+    # which name the table cache a compiled step uses at run time; None for a bucket made by hand.
+    compiled_slot: tuple[int, str] | None = None
 
     @property
     def device(self) -> torch.device:
