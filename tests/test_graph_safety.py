@@ -99,3 +99,52 @@ def test_reference_backend_and_an_lr_on_another_device_refuse_capture_with_a_rea
     with pytest.raises(RuntimeError, match="float32 tensor"):
         LARS(params, lr=torch.tensor(0.5, dtype=torch.float64), backend="foreach").step()
     assert all(torch.equal(p, q) for p, q in zip(params, make_params(SMALL_SHAPES))), "a refused step wrote"
+
+
+@pytest.mark.parametrize("backend", ["foreach", "cpp"])
+def test_a_first_step_inside_a_capture_is_refused_before_anything_is_written(monkeypatch, backend):
+    """State made inside a capture would be made again at every replay: the step count, momentum and masters would
+    reset each time. The step says to warm up first, creates nothing, writes nothing; after one ordinary step the
+    captured step runs."""
+    backend_or_skip(backend)
+    params = make_params(SMALL_SHAPES)
+    opt = TVLARS(params, lr=0.5, backend=backend)
+    set_grads(params, 0)
+    monkeypatch.setattr(_layer_table, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 has no optimizer state yet.*warm-up"):
+        opt.step()
+    assert not opt.state, "state was created inside the capture"
+    assert all(torch.equal(p, q) for p, q in zip(params, make_params(SMALL_SHAPES))), "a refused step wrote"
+    monkeypatch.setattr(_layer_table, "capturing", lambda device: False)
+    opt.step()
+    _captured_step(monkeypatch, opt, params, 1)
+    assert all(float(s["step"]) == 2 for s in opt.state.values())
+
+
+def test_a_captured_step_that_would_create_master_weights_is_refused(monkeypatch):
+    """A checkpoint saved without master weights, loaded into an optimizer that keeps them: the masters would be
+    made inside the capture (and remade from the bf16 weights at every replay)."""
+    backend_or_skip("cpp")
+    params = [p.detach().bfloat16().requires_grad_() for p in make_params(SMALL_SHAPES)]
+    plain = TVLARS(params, lr=0.5, backend="cpp")
+    set_grads(params, 0)
+    plain.step()
+    with_masters = TVLARS(params, lr=0.5, backend="cpp", master_weights=True)
+    with_masters.load_state_dict(plain.state_dict())
+    before = [p.clone() for p in params]
+    monkeypatch.setattr(_layer_table, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match="parameter 0 of param group 0 has no master weight yet"):
+        with_masters.step()
+    assert all("master_weight" not in s for s in with_masters.state.values())
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_a_table_upload_inside_a_capture_needs_a_torch_that_keeps_the_pinned_rows(monkeypatch):
+    """Before torch 2.11 the pinned block a captured upload reads may be handed out again while the graph lives: a
+    replay would read another table's rows. The upload then refuses, saying how to capture without one."""
+    assert not _layer_table.pinned_upload_capturable("2.10.1+cu128")
+    assert _layer_table.pinned_upload_capturable("2.11.0+cu130") and _layer_table.pinned_upload_capturable("2.14.1")
+    monkeypatch.setattr(_layer_table, "PINNED_UPLOAD_CAPTURABLE", False)
+    monkeypatch.setattr(_layer_table, "capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match=r"needs torch >= 2\.11.*zero_grad\(set_to_none=False\)"):
+        _layer_table._upload(torch.zeros(3, 10, dtype=torch.int64), torch.device("cuda"))

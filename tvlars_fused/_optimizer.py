@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import _backends, _layer_table
+from . import _backends, _compiled_step, _layer_table
 from ._layer_table import _data_ptr
 from ._types import Bucket, math_dtype
 
@@ -197,6 +197,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # replay at any time and its launches read them (not freed by a rebuild, a cache clear or a checkpoint load).
         self._graph_tables: list = []
         self._valid_hyper_parameters: dict[int, list] = {}  # per group: the values last found valid
+        self._compiled_owner = _compiled_step.Owner(keep_alive=self._graph_tables)  # what compiled steps borrow
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -300,10 +301,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             self._check_changed_hyper_parameters(index, group)
             plan = self._reuse_plan(index, group)
-            planned.append((plan, None if plan is not None else self._check(index, group)))
+            checked = None if plan is not None else self._check(index, group)
+            self._check_capturable(index, group, plan, checked)
+            planned.append((plan, checked))
         plans = [plan if plan is not None else self._plan(index, group, *checked)
                  for (index, group), (plan, checked) in zip(enumerate(self.param_groups), planned)]
-        self._check_capturable(plans)
         try:
             if found_inf is not None:
                 found_inf = _skip_on_every_rank(found_inf, plans)
@@ -319,21 +321,42 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     bucket.grads, bucket.grad_ptrs = [], None
         return loss
 
-    def _check_capturable(self, plans: list[_GroupPlan]) -> None:
-        """While a CUDA graph is being captured, refuse what would read the device on the host (illegal in a capture)
-        or bake in a copy that replays stale, saying what to do instead."""
-        for group, plan in zip(self.param_groups, plans):
-            for backend, bucket, _ in plan.buckets:
-                if not _layer_table.capturing(bucket.device):
-                    continue
-                if backend == "reference":
-                    raise RuntimeError(f"{type(self).__name__}: backend='reference' reads norms on the host and "
-                                       "cannot be captured in a CUDA graph; use backend='cuda', 'triton' or 'foreach'")
-                lr = group["lr"]
-                if isinstance(lr, Tensor) and (lr.device != bucket.device or lr.dtype != torch.float32):
-                    raise RuntimeError(f"{type(self).__name__}: lr is a {lr.dtype} tensor on {lr.device}; a captured "
-                                       f"step would copy it once and replay that copy. Pass lr as a float32 tensor "
-                                       f"on {bucket.device} (updated in place) to capture the step")
+    def _check_capturable(self, index: int, group: dict[str, Any], plan: _GroupPlan | None, checked) -> None:
+        """While a CUDA graph is being captured, refuse (before anything is written) what would read the device on the
+        host (illegal in a capture), bake in a copy that replays stale, or create state inside the graph (each replay
+        would create it again: the step count, momentum and master weights would reset at every replay); each error
+        says what to do instead."""
+        if plan is not None:
+            kinds = [(backend, bucket.device, bucket.params) for backend, bucket, _ in plan.buckets]
+        else:
+            with_grad, backends = checked
+            by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in with_grad:
+                by_kind[(p.device, p.dtype, _sharding(p) is not None)].append(p)
+            kinds = [(self._bucket_backend(backends[device], dtype, sharded), device, params)
+                     for (device, dtype, sharded), params in by_kind.items()]
+        for backend, device, params in kinds:
+            if not _layer_table.capturing(device):
+                continue
+            name = type(self).__name__
+            if backend == "reference":
+                raise RuntimeError(f"{name}: backend='reference' reads norms on the host and cannot be captured in "
+                                   "a CUDA graph; use backend='cuda', 'triton' or 'foreach'")
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and (lr.device != device or lr.dtype != torch.float32):
+                raise RuntimeError(f"{name}: lr is a {lr.dtype} tensor on {lr.device}; a captured step would copy it "
+                                   f"once and replay that copy. Pass lr as a float32 tensor on {device} (updated in "
+                                   "place) to capture the step")
+            for p in params:
+                state = self.state.get(p)
+                missing = "optimizer state" if not state else "master weight" if (
+                    self.master_weights and p.dtype in _LOW_PRECISION and "master_weight" not in state) else None
+                if missing is not None:
+                    position = next(i for i, q in enumerate(group["params"]) if q is p)
+                    raise RuntimeError(f"{name}: parameter {position} of param group {index} has no {missing} yet, "
+                                       "and state created inside a CUDA graph capture would be created again (reset) "
+                                       "at every replay. Take one ordinary step (a warm-up iteration, as "
+                                       "torch.cuda.graph's recipe does on a side stream) before capturing")
 
     def _reuse_plan(self, index: int, group: dict[str, Any]) -> _GroupPlan | None:
         """The group's plan from the last step when it still holds (same parameters, the same ones with gradients,
@@ -522,6 +545,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             masters=masters,
             cache=cache,
             keep_alive=self._graph_tables,
+            compiled_slot=(self._compiled_owner.number, f"{index}/{device}/{dtype}/{len(params)}"),
         )
 
     # ----------------------------------------------------------------- checkpoints
