@@ -34,6 +34,23 @@ def _batch(step):
     return torch.randn(128, 32, generator=gen).cuda(), torch.randint(0, 10, (128,), generator=gen).cuda()
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS + ["foreach"])
+def test_a_first_step_inside_a_real_capture_is_refused_and_creates_nothing(backend):
+    """State made inside torch.cuda.graph would be made again at every replay (momentum, steps and masters reset
+    each time): the step refuses before launching anything, and the capture ends empty."""
+    backend_or_skip(backend, "cuda")
+    params = make_params(SHAPES, device="cuda")
+    opt = TVLARS(params, lr=torch.tensor(0.5, device="cuda"), backend=backend)
+    set_grads(params, 0)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="has no optimizer state yet"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert not opt.state
+    opt.step()  # the warm-up step, outside any capture
+    assert len(opt.state) == len(params)
+
+
 @pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=OPTIMIZER_IDS)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_whole_iteration_graph_replays_like_eager_steps_and_recaptures_after_loading(backend, cls, kwargs):
