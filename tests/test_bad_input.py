@@ -36,6 +36,26 @@ def test_bad_hyper_parameters_raise_at_construction(cls, kwargs, match):
         cls(make_params([(2, 2)]), **kwargs)
 
 
+@pytest.mark.parametrize("make", [
+    lambda **kw: LARS(make_params([(2, 2)]), lr=0.1, **kw),
+    lambda **kw: TVLARS(make_params([(2, 2)]), lr=0.1, **kw),
+    lambda **kw: TVLARS.official(make_params([(2, 2)]), lr=0.1, **kw),
+    lambda **kw: LAMB(make_params([(2, 2)]), **kw),
+], ids=["LARS", "TVLARS", "TVLARS.official", "LAMB"])
+@pytest.mark.parametrize("name", ["trust_clip", "dampening", "always_adapt", "lmbda", "betas", "momentum"])
+def test_an_argument_a_class_does_not_know_is_a_type_error_naming_it(make, name):
+    """As torch.optim: an unknown keyword is a TypeError, never kept in the defaults (and shown in the repr) while
+    changing nothing. LARS used to accept any keyword. Each class is asked for one it does know, too."""
+    known = {"LARS": ("momentum",), "TVLARS": ("momentum", "lmbda"), "LAMB": ("betas",)}
+    try:
+        optimizer = make(**{name: 0.5 if name != "betas" else (0.9, 0.99)})
+    except TypeError as exc:
+        assert name in str(exc)
+        return
+    assert name in known[type(optimizer).__name__], f"{type(optimizer).__name__} kept unknown argument {name!r}"
+    assert optimizer.defaults[name] == (0.5 if name != "betas" else (0.9, 0.99))
+
+
 # What a scheduler, a loaded checkpoint or a hand-edit of param_groups can set after construction.
 LATER_BAD_VALUES = [
     (TVLARS, dict(lr=0.1), "lr", float("nan")),

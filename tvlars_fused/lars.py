@@ -32,10 +32,10 @@ class LARS(LayerwiseOptimizer):
                  eta: float = 1e-3, eps: float = 0.0, norm_clip: float | None = None,
                  trust_denominator: str = "norm_of_sum", nesterov: bool = False,
                  exclude: Callable[[Tensor], bool] | None = exclude_1d, backend: str = "auto",
-                 master_weights: bool = False, **extra_defaults: Any) -> None:
+                 master_weights: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
                         norm_clip=norm_clip, trust_denominator=trust_denominator, nesterov=nesterov,
-                        exclude=exclude, **extra_defaults)
+                        exclude=exclude)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights)
 
     def _validate_group(self, group: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from ._optimizer import _check_range, exclude_1d
+from ._optimizer import LayerwiseOptimizer, _check_range, exclude_1d
 from ._types import LarsHyper
 from .lars import LARS
 
@@ -27,10 +27,10 @@ class TVLARS(LARS):
                  trust_denominator: str = "norm_of_sum", nesterov: bool = False,
                  exclude: Callable[[Tensor], bool] | None = exclude_1d, backend: str = "auto",
                  master_weights: bool = False) -> None:
-        super().__init__(params, lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
-                         norm_clip=norm_clip, trust_denominator=trust_denominator, nesterov=nesterov,
-                         exclude=exclude, backend=backend, master_weights=master_weights,
-                         lmbda=lmbda, alpha=alpha, delay=delay, gamma_min=gamma_min)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
+                        norm_clip=norm_clip, trust_denominator=trust_denominator, nesterov=nesterov,
+                        exclude=exclude, lmbda=lmbda, alpha=alpha, delay=delay, gamma_min=gamma_min)
+        LayerwiseOptimizer.__init__(self, params, defaults, backend=backend, master_weights=master_weights)
 
     @classmethod
     def official(cls, params, lr: float | Tensor, **overrides: Any) -> "TVLARS":
