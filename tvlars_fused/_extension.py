@@ -3,8 +3,9 @@
 Two libraries: ``_C`` defines the ``tvlars_fused`` ops with their CPU implementation (the CPU twin, built
 wherever a C++ compiler is), ``_C_cuda`` adds the CUDA implementation. A prebuilt library (``pip install -e .``
 or ``python setup.py build_ext --inplace``) is used only when it was built for the running torch (it carries
-the version as a string); otherwise ``torch.utils.cpp_extension.load`` builds it with ninja into
-``$TVLARS_FUSED_CACHE`` (default ``<repo>/.torch_extensions``). ``TVLARS_FUSED_JIT=0`` forbids JIT builds.
+the version as a string); ``$TVLARS_FUSED_PREBUILT`` names another folder searched first. Otherwise
+``torch.utils.cpp_extension.load`` builds it with ninja into ``$TVLARS_FUSED_CACHE`` (default
+``<repo>/.torch_extensions``). ``TVLARS_FUSED_JIT=0`` forbids JIT builds.
 """
 
 from __future__ import annotations
@@ -78,12 +79,16 @@ def cuda_home() -> str | None:
 
 
 def _prebuilt(kind: str) -> Path | None:
-    """The library next to this file, when it was built for the running torch."""
+    """The prebuilt library, when it was built for the running torch: first in the folder named by
+    ``$TVLARS_FUSED_PREBUILT`` (libraries built elsewhere and brought along, scripts/prebuild_gpu_libs.sh), then
+    next to this file."""
     marker = f"tvlars_fused built with torch {torch.__version__};".encode()
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = PACKAGE_DIR / (LIBRARY_NAMES[kind] + suffix)
-        if path.exists() and marker in path.read_bytes():
-            return path
+    folders = [Path(os.environ["TVLARS_FUSED_PREBUILT"])] if os.environ.get("TVLARS_FUSED_PREBUILT") else []
+    for folder in folders + [PACKAGE_DIR]:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = folder / (LIBRARY_NAMES[kind] + suffix)
+            if path.exists() and marker in path.read_bytes():
+                return path
     return None
 
 
