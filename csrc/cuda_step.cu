@@ -541,11 +541,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
 
 // ---------------------------------------------------------------- launch
 
+// resident_blocks' answers, per kernel instantiation and device; 0: not queried yet.
+template <auto kKernel>
+std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> resident_cache{};
+
 // How many blocks of kKernel can be co-resident on `device` (the largest grid for which grid.sync() is valid).
 // Queried once per kernel instantiation and device: a step must not pay for the occupancy calculator.
 template <auto kKernel>
 int resident_blocks(int device) {
-  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> cache{};  // 0: not queried yet
+  auto& cache = resident_cache<kKernel>;
   TORCH_CHECK(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "tvlars_fused: CUDA device index ", device,
               " is out of range");
   int blocks = cache[device].load(std::memory_order_relaxed);
@@ -561,12 +565,25 @@ int resident_blocks(int device) {
   return blocks;
 }
 
+// A cooperative launch refused because its grid cannot be co-resident (fewer blocks fit than the occupancy
+// calculator said, e.g. under an MPS active-thread limit) fails every step alike. Its error starts with this
+// marker, which tvlars_fused/_cpp_backend.py matches to step with another backend instead. Nothing ran: the
+// launch was refused before any block started.
+constexpr const char* kNotCoResident = "tvlars_fused: cooperative launch cannot be co-resident";
+
 template <auto kKernel, typename Hyper>
 void launch(DeviceTable tab, Hyper h, DeviceScalars s, int device, cudaStream_t stream) {
-  const int grid = static_cast<int>(std::min<int64_t>(resident_blocks<kKernel>(device), tab.num_chunks));
+  const int grid = std::max(1, static_cast<int>(std::min<int64_t>(resident_blocks<kKernel>(device), tab.num_chunks)));
   void* args[] = {&tab, &h, &s};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kKernel), dim3(std::max(grid, 1)),
-                                             dim3(kThreads), args, 0, stream));
+  const cudaError_t err =
+      cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kKernel), dim3(grid), dim3(kThreads), args, 0, stream);
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // not a sticky error: clear it, so that no later check reports it again
+    resident_cache<kKernel>[device].store(0, std::memory_order_relaxed);  // a later step queries again
+    TORCH_CHECK(false, kNotCoResident, ": a grid of ", grid, " blocks of ", kThreads, " threads on CUDA device ",
+                device, " (", cudaGetErrorString(err), ")");
+  }
+  C10_CUDA_CHECK(err);
 }
 
 // The device rows the kernel walks: the table, or (list form, when functionalization handed the op copies of

@@ -14,14 +14,25 @@ runs this very step at run time (``_compiled_step``): traced tensors have no add
 Sharded buckets (FSDP2, ``bucket.reduce_sums`` set) run fused too, in two op calls around one all-reduce: the
 "sums" phase writes each layer's local sums of squares, ``reduce_sums`` adds them over the ranks, and the
 "apply" phase steps with the whole-layer sums.
+
+A cooperative launch whose grid cannot be co-resident (fewer blocks fit at once than the kernel's occupancy said,
+e.g. under an MPS active-thread limit) is refused before any block runs, and would be refused at every step. The
+op's error then starts with ``NOT_CO_RESIDENT``; the step catches exactly that, warns once per device, and steps
+that device's buckets with the ``triton`` backend where it runs there, else ``foreach``, from then on (the failed
+step included: nothing was written). A sharded bucket does not fall back: its ranks must issue matching
+all-reduces, and another backend's would not match those of ranks still on the kernel. It raises instead, saying
+to choose ``backend="triton"`` or ``"foreach"`` on every rank.
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-from . import _compiled_step, _extension, _foreach
+from . import _backends, _compiled_step, _extension, _foreach
 from ._layer_table import LayerTable, prepare
 from ._types import Bucket, LambHyper, LarsHyper
 
@@ -36,9 +47,11 @@ _resident_blocks: dict[torch.device, int] = {}
 
 
 def _chunk_size(bucket: Bucket) -> int:
-    """CPU: CHUNK. CUDA: a power of two in [4096, 65536] giving about 8 chunks per resident block, so the last wave
-    of the persistent grid is a small part of the step (ResNet-50 on an H200: 4096; BERT-large: 65536). Cached per
-    bucket: its layers' sizes do not change."""
+    """CPU: CHUNK. CUDA: the largest power of two that gives at least 8 chunks per resident block (under 16 from
+    the rounding; layers ending in partial chunks add some), within [4096, 65536], so the last wave of the
+    persistent grid is a small part of the step. An H200 has 132 SMs x 3 = 396 resident blocks: ResNet-50 (25.6 M
+    parameters in 161 tensors) takes chunks of 4096, 6334 of them (16 a block); BERT-large (335 M in 391 tensors)
+    65536, 5353 of them (13.5 a block). Cached per bucket: its layers' sizes do not change."""
     if bucket.device.type != "cuda":
         return CHUNK
     chunk = bucket.cache.get("cuda_chunk")
@@ -81,6 +94,45 @@ def _run(op, bucket: Bucket, table: LayerTable, *args) -> None:
     op(*args, sums, PHASE_APPLY)
 
 
+# How csrc/cuda_step.cu's error starts when a cooperative launch cannot be co-resident.
+NOT_CO_RESIDENT = "tvlars_fused: cooperative launch cannot be co-resident"
+# Devices where that happened: the backend their buckets step with instead, for the rest of the process.
+_fallbacks: dict[torch.device, str] = {}
+
+
+def _fallback_backend(device: torch.device) -> str:
+    return "triton" if _backends.unavailable_reason("triton", device) is None else "foreach"
+
+
+def _fallback(bucket: Bucket):
+    """The backend module that steps ``bucket`` instead of the op (its device's launches cannot be co-resident), or
+    None. Sharded buckets never fall back (module docstring)."""
+    name = _fallbacks.get(bucket.device) if bucket.reduce_sums is None else None
+    return None if name is None else _backends.module(name)
+
+
+def _launch_or_fall_back(launch: Callable[[], None], bucket: Bucket, step_name: str, *step_args) -> None:
+    """``launch()``, the op calls that step ``bucket``. Where they fail because the cooperative launch cannot be
+    co-resident, the fallback backend's ``step_name`` steps the bucket instead, now and for every later bucket of
+    the device (warned about once); any other error propagates as it is."""
+    try:
+        launch()
+        return
+    except RuntimeError as exc:
+        why = str(exc).partition("\n")[0]  # without the C++ context torch may append
+        if not why.startswith(NOT_CO_RESIDENT):
+            raise
+        if bucket.reduce_sums is not None:
+            raise RuntimeError(f"{why}. This bucket is sharded, and falling back on this rank alone would make its "
+                               "all-reduces differ from those of ranks still on the cooperative kernel: pass "
+                               "backend='triton' (or 'foreach') to the optimizer on every rank") from exc
+        if bucket.device not in _fallbacks:
+            name = _fallbacks[bucket.device] = _fallback_backend(bucket.device)
+            warnings.warn(f"{why}. The cuda backend's kernel cannot run on {bucket.device} (for example under an MPS "
+                          f"thread limit); its buckets step with backend='{name}' from now on", RuntimeWarning)
+    getattr(_fallback(bucket), step_name)(bucket, *step_args)
+
+
 def _device_scalar(value: Tensor | None, name: str, device: torch.device) -> Tensor | None:
     """A one-element float32 tensor on ``device`` (no copy when it already is one)."""
     if value is None:
@@ -101,6 +153,9 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     if torch.compiler.is_compiling():  # traced tensors have no addresses: one op call that steps at run time
         _compiled_step.lars_step(bucket, hp, grad_scale, found_inf)
         return
+    if (fallback := _fallback(bucket)) is not None:
+        fallback.lars_step(bucket, hp, grad_scale, found_inf)
+        return
     chunk = _chunk_size(bucket)
     covered, table, rest = prepare(bucket, chunk)
     if rest is not None:
@@ -114,14 +169,18 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
                _device_scalar(found_inf, "found_inf", device)]
     tail = [lr, hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.norm_clip, hp.sum_of_norms, hp.nesterov,
             hp.use_phi, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min, chunk]
-    _run(_ops.lars_step_table, covered, table, *head, _workspace(table), covered.dtype, covered.masters is not None,
-         *scalars, *tail)
+    _launch_or_fall_back(lambda: _run(_ops.lars_step_table, covered, table, *head, _workspace(table), covered.dtype,
+                                      covered.masters is not None, *scalars, *tail),
+                         covered, "lars_step", hp, grad_scale, found_inf)
 
 
 def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
               found_inf: Tensor | None = None) -> None:
     if torch.compiler.is_compiling():
         _compiled_step.lamb_step(bucket, hp, grad_scale, found_inf)
+        return
+    if (fallback := _fallback(bucket)) is not None:
+        fallback.lamb_step(bucket, hp, grad_scale, found_inf)
         return
     chunk = _chunk_size(bucket)
     covered, table, rest = prepare(bucket, chunk)
@@ -135,5 +194,6 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     scalars = [lr_tensor, _device_scalar(grad_scale, "grad_scale", device),
                _device_scalar(found_inf, "found_inf", device), _device_scalar(hp.clip_coef, "clip_coef", device)]
     tail = [lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.bias_correction, hp.norm_clip, chunk]
-    _run(_ops.lamb_step_table, covered, table, *head, _workspace(table), covered.dtype, covered.masters is not None,
-         *scalars, *tail)
+    _launch_or_fall_back(lambda: _run(_ops.lamb_step_table, covered, table, *head, _workspace(table), covered.dtype,
+                                      covered.masters is not None, *scalars, *tail),
+                         covered, "lamb_step", hp, grad_scale, found_inf)
