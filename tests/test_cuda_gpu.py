@@ -15,7 +15,8 @@ from tvlars_fused import reference
 from tvlars_fused._types import Bucket, LambHyper, LarsHyper
 
 try:  # both load the compiled library, which raises why when it is neither built nor buildable here
-    from test_cpp_backend import SPLIT_CASES, SPLIT_IDS, counting, other_ranks, step
+    from test_cpp_backend import SPLIT_CASES, SPLIT_IDS, assert_step_wrote_everything, counting, other_ranks, step
+    from test_gpu_large import cuda_memory_released
     from tvlars_fused import _cpp_backend
 except RuntimeError as exc:
     pytest.skip(f"the tvlars_fused extension is unavailable: {exc}", allow_module_level=True)
@@ -100,28 +101,37 @@ def cuda_bucket(lamb: bool, masters: bool) -> Bucket:
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
 @pytest.mark.parametrize("masters", [False, True], ids=["params", "masters"])
 def test_found_inf_writes_nothing(lamb, masters):
-    """found_inf set: the kernel writes no parameter, gradient, state, master or step count."""
+    """found_inf set: the kernel writes no parameter, gradient, state, master or step count. The same step with
+    found_inf = 0 writes them all: the control that the first step's "nothing" is the flag's doing."""
     bucket = cuda_bucket(lamb, masters)
-    tensors = bucket.params + bucket.grads + bucket.steps + [t for s in bucket.states for t in s]
-    tensors += bucket.masters or []
-    before = [t.clone() for t in tensors]
-    scale, found_inf = torch.tensor(8.0, device="cuda"), torch.tensor(1.0, device="cuda")
+    before = clone_bucket(bucket)
     if lamb:
         hp = LambHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True,
                        norm_clip=10.0)
-        _cpp_backend.lamb_step(bucket, hp, scale, found_inf)
+        step_fn = _cpp_backend.lamb_step
     else:
         hp = LarsHyper(lr=0.5, momentum=0.9, weight_decay=5e-4, eta=1e-3, eps=0.0, norm_clip=None,
                        sum_of_norms=False, nesterov=False, use_phi=True, lmbda=1e-3)
-        _cpp_backend.lars_step(bucket, hp, scale, found_inf)
+        step_fn = _cpp_backend.lars_step
+    scale = torch.tensor(8.0, device="cuda")
+    step_fn(bucket, hp, scale, torch.tensor(1.0, device="cuda"))
     torch.cuda.synchronize()
-    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+    assert_buckets_equal(bucket, before)
+    step_fn(bucket, hp, scale, torch.tensor(0.0, device="cuda"))
+    torch.cuda.synchronize()
+    assert_step_wrote_everything(bucket, before)
 
 
 @pytest.mark.slow
 def test_layer_beyond_2_31_elements():
-    """A 3 * 2^30-element bf16 layer (26 GB with gradient and momentum): weights 1 below element 2^31 and 2
-    above, so a 32-bit offset anywhere (lost tail, wrong norm) changes the result far beyond bf16 rounding."""
+    """A 3 * 2^30-element bf16 layer (26 GB with gradient and momentum, given back when the test ends): weights 1
+    below element 2^31 and 2 above, so a 32-bit offset anywhere (lost tail, wrong norm) changes the result far
+    beyond bf16 rounding."""
+    with cuda_memory_released():
+        _check_layer_beyond_2_31_elements()
+
+
+def _check_layer_beyond_2_31_elements() -> None:
     split, numel = 2 ** 31, 3 * 2 ** 30
     p = torch.ones(numel, dtype=torch.bfloat16, device="cuda")
     p[split:] = 2.0
@@ -191,6 +201,10 @@ def test_split_step_with_found_inf_writes_nothing(lamb):
     torch.cuda.synchronize()
     assert_buckets_equal(bucket, before)
     assert len(calls) == 1  # the all-reduce is issued anyway: the host never reads found_inf
+    step(bucket, lamb, _cpp_backend, grad_scale=torch.tensor(4.0, device="cuda"),
+         found_inf=torch.tensor(0.0, device="cuda"))
+    torch.cuda.synchronize()
+    assert_step_wrote_everything(bucket, before)  # the control: without the flag the same split step writes
 
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])

@@ -3,6 +3,8 @@ size and sum must be 64-bit. Marked slow and gpu; skips with the reason where th
 free memory.
 """
 
+import contextlib
+import gc
 import math
 
 import pytest
@@ -18,6 +20,32 @@ NUMEL = (1 << 31) + (1 << 20) + 3  # past 2**31 and not a multiple of any chunk 
 # bfloat16 weights and gradient, float32 momentum (16 GiB), float64 temporaries of 2**27 elements.
 NEEDED_BYTES = 22 * 2 ** 30
 SUM_CHUNK = 1 << 27
+
+
+@contextlib.contextmanager
+def cuda_memory_released():
+    """Gives a huge test's GPU memory back to the driver when it ends, passed or failed, so that a neighbouring
+    pytest-xdist worker does not run out of memory: the caching allocator would keep it reserved for this process.
+    A failure's traceback (which pytest keeps, in sys.last_traceback) would keep the tensors alive through its
+    frames' locals, assertion temporaries included, so the finished frames are cleared first."""
+    try:
+        yield
+    except BaseException as exc:
+        tb = exc.__traceback__
+        while tb is not None:
+            try:
+                tb.tb_frame.clear()
+            except RuntimeError:  # still running: the test and this function
+                pass
+            else:
+                # Before Python 3.13 a snapshot of the locals taken earlier (pytest's assertion rewriting takes one)
+                # survives clear(); reading f_locals again syncs it with the now empty frame.
+                _ = tb.tb_frame.f_locals
+            tb = tb.tb_next
+        raise
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _float64_sum_of_squares(x: torch.Tensor, y: torch.Tensor | None = None, weight_decay: float = 0.0) -> float:
@@ -40,6 +68,11 @@ def test_tvlars_step_on_a_layer_beyond_two_to_the_31_elements(backend):
     free, _ = torch.cuda.mem_get_info()
     if free < NEEDED_BYTES:
         pytest.skip(f"needs {NEEDED_BYTES / 2 ** 30:.0f} GiB of free GPU memory, {free / 2 ** 30:.0f} GiB free")
+    with cuda_memory_released():
+        _check_step_beyond_two_to_the_31(backend)
+
+
+def _check_step_beyond_two_to_the_31(backend: str) -> None:
     lr, weight_decay, eta, lmbda = 100.0, 1e-2, 1e-3, 1e-3
     gen = torch.Generator(device="cuda").manual_seed(0)
     p = torch.randn(NUMEL, generator=gen, device="cuda", dtype=torch.bfloat16)
@@ -61,5 +94,3 @@ def test_tvlars_step_on_a_layer_beyond_two_to_the_31_elements(backend):
     torch.testing.assert_close(opt.state[p]["momentum_buffer"][index].double(), q * d, rtol=1e-5, atol=1e-6 * q)
     # The new weight is rounded once to bfloat16: within one bfloat16 ulp (2**-7 relative) of the float64 value.
     torch.testing.assert_close(p[index].double(), w - lr * q * d, rtol=2 ** -7, atol=1e-5)
-    del opt, p
-    torch.cuda.empty_cache()  # give the 16 GiB back to whatever runs next in this process
