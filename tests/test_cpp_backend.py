@@ -411,6 +411,9 @@ def test_split_step_with_found_inf_writes_nothing_but_still_reduces(lamb):
     step(bucket, lamb, _cpp_backend, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0))
     assert_buckets_equal(bucket, before)
     assert len(calls) == 1  # every rank issues the same collectives, whatever found_inf says
+    step(bucket, lamb, _cpp_backend, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
+    assert_step_wrote_everything(bucket, before)
+    bucket = clone_bucket(before)
     args = op_args(bucket, lamb)
     args[12 if lamb else 11] = torch.tensor(1.0)  # found_inf (after LAMB's two state lists)
     sums = torch.full((len(SHAPES), 2), 7.0, dtype=torch.float64)
@@ -516,6 +519,9 @@ def test_table_form_found_inf_writes_nothing(lamb):
     args[7], args[8] = torch.tensor(4.0), torch.tensor(1.0)  # grad_scale, found_inf
     ops_of(lamb)[1](*args)
     assert_buckets_equal(bucket, before)
+    args[8] = torch.tensor(0.0)
+    ops_of(lamb)[1](*args)
+    assert_step_wrote_everything(bucket, before)
 
 
 def table_bad(bucket, position, value):
