@@ -81,6 +81,7 @@ def test_refused_launch_falls_back_once_with_a_warning(cls, kwargs, refused):
     assert "backend='foreach' from now on" in str(refusals[0].message)
     assert refused.calls == 1
     assert _cpp_backend._fallbacks == {torch.device("cpu"): "foreach"}
+    assert [c["backend"] for c in opt.chosen_backends] == ["foreach"], "chosen_backends does not say what steps"
     assert_matches(params, expected, opt, ref, rtol=0, atol=0)
 
 

@@ -104,6 +104,11 @@ def _fallback_backend(device: torch.device) -> str:
     return "triton" if _backends.unavailable_reason("triton", device) is None else "foreach"
 
 
+def stepping_backend(device: torch.device) -> str:
+    """The backend that steps this backend's (unsharded) buckets on ``device``: its own name, or its fallback."""
+    return _fallbacks.get(device, "cuda" if device.type == "cuda" else "cpp")
+
+
 def _fallback(bucket: Bucket):
     """The backend module that steps ``bucket`` instead of the op (its device's launches cannot be co-resident), or
     None. Sharded buckets never fall back (module docstring)."""

@@ -217,9 +217,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 kinds.setdefault((p.device, p.dtype, _sharding(p) is not None), None)
             for device, dtype, sharded in kinds:
+                backend = self._bucket_backend(_backends.resolve(self.backend, device), dtype, sharded)
+                if backend in ("cuda", "cpp") and not sharded:  # the kernel's fallback, if it had to take one
+                    backend = _backends.module(backend).stepping_backend(device)
                 chosen.append(dict(group=index, device=str(device), dtype=str(dtype).replace("torch.", ""),
-                                   backend=self._bucket_backend(_backends.resolve(self.backend, device), dtype,
-                                                                sharded)))
+                                   backend=backend))
         return chosen
 
     def __repr__(self) -> str:
