@@ -77,7 +77,13 @@ def launch_sizes(bucket: Bucket) -> LaunchSizes:
     (n / chunk)^2 partial reads in all: chunks grow like sqrt(n) of the largest layer (4 * sqrt(n), so 2**31
     elements give 2**16-element chunks and 2**15 partials per program, a few percent of its element traffic).
     Only the chunk varies between buckets, and it is not compiled in. The interpreter runs one tile as one
-    numpy operation, so there a tile covers a whole chunk."""
+    numpy operation, so there a tile covers a whole chunk.
+
+    A bucket whose cache holds ``"triton_launch_sizes"`` uses those instead: a part of a larger bucket stepped on
+    its own (the step inside backward) keeps the larger bucket's chunking, and so its bits."""
+    preset = bucket.cache.get("triton_launch_sizes")
+    if preset is not None:
+        return preset
     largest = max(p.numel() for p in bucket.params)
     if bucket.device.type == "cuda":
         chunk = min(max(triton.next_power_of_2(4 * math.isqrt(largest)), 4096), 65536)
