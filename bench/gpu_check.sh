@@ -182,7 +182,7 @@ finish() {
         cat "$WORK/tests-summary.md" 2>/dev/null || echo "Not run."
         if [ -s "$WORK/hung-tests-stacks.log" ]; then
             echo
-            echo "Tests that reached their timeout: this project's frames of their stacks (all in hung-tests-stacks.log):"
+            echo "Tests that reached their timeout, their stacks' frames in this project (all: hung-tests-stacks.log):"
             echo
             grep -E '^Timeout|/(tests|tvlars_fused|triton_kernels)/' "$WORK/hung-tests-stacks.log" | head -n 40 |
                 sed 's/^/    /'
@@ -192,7 +192,8 @@ finish() {
         echo
         for tool in memcheck racecheck synccheck; do
             if [ -n "${SANITIZER_RESULT[$tool]:-}" ]; then
-                echo "- $tool: ${SANITIZER_RESULT[$tool]} (sanitize-$tool.log)"
+                log=$([ -f "$WORK/sanitize-$tool.log" ] && echo " (sanitize-$tool.log)")
+                echo "- $tool: ${SANITIZER_RESULT[$tool]}$log"
             else
                 echo "- $tool: ${SANITIZED:-not reached}"
             fi
