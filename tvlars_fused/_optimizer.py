@@ -38,7 +38,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 # Group keys that are code, not data: kept out of state_dict() and kept from the live optimizer on load.
-_CODE_KEYS = ("exclude",)
+_CODE_KEYS = ("exclude", "exclude_from_weight_decay", "exclude_from_adaptation")
 
 
 def _check_range(name: str, value, low: float, high: float | None = None, *, open_high: bool = True) -> None:
@@ -52,6 +52,19 @@ def _check_range(name: str, value, low: float, high: float | None = None, *, ope
     if not ok:  # not finite: an infinite lr, lmbda or delay would step to inf or NaN (inf * 0 at t == delay)
         bound = "" if high is None else (f", {high})" if open_high else f", {high}]")
         raise ValueError(f"Invalid {name}: {value!r} (must be finite and in [{low}{bound or ', inf)'})")
+
+
+def _check_trust_bounds(group: dict[str, Any]) -> None:
+    """min_trust_ratio and max_trust_ratio: None, or finite and >= 0 (max > 0), min <= max."""
+    low, high = group["min_trust_ratio"], group["max_trust_ratio"]
+    if low is not None:
+        _check_range("min_trust_ratio", low, 0.0)
+    if high is not None:
+        _check_range("max_trust_ratio", high, 0.0)
+        if not high > 0:
+            raise ValueError(f"Invalid max_trust_ratio: {high!r} (must be None or > 0)")
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"Invalid min_trust_ratio: {low!r} is above max_trust_ratio {high!r}")
 
 
 def _snapshot(value):
@@ -118,13 +131,21 @@ class _GroupPlan:
     with_grad: list[bool]  # which of them had a gradient
     state: object  # the optimizer's state dict when planned (replaced wholesale by a reset or a load)
     state_version: int  # the count of changes to the layers' state dicts when planned
-    exclude: object  # the group's exclusion predicate when planned
+    exclude: tuple  # the group's exclusion predicates when planned (_predicates)
     buckets: list  # (backend, bucket, positions in `params` of the bucket's layers)
     reusable: bool  # False for sharded (DTensor) groups, whose local views are taken afresh each step
     all_with_grad: bool = False  # every parameter had a gradient
 
 
 _NONES = itertools.repeat(None)
+
+
+def _predicates(group: dict[str, Any]) -> tuple:
+    return tuple(group.get(key) for key in _CODE_KEYS)
+
+
+def _same_predicates(group: dict[str, Any], planned: tuple) -> bool:
+    return all(group.get(key) is predicate for key, predicate in zip(_CODE_KEYS, planned))
 
 
 class _LayerState(dict):
@@ -236,9 +257,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _check_hyper_parameters(self, group: dict[str, Any]) -> None:
         self._validate_group(group)
-        exclude = group.get("exclude")
-        if exclude is not None and not callable(exclude):
-            raise ValueError(f"Invalid exclude: {exclude!r} (must be None or a predicate on a parameter)")
+        for key in _CODE_KEYS:
+            predicate = group.get(key)
+            if predicate is not None and not callable(predicate):
+                raise ValueError(f"Invalid {key}: {predicate!r} (must be None or a predicate on a parameter)")
 
     def _check_changed_hyper_parameters(self, index: int, group: dict[str, Any]) -> None:
         """Checks a group's hyper-parameters again when any changed since they were last found valid: a scheduler,
@@ -367,7 +389,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return None
         plan = self._plans.get(index)
         if plan is None or not plan.reusable or plan.state is not self.state or \
-                plan.state_version != self._state_version[0] or group.get("exclude") is not plan.exclude:
+                plan.state_version != self._state_version[0] or not _same_predicates(group, plan.exclude):
             return None
         params = group["params"]
         if len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params)):
@@ -489,7 +511,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             in_order = len(by_key) == 1 and len(positions) == len(params)
             buckets.append((backend, bucket, None if in_order else positions))
         plan = _GroupPlan(params=params, with_grad=[p.grad is not None for p in params], state=self.state,
-                          state_version=self._state_version[0], exclude=group.get("exclude"), buckets=buckets,
+                          state_version=self._state_version[0], exclude=_predicates(group), buckets=buckets,
                           reusable=all(key[2] is None for key in by_key),
                           all_with_grad=len(with_grad) == len(params))
         self._plans[index] = plan
@@ -529,11 +551,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if len(self._bucket_caches) >= 64:  # layer sets that keep changing: keep memory bounded
                 self._bucket_caches.clear()
             cache = self._bucket_caches[cache_key] = {}
-        exclude = group.get("exclude")
+        predicates = _predicates(group)
         cached = cache.get("excluded")
-        if cached is None or cached[0] is not exclude:
-            cached = cache["excluded"] = (exclude, [bool(exclude(p)) if exclude is not None else False
-                                                    for p in params])
+        if cached is None or not all(map(operator.is_, cached[0], predicates)):
+            cached = cache["excluded"] = (predicates, *self._exclusions(index, group, params))
         local = _local if sharded else (lambda t: t)
         masters = None
         if self.master_weights and dtype in _LOW_PRECISION:
@@ -544,11 +565,32 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             states=[[local(s[key]) for s in states] for key in self._state_keys],
             steps=[s["step"] for s in states],
             excluded=cached[1],
+            no_decay=cached[2],
+            no_adapt=cached[3],
             masters=masters,
             cache=cache,
             keep_alive=self._graph_tables,
             compiled_slot=(self._compiled_owner.number, f"{index}/{device}/{dtype}/{len(params)}"),
         )
+
+    def _exclusions(self, index: int, group: dict[str, Any], params: list[Tensor]) -> tuple[list[bool], ...]:
+        """Per layer: excluded (``exclude``), and with no weight decay / no trust ratio (``exclude`` or the
+        predicate of its own). A predicate that raises is named, with the parameter it raised on."""
+        position = {id(p): i for i, p in enumerate(group["params"])}
+        columns = []
+        for key in _CODE_KEYS:
+            predicate = group.get(key)
+            column = []
+            for p in params:
+                try:
+                    column.append(bool(predicate(p)) if predicate is not None else False)
+                except Exception as exc:
+                    raise ValueError(f"{type(self).__name__}: the {key} predicate of param group {index} raised on "
+                                     f"parameter {position[id(p)]} (shape {tuple(p.shape)}): {exc!r}") from exc
+            columns.append(column)
+        excluded, no_decay, no_adapt = columns
+        return (excluded, [a or b for a, b in zip(excluded, no_decay)],
+                [a or b for a, b in zip(excluded, no_adapt)])
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -592,6 +634,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for key in _CODE_KEYS:
                 if key in group:
                     new_group[key] = group[key]
+            for key, value in group.items():  # options a checkpoint of an earlier version does not have
+                new_group.setdefault(key, value)
             new_group["params"] = group["params"]
             param_groups.append(new_group)
         self.__setstate__({"state": state, "param_groups": param_groups})  # clears the plans too

@@ -34,7 +34,7 @@ class Bucket:
     # LARS family: [momentum_buffers]; LAMB: [exp_avgs, exp_avg_sqs]. math_dtype, same shape as the params.
     states: list[list[Tensor]]
     steps: list[Tensor]  # float32 0-dim tensors on the params' device: times each layer has been stepped
-    excluded: list[bool]  # excluded from trust ratio and weight decay
+    excluded: list[bool]  # excluded from trust ratio and weight decay (the shorthand for both lists below)
     masters: list[Tensor] | None = None  # float32 master weights of low-precision params, or None
     # Per-bucket scratch that survives across steps (the cached layer tables live here).
     cache: dict = field(default_factory=dict)
@@ -54,6 +54,15 @@ class Bucket:
     # Under torch.compile: (the number of the optimizer's _compiled_step.Owner, this bucket's name among its buckets),
     # which name the table cache a compiled step uses at run time; None for a bucket made by hand.
     compiled_slot: tuple[int, str] | None = None
+    # Per layer: no weight decay / no trust ratio (q = 1). None: as ``excluded`` (filled in at construction).
+    no_decay: list[bool] | None = None
+    no_adapt: list[bool] | None = None
+
+    def __post_init__(self) -> None:
+        if self.no_decay is None:
+            self.no_decay = list(self.excluded)
+        if self.no_adapt is None:
+            self.no_adapt = list(self.excluded)
 
     @property
     def device(self) -> torch.device:
@@ -74,6 +83,8 @@ class Bucket:
             states=[[s[i] for i in indices] for s in self.states],
             steps=[self.steps[i] for i in indices],
             excluded=[self.excluded[i] for i in indices],
+            no_decay=[self.no_decay[i] for i in indices],
+            no_adapt=[self.no_adapt[i] for i in indices],
             masters=None if self.masters is None else [self.masters[i] for i in indices],
             cache=cache,
             reduce_sums=self.reduce_sums,
@@ -98,6 +109,11 @@ class LarsHyper:
     alpha: float = 1.0
     delay: float = 0.0
     gamma_min: float = 0.0
+    dampening: float = 0.0  # buf = mu * buf + (1 - dampening) * u after a layer's first step
+    trust_clip: bool = False  # LARC's clip: q = min(q / lr, 1) on adapted layers
+    min_trust_ratio: float | None = None  # bounds of a computed trust ratio (not of the zero-norm q = 1)
+    max_trust_ratio: float | None = None
+    adapt: bool = True  # False: no layer of the group is adapted (q = 1), as timm when weight_decay == 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,16 @@ class LambHyper:
     norm_clip: float | None
     # min(1, max_grad_norm / global_grad_norm) as a float32 device scalar, or None when not clipping.
     clip_coef: Tensor | None = None
+    grad_averaging: bool = True  # m = beta1 * m + (1 - beta1) * g; False: m = beta1 * m + g
+    decoupled_decay: bool = False  # w *= 1 - lr * beta before the step (AdamW-style), and no beta * w in u
+    min_trust_ratio: float | None = None  # bounds of a computed trust ratio (not of the zero-norm q = 1)
+    max_trust_ratio: float | None = None
+    adapt: bool = True  # False: no layer of the group is adapted (q = 1), as timm when weight_decay == 0
+
+    @property
+    def first_moment_factor(self) -> float:
+        """The factor of g in the first-moment update: 1 - beta1 (formed in float64), or 1 without averaging."""
+        return 1.0 - self.beta1 if self.grad_averaging else 1.0
 
     # log(beta) in float64 for the bias correction 1 - beta**t = -expm1(t * log(beta)), which has no
     # cancellation in float32 (1 - 0.999 in float32 is off by 1e-5 relative). beta = 0 gives -inf: 1 - 0 = 1.

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._optimizer import LayerwiseOptimizer, _check_range
+from ._optimizer import LayerwiseOptimizer, _check_range, _check_trust_bounds
 from ._types import LambHyper
 
 
@@ -31,10 +31,30 @@ class LAMB(LayerwiseOptimizer):
                  eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
                  norm_clip: float | None = 10.0, max_grad_norm: float | None = None,
                  exclude: Callable[[Tensor], bool] | None = None, backend: str = "auto",
-                 master_weights: bool = False) -> None:
+                 master_weights: bool = False, *, grad_averaging: bool = True, decoupled_decay: bool = False,
+                 min_trust_ratio: float | None = None, max_trust_ratio: float | None = None,
+                 always_adapt: bool = True, exclude_from_weight_decay: Callable[[Tensor], bool] | None = None,
+                 exclude_from_adaptation: Callable[[Tensor], bool] | None = None) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-                        norm_clip=norm_clip, max_grad_norm=max_grad_norm, exclude=exclude)
+                        norm_clip=norm_clip, max_grad_norm=max_grad_norm, exclude=exclude,
+                        grad_averaging=grad_averaging, decoupled_decay=decoupled_decay,
+                        min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio, always_adapt=always_adapt,
+                        exclude_from_weight_decay=exclude_from_weight_decay,
+                        exclude_from_adaptation=exclude_from_adaptation)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights)
+
+    @classmethod
+    def timm(cls, params, lr: float | Tensor = 1e-3, **overrides: Any) -> "LAMB":
+        """timm 1.0's ``Lamb`` with its defaults and branches: global gradient clipping at 1.0, no clip of
+        ``||w||``, no exclusion, and a group adapted only when its weight_decay is not 0
+        (``always_adapt=False``). timm's ``trust_clip=True`` (LAMBC) is ``max_trust_ratio=1`` here, and its
+        ``decoupled_decay`` is ours."""
+        settings = dict(betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True, norm_clip=None,
+                        max_grad_norm=1.0, exclude=None, always_adapt=False)
+        if overrides.pop("trust_clip", False):
+            settings["max_trust_ratio"] = 1.0
+        settings.update(overrides)
+        return cls(params, lr, **settings)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_range("lr", group["lr"], 0.0)
@@ -49,6 +69,7 @@ class LAMB(LayerwiseOptimizer):
         for key in ("norm_clip", "max_grad_norm"):
             if group[key] is not None and not group[key] > 0:
                 raise ValueError(f"Invalid {key}: {group[key]!r} (must be None or > 0)")
+        _check_trust_bounds(group)
 
     def _before_buckets(self, plans, grad_scale: Tensor | None):
         """The global gradient norm over all layers of all groups, when any group clips by it (float64 sums of
@@ -77,4 +98,7 @@ class LAMB(LayerwiseOptimizer):
         beta1, beta2 = group["betas"]
         return LambHyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                         norm_clip=group["norm_clip"], clip_coef=clip_coef)
+                         norm_clip=group["norm_clip"], clip_coef=clip_coef,
+                         grad_averaging=bool(group["grad_averaging"]), decoupled_decay=bool(group["decoupled_decay"]),
+                         min_trust_ratio=group["min_trust_ratio"], max_trust_ratio=group["max_trust_ratio"],
+                         adapt=bool(group["always_adapt"]) or group["weight_decay"] != 0)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from torch import Tensor
 
 from . import _backends
-from ._optimizer import LayerwiseOptimizer, _check_range, exclude_1d
+from ._optimizer import LayerwiseOptimizer, _check_range, _check_trust_bounds, exclude_1d
 from ._types import Bucket, LarsHyper
 
 TRUST_DENOMINATORS = ("norm_of_sum", "sum_of_norms")
@@ -32,11 +32,29 @@ class LARS(LayerwiseOptimizer):
                  eta: float = 1e-3, eps: float = 0.0, norm_clip: float | None = None,
                  trust_denominator: str = "norm_of_sum", nesterov: bool = False,
                  exclude: Callable[[Tensor], bool] | None = exclude_1d, backend: str = "auto",
-                 master_weights: bool = False) -> None:
+                 master_weights: bool = False, *, dampening: float = 0.0, trust_clip: bool = False,
+                 min_trust_ratio: float | None = None, max_trust_ratio: float | None = None,
+                 always_adapt: bool = True, exclude_from_weight_decay: Callable[[Tensor], bool] | None = None,
+                 exclude_from_adaptation: Callable[[Tensor], bool] | None = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
                         norm_clip=norm_clip, trust_denominator=trust_denominator, nesterov=nesterov,
-                        exclude=exclude)
+                        exclude=exclude, dampening=dampening, trust_clip=trust_clip,
+                        min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio, always_adapt=always_adapt,
+                        exclude_from_weight_decay=exclude_from_weight_decay,
+                        exclude_from_adaptation=exclude_from_adaptation)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights)
+
+    @classmethod
+    def timm(cls, params, lr: float | Tensor = 1.0, **overrides: Any) -> "LARS":
+        """timm 1.0's ``Lars`` with its defaults and branches: momentum 0, no weight decay, trust_coeff (eta)
+        1e-3, eps 1e-8, the sum-of-norms denominator, no exclusion, and a group adapted only when its
+        weight_decay is not 0 (``always_adapt=False``). timm's ``trust_coeff`` is ``eta`` here."""
+        settings = dict(momentum=0.0, weight_decay=0.0, eta=1e-3, eps=1e-8, trust_denominator="sum_of_norms",
+                        exclude=None, always_adapt=False)
+        if "trust_coeff" in overrides:
+            settings["eta"] = overrides.pop("trust_coeff")
+        settings.update(overrides)
+        return cls(params, lr, **settings)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _check_range("lr", group["lr"], 0.0)
@@ -52,13 +70,19 @@ class LARS(LayerwiseOptimizer):
                              f"(must be one of {', '.join(TRUST_DENOMINATORS)})")
         if group["nesterov"] and group["momentum"] == 0:
             raise ValueError("Invalid nesterov: nesterov momentum needs momentum > 0")
+        _check_range("dampening", group["dampening"], 0.0, 1.0, open_high=False)
+        if group["nesterov"] and group["dampening"] != 0:
+            raise ValueError("Invalid nesterov: nesterov momentum needs dampening == 0 (as torch.optim.SGD)")
+        _check_trust_bounds(group)
 
     def _hyper(self, group: dict[str, Any], extra=None) -> LarsHyper:
         return LarsHyper(
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], eta=group["eta"],
             eps=group["eps"], norm_clip=group["norm_clip"],
             sum_of_norms=group["trust_denominator"] == "sum_of_norms", nesterov=group["nesterov"],
-            use_phi=False)
+            use_phi=False, dampening=float(group["dampening"]), trust_clip=bool(group["trust_clip"]),
+            min_trust_ratio=group["min_trust_ratio"], max_trust_ratio=group["max_trust_ratio"],
+            adapt=bool(group["always_adapt"]) or group["weight_decay"] != 0)
 
 
 def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], state_steps: list[Tensor],

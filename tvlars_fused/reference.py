@@ -71,6 +71,15 @@ def _lr(lr: float | Tensor) -> float:
     return lr.item() if isinstance(lr, Tensor) else lr
 
 
+def _bounded(q: float, hp) -> float:
+    """A computed trust ratio within [min_trust_ratio, max_trust_ratio] (each None: unbounded)."""
+    if hp.max_trust_ratio is not None:
+        q = min(q, hp.max_trust_ratio)
+    if hp.min_trust_ratio is not None:
+        q = max(q, hp.min_trust_ratio)
+    return q
+
+
 def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
               found_inf: Tensor | None = None) -> None:
     if found_inf is not None and found_inf.item() != 0:
@@ -81,20 +90,28 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
         w, g = _read(bucket, i, grad_scale, None)
         bucket.steps[i] += 1
         t = bucket.steps[i].item()
-        if bucket.excluded[i]:
-            u = g
-        else:
-            d = g + hp.weight_decay * w
+        beta = 0.0 if bucket.no_decay[i] else hp.weight_decay
+        d = g if bucket.no_decay[i] else g + beta * w
+        q = 1.0
+        if hp.adapt and not bucket.no_adapt[i]:
             wn = _clip(_norm(bucket, w), hp.norm_clip)
-            if hp.sum_of_norms:
-                dn = _clip(_norm(bucket, g), hp.norm_clip) + hp.weight_decay * wn
+            if hp.sum_of_norms:  # the zero-norm branch tests ||g||, as timm and MLPerf
+                gn = _clip(_norm(bucket, g), hp.norm_clip)
+                dn, zero = gn + beta * wn, wn == 0 or gn == 0
             else:
                 dn = _clip(_norm(bucket, d), hp.norm_clip)
-            factor = phi(t, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min) if hp.use_phi else 1.0
-            q = hp.eta * factor * wn / (dn + hp.eps) if wn > 0 and dn > 0 else 1.0
-            u = _ratio(bucket, q) * d
+                zero = wn == 0 or dn == 0
+            if not zero:
+                factor = phi(t, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min) if hp.use_phi else 1.0
+                q = _bounded(hp.eta * factor * wn / (dn + hp.eps), hp)
+            if hp.trust_clip:  # LARC: the layer's rate q * lr never above lr
+                q = 1.0 if q >= lr else q / lr
+        u = _ratio(bucket, q) * d
         buf = bufs[i]
-        buf.mul_(hp.momentum).add_(u)
+        if t == 1:  # a layer's first step stores u (torch.optim.SGD: no dampening then)
+            buf.copy_(u)
+        else:
+            buf.mul_(hp.momentum).add_(u, alpha=1 - hp.dampening)
         step_dir = u + hp.momentum * buf if hp.nesterov else buf
         _write(bucket, i, w - lr * step_dir)
 
@@ -110,16 +127,23 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
         bucket.steps[i] += 1
         t = bucket.steps[i].item()
         m, v = exp_avgs[i], exp_avg_sqs[i]
-        m.mul_(hp.beta1).add_((1 - hp.beta1) * g)
+        m.mul_(hp.beta1).add_(hp.first_moment_factor * g)
         v.mul_(hp.beta2).add_((1 - hp.beta2) * g * g)
         if hp.bias_correction:
             mh = m / (1 - hp.beta1 ** t)
             vh = v / (1 - hp.beta2 ** t)
         else:
             mh, vh = m, v
-        decay = 0.0 if bucket.excluded[i] else hp.weight_decay
-        u = mh / (vh.sqrt() + hp.eps) + decay * w
-        wn = _clip(_norm(bucket, w), hp.norm_clip)
-        un = _norm(bucket, u)
-        q = wn / un if wn > 0 and un > 0 and not bucket.excluded[i] else 1.0
+        beta = 0.0 if bucket.no_decay[i] else hp.weight_decay
+        u = mh / (vh.sqrt() + hp.eps)
+        if hp.decoupled_decay:
+            w = w * (1 - lr * beta)  # decayed first; its norm is the trust ratio's numerator (timm)
+        else:
+            u = u + beta * w
+        q = 1.0
+        if hp.adapt and not bucket.no_adapt[i]:
+            wn = _clip(_norm(bucket, w), hp.norm_clip)
+            un = _norm(bucket, u)
+            if wn > 0 and un > 0:
+                q = _bounded(wn / un, hp)
         _write(bucket, i, w - lr * _ratio(bucket, q) * u)

@@ -26,10 +26,17 @@ class TVLARS(LARS):
                  gamma_min: float = 0.0, eps: float = 0.0, norm_clip: float | None = None,
                  trust_denominator: str = "norm_of_sum", nesterov: bool = False,
                  exclude: Callable[[Tensor], bool] | None = exclude_1d, backend: str = "auto",
-                 master_weights: bool = False) -> None:
+                 master_weights: bool = False, *, dampening: float = 0.0, trust_clip: bool = False,
+                 min_trust_ratio: float | None = None, max_trust_ratio: float | None = None,
+                 always_adapt: bool = True, exclude_from_weight_decay: Callable[[Tensor], bool] | None = None,
+                 exclude_from_adaptation: Callable[[Tensor], bool] | None = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
                         norm_clip=norm_clip, trust_denominator=trust_denominator, nesterov=nesterov,
-                        exclude=exclude, lmbda=lmbda, alpha=alpha, delay=delay, gamma_min=gamma_min)
+                        exclude=exclude, lmbda=lmbda, alpha=alpha, delay=delay, gamma_min=gamma_min,
+                        dampening=dampening, trust_clip=trust_clip, min_trust_ratio=min_trust_ratio,
+                        max_trust_ratio=max_trust_ratio, always_adapt=always_adapt,
+                        exclude_from_weight_decay=exclude_from_weight_decay,
+                        exclude_from_adaptation=exclude_from_adaptation)
         LayerwiseOptimizer.__init__(self, params, defaults, backend=backend, master_weights=master_weights)
 
     @classmethod
