@@ -68,7 +68,8 @@ ROWS="$WORK/stages.md"
 FAILED=0
 STAGE_PGID=""
 FINISHED=0
-SETSID=$(command -v setsid) || echo "gpu_check: no setsid: a stage that times out may leave processes behind" >&2
+# timeout (not --foreground) puts itself in a process group of its own; setsid also takes the stage off the terminal
+SETSID=$(command -v setsid || true)
 
 if [ -e "$REPO/.git" ] && COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null); then
     COMMIT_FROM="git"
