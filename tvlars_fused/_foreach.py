@@ -90,7 +90,7 @@ def _honours_found_inf(step):
 
 
 def _bias_correction(log_beta: float, t: Tensor) -> Tensor:
-    """``1 - beta**t`` in float32 as ``-expm1(t * log(beta))`` (see LambHyper.log_beta1)."""
+    """``1 - beta**t`` as ``-expm1(t * log(beta))`` in t's precision (see LambHyper.log_beta1)."""
     return -torch.expm1(t * log_beta)
 
 
@@ -100,35 +100,71 @@ def _scale_by_layer(tensors: list[Tensor], factors: Tensor) -> None:
         torch._foreach_mul_(tensors, list(factors.unbind(0)))
 
 
+def _steps(bucket: Bucket, layers: list[int] | None = None) -> Tensor:
+    """The layers' step counts t as a device vector in the working precision (float64 for float64 layers: phi and
+    the bias corrections are then float64 too)."""
+    steps = bucket.steps if layers is None else [bucket.steps[i] for i in layers]
+    return torch.stack(steps).to(math_dtype(bucket.dtype))
+
+
+def _bounded(ratio: Tensor, hp) -> Tensor:
+    """A computed trust ratio within [min_trust_ratio, max_trust_ratio]."""
+    if hp.min_trust_ratio is None and hp.max_trust_ratio is None:
+        return ratio
+    return ratio.clamp(min=hp.min_trust_ratio, max=hp.max_trust_ratio)
+
+
+def _adapted(bucket: Bucket, hp) -> list[int]:
+    return [i for i, off in enumerate(bucket.no_adapt) if not off] if hp.adapt else []
+
+
 @_honours_found_inf
 def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None) -> None:
     weights, grads = _read(bucket, grad_scale, None)
     (bufs,) = bucket.states
     torch._foreach_add_(bucket.steps, 1)
 
-    adapted = [i for i, e in enumerate(bucket.excluded) if not e]
-    updates = list(grads)  # excluded layers: u = g
+    decayed = [i for i, off in enumerate(bucket.no_decay) if not off]
+    updates = list(grads)  # u = d = g without weight decay, until the trust ratio scales it
+    if decayed and hp.weight_decay != 0:
+        for i, d in zip(decayed, torch._foreach_add([grads[i] for i in decayed], [weights[i] for i in decayed],
+                                                    alpha=hp.weight_decay)):
+            updates[i] = d
+    adapted = _adapted(bucket, hp)
     if adapted:
         w_a = [weights[i] for i in adapted]
-        g_a = [grads[i] for i in adapted]
-        d_a = torch._foreach_add(g_a, w_a, alpha=hp.weight_decay)
-        w_norm, other_norm = _layer_norms(bucket, w_a, g_a if hp.sum_of_norms else d_a)
+        d_a = [updates[i] for i in adapted]
+        w_norm, other_norm = _layer_norms(bucket, w_a, [grads[i] for i in adapted] if hp.sum_of_norms else d_a)
         w_norm = _clip(w_norm, hp.norm_clip)
-        if hp.sum_of_norms:
-            d_norm = _clip(other_norm, hp.norm_clip) + hp.weight_decay * w_norm
+        other_norm = _clip(other_norm, hp.norm_clip)
+        if hp.sum_of_norms:  # the zero-norm branch tests ||g|| (docs/algorithms.md, section 4)
+            decay = torch.tensor([0.0 if bucket.no_decay[i] else hp.weight_decay for i in adapted],
+                                 dtype=w_norm.dtype).to(w_norm.device, non_blocking=True)
+            d_norm = other_norm + decay * w_norm
         else:
-            d_norm = _clip(other_norm, hp.norm_clip)
+            d_norm = other_norm
         ratio = hp.eta * w_norm / (d_norm + hp.eps)
         if hp.use_phi:
-            t = torch.stack([bucket.steps[i] for i in adapted])
+            t = _steps(bucket, adapted)
             ratio = ratio * (1.0 / (hp.alpha + torch.exp(hp.lmbda * (t - hp.delay))) + hp.gamma_min)
-        trust_ratio = torch.where((w_norm > 0) & (d_norm > 0), ratio, torch.ones_like(ratio))
+        trust_ratio = torch.where((w_norm > 0) & (other_norm > 0), _bounded(ratio, hp), torch.ones_like(ratio))
+        if hp.trust_clip:  # LARC: q = min(q / lr, 1), and 1 when lr == 0
+            lr = hp.lr.to(trust_ratio) if isinstance(hp.lr, Tensor) else hp.lr
+            trust_ratio = torch.where(trust_ratio >= lr, torch.ones_like(trust_ratio), trust_ratio / lr)
+        d_a = [d.clone() if d is grads[i] else d for i, d in zip(adapted, d_a)]  # never scale a gradient in place
         _scale_by_layer(d_a, trust_ratio.to(math_dtype(bucket.dtype)))  # float64, rounded once
         for i, d in zip(adapted, d_a):
             updates[i] = d
 
-    torch._foreach_mul_(bufs, hp.momentum)
-    torch._foreach_add_(bufs, updates)
+    if hp.dampening == 0:  # the buffer starts at 0, so the first step stores u here too
+        torch._foreach_mul_(bufs, hp.momentum)
+        torch._foreach_add_(bufs, updates)
+    else:  # the first step stores u undamped (torch.optim.SGD), later ones mu * buf + (1 - dampening) * u
+        first = _steps(bucket) == 1
+        keep = torch.where(first, 0.0, hp.momentum).to(bufs[0].dtype)
+        add = torch.where(first, 1.0, 1.0 - hp.dampening).to(bufs[0].dtype)
+        _scale_by_layer(bufs, keep)
+        torch._foreach_add_(bufs, torch._foreach_mul(updates, list(add.unbind(0))))
     step_dirs = torch._foreach_add(updates, bufs, alpha=hp.momentum) if hp.nesterov else bufs
     _apply(bucket, weights, step_dirs, hp.lr)
 
@@ -140,12 +176,12 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None) -
     torch._foreach_add_(bucket.steps, 1)
 
     torch._foreach_mul_(exp_avgs, hp.beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - hp.beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=hp.first_moment_factor)
     torch._foreach_mul_(exp_avg_sqs, hp.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - hp.beta2)
 
     if hp.bias_correction:
-        t = torch.stack(bucket.steps)
+        t = _steps(bucket)
         m_hat = torch._foreach_div(exp_avgs, list(_bias_correction(hp.log_beta1, t).unbind(0)))
         v_hat = torch._foreach_div(exp_avg_sqs, list(_bias_correction(hp.log_beta2, t).unbind(0)))
     else:
@@ -153,18 +189,23 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None) -
     denom = torch._foreach_sqrt(v_hat)
     torch._foreach_add_(denom, hp.eps)
     updates = torch._foreach_div(m_hat, denom)
-    adapted = [i for i, e in enumerate(bucket.excluded) if not e]
-    if hp.weight_decay != 0 and adapted:
-        torch._foreach_add_([updates[i] for i in adapted], [weights[i] for i in adapted],
-                            alpha=hp.weight_decay)
+    decayed = [i for i, off in enumerate(bucket.no_decay) if not off]
+    if hp.weight_decay != 0 and decayed:
+        w_d = [weights[i] for i in decayed]
+        if hp.decoupled_decay:  # w *= 1 - lr * beta first; its norm is the ratio's numerator
+            lr = hp.lr.to(w_d[0].dtype) if isinstance(hp.lr, Tensor) else hp.lr
+            torch._foreach_mul_(w_d, 1 - lr * hp.weight_decay)
+        else:
+            torch._foreach_add_([updates[i] for i in decayed], w_d, alpha=hp.weight_decay)
 
     w_norm, u_norm = _layer_norms(bucket, weights, updates)
     w_norm = _clip(w_norm, hp.norm_clip)
-    adapted_mask = bucket.cache.get(("adapted_mask", tuple(bucket.excluded)))
+    adapted = [bool(hp.adapt and not off) for off in bucket.no_adapt]
+    adapted_mask = bucket.cache.get(("adapted_mask", tuple(adapted)))
     if adapted_mask is None:  # uploaded without a sync (legal while a CUDA graph is captured), kept with its source
-        adapted_mask = _upload(torch.tensor([not e for e in bucket.excluded]), w_norm.device)
-        bucket.cache[("adapted_mask", tuple(bucket.excluded))] = adapted_mask
-    trust_ratio = torch.where((w_norm > 0) & (u_norm > 0) & adapted_mask[0], w_norm / u_norm,
+        adapted_mask = _upload(torch.tensor(adapted), w_norm.device)
+        bucket.cache[("adapted_mask", tuple(adapted))] = adapted_mask
+    trust_ratio = torch.where((w_norm > 0) & (u_norm > 0) & adapted_mask[0], _bounded(w_norm / u_norm, hp),
                               torch.ones_like(w_norm))
     _scale_by_layer(updates, trust_ratio.to(math_dtype(bucket.dtype)))  # float64, rounded once
     _apply(bucket, weights, updates, hp.lr)
