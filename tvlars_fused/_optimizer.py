@@ -8,6 +8,7 @@ the backend's ``lars_step`` / ``lamb_step``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import operator
@@ -219,6 +220,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._graph_tables: list = []
         self._valid_hyper_parameters: dict[int, list] = {}  # per group: the values last found valid
         self._compiled_owner = _compiled_step.Owner(keep_alive=self._graph_tables)  # what compiled steps borrow
+        self._in_backward = None  # step_in_backward()'s handle while that mode is on (never copied or pickled)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -288,6 +290,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             first[id(p)] = position
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._in_backward is not None:  # its layers would be in no bucket of the step inside backward
+            raise RuntimeError(f"{type(self).__name__}: add_param_group() while step_in_backward() is on; call "
+                               "remove() on its handle, add the group, then step_in_backward() again")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -306,9 +311,38 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
         ``torch.amp.GradScaler`` then hands ``grad_scale`` / ``found_inf`` to ``step`` instead of unscaling
         the gradients itself and synchronising with the host."""
+        if self._in_backward is not None:
+            return True  # so that a GradScaler hands its scale to step(), which refuses it (_in_backward)
         devices = {p.device for g in self.param_groups for p in g["params"]}
         return bool(devices) and all(
             _backends.resolve(self.backend, d) in _backends.FUSED_BACKENDS for d in devices)
+
+    # ----------------------------------------------------------------- the step inside backward
+    def step_in_backward(self, bucket_mb: float = 25.0, *, ddp=None):
+        """From now on backward steps the parameters: each bucket of layers (at most ``bucket_mb`` MiB of
+        parameters, in the order their gradients become ready) is stepped by one fused launch as soon as its last
+        gradient arrives, and its gradients are freed at once. The first backward records that order (its
+        ``step()`` is an ordinary one); ``step()`` then steps only what backward did not reach. Bit-identical to
+        ``backward(); step()`` with the same backend (``_in_backward.py`` says why and when).
+
+        Refused: LAMB's ``max_grad_norm`` (a global norm needs every gradient first), a ``GradScaler`` (overflow
+        is known only after the whole backward; bfloat16 needs none), a param group added afterwards, CUDA graph
+        capture. ``ddp``: a ``DistributedDataParallel`` model whose buckets are stepped in a communication hook
+        right after their all-reduce. Returns a handle: ``handle.remove()`` goes back to the ordinary step."""
+        from ._in_backward import InBackward
+
+        if self._in_backward is not None:
+            raise RuntimeError(f"{type(self).__name__}: step_in_backward() is already on; call remove() on the "
+                               "handle it returned before turning it on again")
+        self._in_backward = InBackward(self, bucket_mb, ddp)
+        return self._in_backward
+
+    def accumulating(self):
+        """A context in which backward accumulates gradients without stepping them (``step_in_backward``); the next
+        backward outside it steps. Does nothing in the ordinary mode, where backward never steps."""
+        if self._in_backward is None:
+            return contextlib.nullcontext()
+        return self._in_backward.accumulating()
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -319,6 +353,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if self._in_backward is not None:  # what backward stepped has no gradient left: stepped once
+            self._in_backward.before_step(grad_scale, found_inf)
 
         # Every group is checked before any state is created or any tensor is written.
         planned = []
@@ -543,14 +579,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                                                    copy=True)
         return state
 
-    def _bucket(self, index, group, device, dtype, params: list[Tensor], sharded: bool) -> Bucket:
+    def _bucket(self, index, group, device, dtype, params: list[Tensor], sharded: bool,
+                cache: dict | None = None) -> Bucket:
+        """``cache``: the bucket's own (a bucket the step inside backward keeps), else the optimizer's for these
+        layers."""
         states = [self._init_state(p) for p in params]
-        cache_key = (index, device, dtype, tuple(map(id, params)))
-        cache = self._bucket_caches.get(cache_key)
         if cache is None:
-            if len(self._bucket_caches) >= 64:  # layer sets that keep changing: keep memory bounded
-                self._bucket_caches.clear()
-            cache = self._bucket_caches[cache_key] = {}
+            cache_key = (index, device, dtype, tuple(map(id, params)))
+            cache = self._bucket_caches.get(cache_key)
+            if cache is None:
+                if len(self._bucket_caches) >= 64:  # layer sets that keep changing: keep memory bounded
+                    self._bucket_caches.clear()
+                cache = self._bucket_caches[cache_key] = {}
         predicates = _predicates(group)
         cached = cache.get("excluded")
         if cached is None or not all(map(operator.is_, cached[0], predicates)):

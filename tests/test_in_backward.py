@@ -1,0 +1,340 @@
+"""The step inside backward (``optimizer.step_in_backward()``): bit-identical to ``backward(); step()`` with the same
+backend, for every parameter and state tensor after every iteration; gradients freed during backward; nothing
+rebuilt in a steady step; and what it refuses, refused before anything is written."""
+
+import pytest
+import torch
+from torch import nn
+
+from cases import backend_or_skip
+from tvlars_fused import LAMB, LARS, TVLARS, _layer_table
+
+OPTIMIZERS = {
+    "tvlars": (TVLARS, dict(lr=0.5, lmbda=0.05, weight_decay=1e-2, norm_clip=5.0)),
+    "lars": (LARS, dict(lr=0.5, nesterov=True, trust_denominator="sum_of_norms")),
+    "lamb": (LAMB, dict(lr=1e-2)),
+}
+# About 2 KiB of parameters per bucket: the model's layers fall into several buckets per param group.
+BUCKET_MB = 2 / 1024
+
+
+class Net(nn.Module):
+    """A small CNN with a frozen layer, an unused branch and layers of uneven sizes (the largest, ``conv``, sets a
+    whole bucket's Triton chunk, which a bucket without it must keep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.frozen = nn.Conv2d(8, 8, 1)
+        self.frozen.requires_grad_(False)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+        self.unused = nn.Linear(16, 10)  # never called: its layers never get a gradient
+
+    def forward(self, x):
+        x = self.frozen(torch.relu(self.bn(self.stem(x))))
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _model(dtype):
+    torch.manual_seed(0)
+    return Net().to(dtype)
+
+
+def _optimizer(name, model, backend, dtype):
+    cls, kwargs = OPTIMIZERS[name]
+    head = list(model.head.parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in head)]
+    groups = [dict(params=rest), dict(params=head, lr=kwargs["lr"] / 2)]  # two param groups
+    return cls(groups, backend=backend, master_weights=dtype == torch.bfloat16, **kwargs)
+
+
+def _batch(i, dtype):
+    g = torch.Generator().manual_seed(i)
+    return torch.randn(4, 3, 6, 6, generator=g).to(dtype), torch.randint(0, 10, (4,), generator=g)
+
+
+def _loss(model, i, dtype):
+    x, y = _batch(i, dtype)
+    return nn.functional.cross_entropy(model(x).float(), y)
+
+
+def _assert_identical(model, opt, twin, twin_opt, where):
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), f"{where}: parameter {name} differs"
+        state, twin_state = opt.state.get(p, {}), twin_opt.state.get(q, {})
+        assert state.keys() == twin_state.keys(), f"{where}: state keys of {name}"
+        for key in state:
+            assert torch.equal(state[key], twin_state[key]), f"{where}: state {key!r} of {name} differs"
+
+
+def _train_both(name, backend, dtype, iterations, accumulate=True):
+    """The ordinary loop and the loop with the step inside backward, side by side, with an LR scheduler and, on
+    every other iteration, two micro-batches of gradient accumulation; compared after every iteration."""
+    model, twin = _model(dtype), _model(dtype)
+    opt, twin_opt = _optimizer(name, model, backend, dtype), _optimizer(name, twin, backend, dtype)
+    handle = opt.step_in_backward(bucket_mb=BUCKET_MB)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.7) for o in (opt, twin_opt)]
+    for i in range(iterations):
+        micro = 2 if accumulate and i % 2 else 1
+        for k in range(micro):  # ordinary: accumulate, then step
+            _loss(twin, 10 * i + k, dtype).backward()
+        twin_opt.step()
+        twin_opt.zero_grad()
+        for k in range(micro):  # inside backward: the last micro-batch's backward steps
+            if k < micro - 1:
+                with opt.accumulating():
+                    _loss(model, 10 * i + k, dtype).backward()
+            else:
+                _loss(model, 10 * i + k, dtype).backward()
+        opt.step()
+        opt.zero_grad()
+        for scheduler in schedulers:
+            scheduler.step()
+        _assert_identical(model, opt, twin, twin_opt, f"{name} {backend} {dtype} iteration {i}")
+    return model, opt, handle
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16-master"])
+@pytest.mark.parametrize("backend", ["reference", "foreach", "cpp"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_bit_identical_to_the_ordinary_step(name, backend, dtype):
+    backend_or_skip(backend)
+    model, opt, handle = _train_both(name, backend, dtype, iterations=20)
+    assert len(handle._slots) >= 3  # several buckets: the test compares split buckets with whole ones
+    for p in list(model.unused.parameters()) + list(model.frozen.parameters()):
+        assert p not in opt.state  # never stepped
+
+
+# Under the Triton interpreter a launch costs milliseconds per program: a few iterations, two cases.
+@pytest.mark.parametrize("name,dtype", [("tvlars", torch.float32), ("lamb", torch.bfloat16)])
+def test_bit_identical_to_the_ordinary_step_triton(name, dtype, monkeypatch):
+    """Also checks that every layer is chunked as in the ordinary step. The bits alone can hardly show it: norms
+    sum float64 squares of float32 values, and other chunks change such a sum by an ulp of float64, which only
+    rarely moves the rounding of anything the step writes. Triton's chunk follows the bucket's largest layer."""
+    backend_or_skip("triton")
+    from tvlars_fused import _triton_backend
+
+    chunks = {}  # parameter (by address) -> the chunk sizes its layer was stepped with
+    prepare = _triton_backend.prepare
+
+    def spy(bucket, chunk_size):
+        for p in bucket.params:
+            chunks.setdefault(p.data_ptr(), set()).add(chunk_size)
+        return prepare(bucket, chunk_size)
+
+    monkeypatch.setattr(_triton_backend, "prepare", spy)
+    model, opt, _ = _train_both(name, "triton", dtype, iterations=4)
+    twin = _model(dtype)
+    twin_opt = _optimizer(name, twin, "triton", dtype)
+    stepped = [p for p in model.parameters() if p.data_ptr() in chunks]
+    chunks_in_backward = [chunks[p.data_ptr()] for p in stepped]
+    chunks.clear()
+    _loss(twin, 0, dtype).backward()
+    twin_opt.step()
+    assert chunks_in_backward == [chunks[q.data_ptr()] for p, q in zip(model.parameters(), twin.parameters())
+                                  if p in set(stepped)]
+    assert len(set.union(*chunks_in_backward)) > 1  # the groups' largest layers differ: so do their chunks
+
+
+def _steady(opt, model, dtype, iterations, start=0):
+    for i in range(start, start + iterations):
+        _loss(model, i, dtype).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_backward_frees_each_bucket_gradients_and_step_steps_nothing_twice():
+    """The bucket of the head (whose gradients are ready first) is stepped and its gradients freed while backward
+    still runs; after backward no bucketed layer holds a gradient, so step() has nothing left to step."""
+    model = _model(torch.float32)
+    opt = _optimizer("tvlars", model, "cpp", torch.float32)
+    opt.step_in_backward(bucket_mb=BUCKET_MB)
+    _steady(opt, model, torch.float32, 2)
+    seen = []
+    x, y = _batch(5, torch.float32)
+    stem_out = model.stem(x)
+    stem_out.register_hook(lambda g: seen.append([p.grad is None for p in model.head.parameters()]))
+    out = model.head(torch.relu(model.conv(model.frozen(torch.relu(model.bn(stem_out))))).mean(dim=(2, 3)))
+    nn.functional.cross_entropy(out, y).backward()
+    assert seen == [[True, True]]  # the stem's gradient is computed after the head was stepped and freed
+    assert all(p.grad is None for p in model.parameters())
+    steps = {id(p): opt.state[p]["step"].item() for p in opt.state}
+    opt.step()  # nothing left: no layer is stepped a second time
+    assert {id(p): opt.state[p]["step"].item() for p in opt.state} == steps
+    assert set(steps.values()) == {3.0}  # the recording step, one steady step, this backward
+
+
+def test_a_steady_step_rebuilds_nothing(monkeypatch):
+    model = _model(torch.float32)
+    opt = _optimizer("lamb", model, "cpp", torch.float32)
+    handle = opt.step_in_backward(bucket_mb=BUCKET_MB)
+    _steady(opt, model, torch.float32, 3)
+    buckets = [slot.bucket for slot in handle._slots]
+    builds = []
+    original = _layer_table._build
+    monkeypatch.setattr(_layer_table, "_build", lambda *a: builds.append(1) or original(*a))
+    _steady(opt, model, torch.float32, 3, start=3)
+    assert builds == []
+    assert [slot.bucket for slot in handle._slots] == buckets and all(
+        a is b for a, b in zip(buckets, [slot.bucket for slot in handle._slots]))
+
+
+def test_a_layer_without_gradient_does_not_block_its_bucket():
+    """The conv layer is skipped in some iterations after the recording one: the rest of its bucket is stepped at
+    the end of backward, the conv layer not at all, and everything stays bit-identical to the ordinary step."""
+    def forward(model, i):
+        x, y = _batch(i, torch.float32)
+        h = model.frozen(torch.relu(model.bn(model.stem(x))))
+        h = torch.relu(model.conv(h)) if i % 3 else h.repeat(1, 2, 1, 1)  # conv unused every third iteration
+        return nn.functional.cross_entropy(model.head(h.mean(dim=(2, 3))), y)
+
+    model, twin = _model(torch.float32), _model(torch.float32)
+    opt, twin_opt = _optimizer("tvlars", model, "cpp", torch.float32), _optimizer("tvlars", twin, "cpp", torch.float32)
+    opt.step_in_backward(bucket_mb=1.0)  # one bucket per group: the conv layer's bucket holds the stem too
+    for i in range(1, 8):
+        for m, o in ((model, opt), (twin, twin_opt)):
+            forward(m, i).backward()
+            o.step()
+            o.zero_grad()
+        _assert_identical(model, opt, twin, twin_opt, f"iteration {i}")
+    assert opt.state[model.conv.weight]["step"].item() == 5  # skipped at iterations 3 and 6
+    assert opt.state[model.stem.weight]["step"].item() == 7
+
+
+def test_step_steps_a_layer_that_backward_did_not_reach():
+    """A layer unfrozen after the recording backward is in no bucket: step() steps it (once), as the ordinary
+    step would."""
+    model, twin = _model(torch.float32), _model(torch.float32)
+    opt, twin_opt = _optimizer("lars", model, "cpp", torch.float32), _optimizer("lars", twin, "cpp", torch.float32)
+    opt.step_in_backward(bucket_mb=BUCKET_MB)
+    for i in range(6):
+        if i == 2:
+            model.frozen.requires_grad_(True)
+            twin.frozen.requires_grad_(True)
+        for m, o in ((model, opt), (twin, twin_opt)):
+            _loss(m, i, torch.float32).backward()
+            o.step()
+            o.zero_grad()
+        _assert_identical(model, opt, twin, twin_opt, f"iteration {i}")
+    assert opt.state[model.frozen.weight]["step"].item() == 4
+
+
+@pytest.mark.parametrize("first", ["in_backward", "ordinary"])
+def test_a_checkpoint_moves_between_the_modes(first):
+    model, twin = _model(torch.float32), _model(torch.float32)
+    opt, twin_opt = _optimizer("lamb", model, "cpp", torch.float32), _optimizer("lamb", twin, "cpp", torch.float32)
+    (opt if first == "in_backward" else twin_opt).step_in_backward(bucket_mb=BUCKET_MB)
+    _steady(opt, model, torch.float32, 4)
+    twin.load_state_dict(model.state_dict())
+    twin_opt.load_state_dict(opt.state_dict())
+    _steady(opt, model, torch.float32, 4, start=4)
+    _steady(twin_opt, twin, torch.float32, 4, start=4)
+    _assert_identical(model, opt, twin, twin_opt, "after the checkpoint")
+
+
+def test_remove_goes_back_to_the_ordinary_step():
+    model, twin = _model(torch.float32), _model(torch.float32)
+    opt, twin_opt = _optimizer("tvlars", model, "cpp", torch.float32), _optimizer("tvlars", twin, "cpp", torch.float32)
+    handle = opt.step_in_backward(bucket_mb=BUCKET_MB)
+    _steady(opt, model, torch.float32, 3)
+    handle.remove()
+    _loss(model, 3, torch.float32).backward()
+    assert model.head.weight.grad is not None  # backward no longer steps
+    opt.step()
+    opt.zero_grad()
+    _steady(twin_opt, twin, torch.float32, 4)
+    _assert_identical(model, opt, twin, twin_opt, "after remove()")
+    opt.step_in_backward(bucket_mb=BUCKET_MB)  # and on again
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
+
+
+def _assert_unchanged(model, opt, snapshot):
+    params, state = snapshot
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert {id(p): {k: v for k, v in s.items()} for p, s in opt.state.items()}.keys() == state.keys()
+    for p, s in opt.state.items():
+        assert all(torch.equal(v, state[id(p)][k]) for k, v in s.items())
+
+
+def test_refuses_lamb_max_grad_norm():
+    model = _model(torch.float32)
+    opt = LAMB(model.parameters(), lr=1e-2, max_grad_norm=1.0, backend="cpp")
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        opt.step_in_backward()
+    assert opt._in_backward is None
+    # Set afterwards (a hand-edit or a loaded checkpoint): refused at the next backward, before any bucket is stepped.
+    opt = _optimizer("lamb", model, "cpp", torch.float32)
+    opt.step_in_backward(bucket_mb=BUCKET_MB)
+    _steady(opt, model, torch.float32, 2)
+    opt.param_groups[1]["max_grad_norm"] = 1.0
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="max_grad_norm of param group 1"):
+        _loss(model, 2, torch.float32).backward()
+    _assert_unchanged(model, opt, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_refuses_a_grad_scaler_before_anything_is_written(dtype):
+    """A GradScaler hands its scale to step() (the mode claims AMP support so that it does): refused at the first
+    iteration's step(), whose backward only recorded, so nothing was written."""
+    model = _model(dtype)
+    opt = _optimizer("tvlars", model, "foreach", dtype)
+    opt.step_in_backward(bucket_mb=BUCKET_MB)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    before = _snapshot(model, opt)
+    scaler.scale(_loss(model, 0, dtype)).backward()
+    with pytest.raises(RuntimeError, match="GradScaler cannot be used with step_in_backward.*bfloat16 needs no scaler"):
+        scaler.step(opt)
+    _assert_unchanged(model, opt, before)
+    assert not opt.state
+
+
+def test_refuses_a_second_call_and_a_group_added_afterwards():
+    model = _model(torch.float32)
+    opt = TVLARS(list(model.stem.parameters()), lr=0.1, backend="cpp")
+    handle = opt.step_in_backward()
+    with pytest.raises(RuntimeError, match="already on"):
+        opt.step_in_backward()
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.add_param_group(dict(params=list(model.head.parameters())))
+    assert len(opt.param_groups) == 1
+    opt.param_groups.append(dict(opt.param_groups[0], params=list(model.head.parameters())))  # by hand
+    _loss(model, 0, torch.float32).backward()  # the recording backward writes nothing
+    opt.param_groups.pop()
+    opt.step()
+    opt.param_groups.append(dict(opt.param_groups[0], params=list(model.head.parameters())))
+    before = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="param group was added after step_in_backward"):
+        _loss(model, 1, torch.float32).backward()
+    _assert_unchanged(model, opt, before)
+    opt.param_groups.pop()
+    handle.remove()
+    opt.add_param_group(dict(params=list(model.head.parameters())))
+    opt.step_in_backward()
+
+
+@pytest.mark.parametrize("bucket_mb", [0, -1.0, float("nan"), "25", True])
+def test_refuses_a_bad_bucket_size(bucket_mb):
+    opt = TVLARS(_model(torch.float32).parameters(), lr=0.1, backend="cpp")
+    with pytest.raises(ValueError, match="bucket_mb"):
+        opt.step_in_backward(bucket_mb=bucket_mb)
+    assert opt._in_backward is None
+
+
+def test_refuses_a_second_backward_without_the_first_step():
+    """The first backward only records the order: its gradients must be stepped by step() before backward runs
+    again, else they would be accumulated into and stepped late."""
+    model = _model(torch.float32)
+    opt = _optimizer("tvlars", model, "cpp", torch.float32)
+    opt.step_in_backward(bucket_mb=BUCKET_MB)
+    _loss(model, 0, torch.float32).backward()
+    with pytest.raises(RuntimeError, match="without optimizer.step"):
+        _loss(model, 1, torch.float32).backward()
+    assert not opt.state
