@@ -72,8 +72,8 @@ class LAMB(LayerwiseOptimizer):
         _check_trust_bounds(group)
 
     def _before_buckets(self, plans, grad_scale: Tensor | None):
-        """The global gradient norm over all layers of all groups, when any group clips by it (float64 sums of
-        squares, like every norm of the package)."""
+        """The global gradient norm over all layers of all groups, when any group clips by it, in float64 (float64
+        sums of squares, like every norm of the package)."""
         if all(group["max_grad_norm"] is None for group in self.param_groups):
             return None
         total = None
@@ -89,11 +89,13 @@ class LAMB(LayerwiseOptimizer):
         total = total.sqrt()[0]
         if grad_scale is not None:
             total = total / grad_scale.to(device=total.device, dtype=total.dtype)
-        return total.to(torch.float32)
+        return total
 
     def _hyper(self, group: dict[str, Any], global_grad_norm: Tensor | None = None) -> LambHyper:
         clip_coef = None
         if group["max_grad_norm"] is not None and global_grad_norm is not None:
+            # In float64, for float64 parameters; each backend rounds it once to its working precision (the
+            # kernels, which step only float32, bfloat16 and float16 parameters, read a float32 copy).
             clip_coef = (group["max_grad_norm"] / global_grad_norm).clamp(max=1.0)
         beta1, beta2 = group["betas"]
         return LambHyper(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
