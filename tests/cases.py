@@ -40,6 +40,20 @@ CASES = [
     Case("lamb-max-grad-norm-exclude", LAMB, dict(lr=1e-2, max_grad_norm=0.5, exclude=lambda p: p.ndim <= 1,
                                                   weight_decay=0.1)),
     Case("lamb-no-clip", LAMB, dict(lr=1e-2, norm_clip=None, betas=(0.8, 0.99))),
+    # The variants of docs/algorithms.md, section 8: peers' options, and split exclusions.
+    Case("tvlars-dampening-bounds-split", TVLARS, dict(lr=0.3, dampening=0.3, min_trust_ratio=2e-3,
+                                                       max_trust_ratio=4e-3, exclude=None,
+                                                       exclude_from_weight_decay=lambda p: p.ndim <= 1,
+                                                       exclude_from_adaptation=lambda p: p.numel() < 50)),
+    Case("lars-timm-trust-clip", LARS, dict(lr=0.5, momentum=0.9, weight_decay=1e-3, eps=1e-8,
+                                            trust_denominator="sum_of_norms", exclude=None, always_adapt=False,
+                                            trust_clip=True, dampening=0.1)),
+    Case("lars-no-decay-no-adapt", LARS, dict(lr=0.5, weight_decay=0.0, always_adapt=False)),
+    Case("lamb-variants", LAMB, dict(lr=1e-2, grad_averaging=False, decoupled_decay=True, min_trust_ratio=0.5,
+                                     max_trust_ratio=1.0, weight_decay=0.1,
+                                     exclude_from_adaptation=lambda p: p.ndim <= 1)),
+    Case("lamb-no-adapt-timm", LAMB, dict(lr=1e-2, weight_decay=0.0, always_adapt=False, norm_clip=None,
+                                          max_grad_norm=1.0)),
 ]
 
 # Shapes for the fused backends on the CPU (the Triton interpreter is slow: keep layers small).

@@ -131,6 +131,11 @@ def numpy_expected(case, steps):
     """The float64 NumPy reading of the spec (tests/spec_numpy.py) for ``case`` over SMALL_SHAPES, fed the very
     starting weights and gradients that ``cases.run`` uses (both are drawn on the CPU)."""
     fn, kwargs, phi_args, exclude = _spec_kwargs(case)
+    probe = make_params(SMALL_SHAPES)
+    for key, column in (("exclude_from_weight_decay", "no_decay"), ("exclude_from_adaptation", "no_adapt")):
+        predicate = kwargs.pop(key, None)
+        if predicate is not None:
+            kwargs[column] = [bool(predicate(p)) for p in probe]
     start = [p.detach().double().numpy() for p in make_params(SMALL_SHAPES)]
     probe = make_params(SMALL_SHAPES)
     grads = []

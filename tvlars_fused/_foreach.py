@@ -160,9 +160,9 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None) -
         torch._foreach_mul_(bufs, hp.momentum)
         torch._foreach_add_(bufs, updates)
     else:  # the first step stores u undamped (torch.optim.SGD), later ones mu * buf + (1 - dampening) * u
-        first = _steps(bucket) == 1
-        keep = torch.where(first, 0.0, hp.momentum).to(bufs[0].dtype)
-        add = torch.where(first, 1.0, 1.0 - hp.dampening).to(bufs[0].dtype)
+        later = (_steps(bucket) != 1).to(bufs[0].dtype)  # in the state's precision: float64 hyper-parameters stay
+        keep = later * hp.momentum
+        add = 1.0 - later * hp.dampening
         _scale_by_layer(bufs, keep)
         torch._foreach_add_(bufs, torch._foreach_mul(updates, list(add.unbind(0))))
     step_dirs = torch._foreach_add(updates, bufs, alpha=hp.momentum) if hp.nesterov else bufs
