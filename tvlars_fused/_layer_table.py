@@ -36,6 +36,9 @@ COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_MASTER, COL_STEP = range(6)
 COL_NUMEL, COL_FIRST_CHUNK, COL_NUM_CHUNKS, COL_FLAGS = range(6, 10)
 NUM_COLS = 10
 FLAG_EXCLUDED = 1
+# Every tensor address of the layer is a multiple of 16 bytes: the Triton kernels take their vector path for it
+# (decided per layer, so one misaligned view does not slow its whole bucket down).
+FLAG_ALIGNED16 = 2
 _data_ptr = Tensor.data_ptr
 _generations = itertools.count()
 
@@ -262,6 +265,8 @@ def _build(bucket: Bucket, chunk_size: int) -> LayerTable:
             num_chunks,
             FLAG_EXCLUDED if bucket.excluded[i] else 0,
         ])
+        if _aligned(rows[-1][COL_PARAM:COL_STEP]):
+            rows[-1][COL_FLAGS] |= FLAG_ALIGNED16
         chunk_layer.extend([i] * num_chunks)
         first_chunk += num_chunks
         max_layer_chunks = max(max_layer_chunks, num_chunks)
@@ -291,12 +296,13 @@ def _with_grads(table: LayerTable, grad_ptrs: list[int]) -> LayerTable:
     host = table.layers_host.clone()
     host[:, COL_GRAD] = torch.tensor(grad_ptrs, dtype=torch.int64)
     device = table.layers.device
+    aligned = (host[:, COL_PARAM:COL_STEP] % 16 == 0).all(dim=1)
+    host[:, COL_FLAGS] = host[:, COL_FLAGS] & ~FLAG_ALIGNED16 | aligned.long() * FLAG_ALIGNED16
     layers, layers_host = _upload(host, device)
-    rows = host[:, COL_PARAM:COL_STEP]
     new = LayerTable(
         layers=layers, layers_host=layers_host, chunk_layer=table.chunk_layer, chunk_size=table.chunk_size,
         num_layers=table.num_layers, num_chunks=table.num_chunks, max_layer_chunks=table.max_layer_chunks,
-        aligned16=bool((rows % 16 == 0).all()), stream=_current_stream(device))
+        aligned16=bool(aligned.all()), stream=_current_stream(device))
     if table.captured:
         new.workspace["_chunk_layer_host"] = table.workspace.get("_chunk_layer_host")
     else:
