@@ -7,10 +7,13 @@ both ways, in a subprocess without TRITON_INTERPRET; no GPU or driver is needed 
 read for what the design promises:
 
 - no atomics: the reductions are deterministic;
-- no ``sqrt.approx`` (it flushes sums below 2**-126 to zero): norms are float64, LAMB's sqrt is rounded;
-- with ALIGNED (every table pointer 16-byte aligned) the element loops load and store 16 bytes per access
-  (``ld.global.v4`` / ``st.global.v4``: four float32 or eight bfloat16), and without it no vector access at
-  all, since those fault on a misaligned address;
+- no approximate arithmetic in any kernel, as in the CUDA kernel (tests/test_cuda_ptx.py): no ``sqrt.approx``
+  (it flushes sums below 2**-126 to zero; norms are float64, LAMB's sqrt is rounded), no ``div.full`` (what
+  Triton makes of a float32 ``/``), no ``ex2.approx`` (``tl.exp``) nor any other ``.approx`` form;
+- a layer whose tensors are 16-byte aligned has its element loops load and store 16 bytes per access
+  (``ld.global.v4`` / ``st.global.v4``: four float32 or eight bfloat16): alone with ALL_ALIGNED, and as one of
+  two branches chosen per layer without it, the other with no vector access at all (those fault on a
+  misaligned address): the per-layer kernel has exactly the vector accesses of the ALL_ALIGNED one;
 - the runtime chunk size: the launches of two buckets of different layer sizes share one compiled kernel.
 
 Either script also runs outside pytest (``python -c``) under another Triton, with the repository on
@@ -57,7 +60,7 @@ COMPILE_ALL = textwrap.dedent("""
                                           RBLOCK=64 if flag else 1024, LAYER_SUMS=not flag)),
             ]
             # Ampere only checks that the code compiles: the PTX checks run on Hopper, both alignments.
-            variants = [(fn, dict(flags, ALIGNED=aligned)) for fn, flags in variants
+            variants = [(fn, dict(flags, ALL_ALIGNED=aligned)) for fn, flags in variants
                         for aligned in ((True, False) if arch == 90 else (flag,))]
             variants.append((layer_sums_kernel, dict(RBLOCK=64 if flag else 1024)))
             for fn, flags in variants:
@@ -67,11 +70,14 @@ COMPILE_ALL = textwrap.dedent("""
                                         target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
                 ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
                 layouts = dict(re.findall(r"(?m)^(#\\w+) = (.*)$", ttgir))
+                ops = set(re.findall(r"(?m)^\\s*(?:@!?%\\w+\\s+)?([a-z][\\w.:]*)", ptx))
                 results.append(dict(
-                    name=fn.__name__, arch=arch, dtype=str(dtype), aligned=flags.get("ALIGNED"),
+                    name=fn.__name__, arch=arch, dtype=str(dtype), flag=flag, aligned=flags.get("ALL_ALIGNED"),
                     cubin=len(kernel.asm["cubin"]), atomics=re.search(r"\\b(atom|red)\\.", ptx) is not None,
+                    approximate=sorted(op for op in ops if re.search(r"\\.(approx|full)\\b", op)),
                     sqrt=sorted(set(re.findall(r"\\bsqrt\\.[\\w.]+", ptx))),
                     global_access=sorted(set(re.findall(r"\\b(?:ld|st)\\.global(?:\\.\\w+)*", ptx))),
+                    vector_accesses=len(re.findall(r"\\b(?:ld|st)\\.global(?:\\.\\w+)*\\.v[24]\\.", ptx)),
                     # 16-bit element accesses outside the predicated tail tile: a full tile's that did not
                     # become a vector access
                     unpredicated_16bit=len(re.findall(r"(?m)^\\s*(?:ld|st)\\.global\\.b16", ptx)),
@@ -117,12 +123,12 @@ CACHE_KEYS = textwrap.dedent("""
     chunks = []
     for layers in ([1000, 70000, 3], [1 << 28]):
         bucket = type("Bucket", (), dict(params=[torch.empty(n, device="meta") for n in layers],
-                                         device=torch.device("cuda")))
+                                         device=torch.device("cuda"), cache={}))
         sizes = launch_sizes(bucket)
         num_chunks = sum(-(-n // sizes.chunk) for n in layers)
         chunks.append(sizes.chunk)
         lengths = dict(num_chunks=num_chunks, chunk_size=sizes.chunk)
-        flags = dict(PARAM_DTYPE=tl.float32, HAS_MASTER=False, ALIGNED=True, BLOCK=sizes.block,
+        flags = dict(PARAM_DTYPE=tl.float32, HAS_MASTER=False, ALL_ALIGNED=True, BLOCK=sizes.block,
                      num_warps=sizes.num_warps)
         grid = (num_chunks,)
         lars_norms_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, *lengths.values(), 0.0,
@@ -159,19 +165,21 @@ def test_kernels_compile_for_hopper_and_ampere(tmp_path):
     for r in results:
         assert r["cubin"] > 0, r
         assert not r["atomics"], r
+        assert not r["approximate"], r
         assert not any(s.startswith("sqrt.approx") for s in r["sqrt"]), r
         if r["name"] != "layer_sums_kernel":
             assert "sqrt.rn.f64" in r["sqrt"] or r["name"].endswith("_moments_kernel") \
                 or r["name"] == "lars_norms_kernel", r
     hopper = [r for r in results if r["arch"] == 90 and r["aligned"] is not None]
+    all_aligned = {(r["name"], r["dtype"], r["flag"]): r for r in hopper if r["aligned"]}
     for r in hopper:
+        # the aligned layers' path, in both kernels
         vector = [a for a in r["global_access"] if ".v2" in a or ".v4" in a]
-        if not r["aligned"]:
-            assert not vector, r  # a vector access faults on a misaligned address
-            continue
         assert any(a.startswith("ld.global.v4.") for a in vector), r
         if r["name"] != "lars_norms_kernel":  # the one kernel that stores no element
             assert any(a.startswith("st.global.v4.") for a in vector), r
+        # the misaligned layers' branch adds no vector access: one would fault on a misaligned address
+        assert r["vector_accesses"] == all_aligned[r["name"], r["dtype"], r["flag"]]["vector_accesses"], r
     # Pass 2 reduces a layer's partials with the tree layer_sums_kernel uses: the sharded step's bits.
     trees = {(r["arch"], n): layout for r in results if r["name"] == "layer_sums_kernel"
              for n, layout in r["f64_reduces"]}
@@ -179,8 +187,8 @@ def test_kernels_compile_for_hopper_and_ampere(tmp_path):
     assert len(reducing) == 12, reducing  # without LAYER_SUMS: 8 on Hopper (both alignments), 4 on Ampere
     for r in reducing:
         assert all(layout == trees[r["arch"], n] for n, layout in r["f64_reduces"]), r
-    # bfloat16 and float16 elements: eight per 16-byte access when aligned (ld/st.global.v4.b32), and the scalar
-    # path's unpredicated 16-bit accesses show what the count would see if they were not
+    # bfloat16 and float16 elements: eight per 16-byte access when aligned (ld/st.global.v4.b32), and the
+    # misaligned layers' branch has the unpredicated 16-bit accesses that the count would see if they were not
     for r in hopper:
         if r["dtype"] in ("bf16", "fp16"):
             assert (r["unpredicated_16bit"] == 0) == r["aligned"], r

@@ -1,6 +1,6 @@
 """Device helpers shared by the LARS-family and LAMB kernels: reading the layer table, the element tiles,
 float64 sums of squares reduced per layer in a fixed order, phi and the bias correction in float32; and
-``layer_sums_kernel``, the launch between the two passes that sharded layers take.
+``layer_sums_kernel``, the launch between the two passes that sharded and very large layers take.
 
 Every kernel runs one program per chunk of the layer table (``tvlars_fused/_layer_table.py``); a program
 finds its layer through ``chunk_layer`` and walks the elements ``[start, end)`` of its chunk with 64-bit
@@ -8,9 +8,15 @@ offsets: unmasked full tiles of ``BLOCK``, then one masked tail tile. The chunk 
 and ``num_chunks`` is not specialized on (Triton would compile variants for 1 and for multiples of 16), so a
 new model compiles nothing new; the host keeps the chunk size a multiple of BLOCK, so every tile starts
 BLOCK-aligned.
-With ``ALIGNED`` (the host saw every table pointer 16-byte aligned) the tensor pointers carry that hint and
-the full tiles compile to 16-byte vector loads and stores; without it the same code makes scalar accesses,
-correct at any alignment.
+Alignment is decided per layer, as the CUDA kernel does: a layer whose tensors are all 16-byte aligned
+(``FLAG_ALIGNED16`` in its row) walks its chunk with pointers that carry that hint, so the full tiles compile to
+16-byte vector loads and stores; any other layer takes the same code without the hint (scalar accesses,
+correct at any alignment). ``ALL_ALIGNED`` (every layer of the table aligned, the usual case) compiles the
+vector path alone, without the per-layer branch.
+
+Arithmetic that feeds the update is correctly rounded, as in the CUDA kernel (csrc/optimizer_math.h): float32
+divisions are ``tl.div_rn`` (``/`` compiles to the approximate ``div.full.f32``), exponentials go through
+float64 (``exp_rn``), square roots are ``sqrt_rn`` or float64.
 
 Squares are summed in float64: a float32 square overflows for |x| > 1.8e19 and is flushed to zero below
 1e-19 on a GPU (whose float32 sqrt also flushes sums below 2**-126); float64 sqrt rounds correctly.
@@ -20,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .._layer_table import (COL_FIRST_CHUNK, COL_FLAGS, COL_GRAD, COL_MASTER, COL_NUM_CHUNKS, COL_NUMEL,
-                            COL_PARAM, COL_STATE0, COL_STATE1, COL_STEP, FLAG_EXCLUDED, NUM_COLS)
+                            COL_PARAM, COL_STATE0, COL_STATE1, COL_STEP, FLAG_ALIGNED16, FLAG_EXCLUDED,
+                            NUM_COLS)
 
 # Globals a @triton.jit function reads must be constexpr.
 NUM_COLS_C = tl.constexpr(NUM_COLS)
@@ -35,10 +42,10 @@ COL_FIRST_CHUNK_C = tl.constexpr(COL_FIRST_CHUNK)
 COL_NUM_CHUNKS_C = tl.constexpr(COL_NUM_CHUNKS)
 COL_FLAGS_C = tl.constexpr(COL_FLAGS)
 FLAG_EXCLUDED_C = tl.constexpr(FLAG_EXCLUDED)
+FLAG_ALIGNED16_C = tl.constexpr(FLAG_ALIGNED16)
 
 # expm1(x) by its Taylor series to x**EXPM1_SERIES_DEGREE for |x| below the limit (truncation under 4e-9
-# relative), exp(x) - 1 above it, where |exp(x) - 1| >= 0.63 keeps the cancellation (and a GPU's approximate
-# exp) within a few float32 ulps.
+# relative), exp(x) - 1 above it, where |exp(x) - 1| >= 0.63 keeps the cancellation within a few float32 ulps.
 EXPM1_SERIES_LIMIT = tl.constexpr(1.0)
 EXPM1_SERIES_DEGREE = tl.constexpr(11)
 
@@ -99,6 +106,12 @@ def is_excluded(row_ptr):
     return (tl.load(row_ptr + COL_FLAGS_C) & FLAG_EXCLUDED_C) != 0
 
 
+@triton.jit
+def is_aligned(row_ptr):
+    """Whether every tensor of the layer is 16-byte aligned (the host sets the flag per layer)."""
+    return (tl.load(row_ptr + COL_FLAGS_C) & FLAG_ALIGNED16_C) != 0
+
+
 @triton.jit(noinline=True)
 def layer_sum(partials_ptr, row_ptr, RBLOCK: tl.constexpr):
     """The float64 sum of a layer's float64 per-chunk partials, always added in the same order (chunk by
@@ -117,10 +130,10 @@ def layer_sum(partials_ptr, row_ptr, RBLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_chunks"])
 def layer_sums_kernel(layers_ptr, partials_ptr, layer_sums_ptr, num_chunks, RBLOCK: tl.constexpr):
-    """Sharded layers, between the passes: program i reduces layer i's partials (``[2, num_chunks]``) with
-    ``layer_sum``, the very sums pass 2 would form (launched with pass 2's num_warps), into ``layer_sums[i]``
-    (float64 ``[num_layers, 2]``), which the host then sums over the ranks. Every layer owns at least one
-    chunk, so an empty shard stores zeros."""
+    """Between the passes, for sharded or very large layers: program i reduces layer i's partials
+    (``[2, num_chunks]``) once with ``layer_sum``, the very sums pass 2 would form (launched with pass 2's
+    num_warps), into ``layer_sums[i]`` (float64 ``[num_layers, 2]``), which the host sums over the ranks for
+    sharded layers. Every layer owns at least one chunk, so an empty shard stores zeros."""
     layer = tl.program_id(0).to(tl.int64)
     row_ptr = layers_ptr + layer * NUM_COLS_C
     tl.store(layer_sums_ptr + 2 * layer, layer_sum(partials_ptr, row_ptr, RBLOCK))
@@ -139,10 +152,19 @@ def whole_layer_sums(sums_ptr, num_chunks, row_ptr, layer, RBLOCK: tl.constexpr,
 
 
 @triton.jit
+def exp_rn(x):
+    """exp of a float32 x as a float32 within half an ulp (libdevice's float64 exp, then one rounding), where
+    ``tl.exp`` is ``ex2.approx.f32`` of x * log2(e), whose product's rounding alone is worth up to about 64 ulps
+    near the overflow. It overflows to inf exactly where float32 does. Called once per program, never per
+    element, so the float64 costs nothing; the interpreter takes numpy's exp."""
+    return tl.exp(x.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
 def phi(t, lmbda, alpha, delay, gamma_min):
     """TVLARS's 1 / (alpha + exp(lmbda * (t - delay))) + gamma_min in float32; an overflowing exp gives
     1 / inf = 0, so phi = gamma_min and never NaN."""
-    return 1.0 / (alpha + tl.exp(lmbda * (t - delay))) + gamma_min
+    return tl.div_rn(1.0, alpha + exp_rn(lmbda * (t - delay))) + gamma_min
 
 
 @triton.jit
@@ -154,9 +176,9 @@ def one_minus_pow(log_beta, t):
     # Horner: x * (1 + x/2 * (1 + x/3 * (... * (1 + x/DEGREE))))
     series = tl.zeros_like(small) + 1.0
     for i in tl.static_range(EXPM1_SERIES_DEGREE - 1):
-        series = 1.0 + small / (EXPM1_SERIES_DEGREE - i) * series
+        series = 1.0 + tl.div_rn(small, EXPM1_SERIES_DEGREE - i + 0.0) * series
     series = small * series
-    expm1 = tl.where(tl.abs(x) < EXPM1_SERIES_LIMIT, series, tl.exp(x) - 1.0)
+    expm1 = tl.where(tl.abs(x) < EXPM1_SERIES_LIMIT, series, exp_rn(x) - 1.0)
     return -expm1
 
 

@@ -1,4 +1,4 @@
-"""LAMB in two launches per bucket, whatever the number of layers.
+"""LAMB in two launches per bucket, whatever the number of layers (three for sharded or very large layers).
 
 The trust ratio needs ||u|| over the whole layer, and u needs the layer's new moments, so the work is split:
 
@@ -10,13 +10,14 @@ partial sums of ||w||^2 and ||u||^2 to ``partials`` (``[2, num_chunks]``). Weigh
 written.
 
 Pass 2 (``lamb_update_kernel``), one program per chunk: re-reduces its own layer's partials in a fixed order
-(deterministic, no atomics), reads t from ``new_steps``, recomputes u from the stored new moments with the
-same code as pass 1, and applies w -= lr * q * u, with q = ||w|| / ||u|| formed in float64 and rounded once to
-float32; the layer's first-chunk program stores t in the state step.
+(deterministic, no atomics) unless ``LAYER_SUMS`` (below), reads t from ``new_steps``, recomputes u from the
+stored new moments with the same code as pass 1, and applies w -= lr * q * u, with q = ||w|| / ||u|| formed in
+float64 and rounded once to float32; the layer's first-chunk program stores t in the state step.
 
-Sharded layers (``LAYER_SUMS``): pass 1 works on the local shards; ``layer_sums_kernel`` (common) reduces
-each layer's partials into ``[num_layers, 2]``, the host all-reduces that over the ranks, and pass 2 reads the
-whole-layer sums from it instead of reducing partials.
+``LAYER_SUMS``: ``layer_sums_kernel`` (common) has reduced each layer's partials into ``[num_layers, 2]``
+between the passes, and pass 2 reads the whole-layer sums from it instead of reducing partials: for sharded
+layers (pass 1 works on the local shards, the host all-reduces the sums over the ranks), and for layers so
+large that every program re-reading their partials would cost more than the launch (``_triton_backend``).
 
 ``found_inf`` non-zero empties every loop and masks every persistent store of both passes.
 """
@@ -25,15 +26,15 @@ import triton
 import triton.language as tl
 
 from .common import (COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STATE1_C, COL_STEP_C, chunk_span,
-                     full_tiles_end, is_excluded, load, one_minus_pow, square64, table_pointer, to_param_dtype,
-                     whole_layer_sums)
+                     full_tiles_end, is_aligned, is_excluded, load, one_minus_pow, square64, table_pointer,
+                     to_param_dtype, whole_layer_sums)
 
 
 @triton.jit
 def inverse_bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION: tl.constexpr):
     """1 / (1 - beta1**t) and 1 / (1 - beta2**t), once per program rather than a division per element."""
     if BIAS_CORRECTION:
-        return 1.0 / one_minus_pow(log_beta1, t), 1.0 / one_minus_pow(log_beta2, t)
+        return tl.div_rn(1.0, one_minus_pow(log_beta1, t)), tl.div_rn(1.0, one_minus_pow(log_beta2, t))
     else:
         return 1.0, 1.0
 
@@ -41,8 +42,9 @@ def inverse_bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION: tl.conste
 @triton.jit
 def lamb_update_direction(m, v, w, inv_correction1, inv_correction2, eps, decay):
     """u = m_hat / (sqrt(v_hat) + eps) + decay * w, shared by both passes so they compute the same u. The
-    square root is correctly rounded: the default one flushes v_hat below 2**-126 to 0 on a GPU."""
-    return (m * inv_correction1) / (tl.sqrt_rn(v * inv_correction2) + eps) + decay * w
+    square root and the division are correctly rounded: the default square root flushes v_hat below 2**-126 to
+    0 on a GPU, and ``/`` is the approximate ``div.full.f32``."""
+    return tl.div_rn(m * inv_correction1, tl.sqrt_rn(v * inv_correction2) + eps) + decay * w
 
 
 @triton.jit
@@ -63,28 +65,13 @@ def lamb_moments_tile(grad_ptr, m_ptr, v_ptr, weight_ptr, index, mask, inv_grad_
     return w_sq + square64(w, mask), u_sq + square64(u, mask)
 
 
-@triton.jit(do_not_specialize=["num_chunks"])
-def lamb_moments_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, grad_scale_ptr, found_inf_ptr,
-                        clip_coef_ptr, num_chunks, chunk_size, beta1, beta2, one_minus_beta1, one_minus_beta2,
-                        log_beta1, log_beta2, eps, weight_decay,
-                        PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-                        HAS_CLIP_COEF: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ALIGNED: tl.constexpr,
-                        BLOCK: tl.constexpr):
-    # 1 - beta comes from float64 on the host: in float32, 1 - 0.999 is off by 1e-5 relative.
-    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
-    skip = tl.load(found_inf_ptr) != 0
-    end = tl.where(skip, start, end)
-    t = tl.load(table_pointer(row_ptr, COL_STEP_C, tl.float32, False)) + 1.0
-    tl.store(new_steps_ptr + layer, t, mask=first)
-    inv_correction1, inv_correction2 = inverse_bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION)
-    decay = tl.where(is_excluded(row_ptr), 0.0, weight_decay)
-    inv_grad_scale = 1.0
-    if HAS_GRAD_SCALE:
-        inv_grad_scale = 1.0 / tl.load(grad_scale_ptr)
-    clip_coef = 1.0
-    if HAS_CLIP_COEF:
-        clip_coef = tl.load(clip_coef_ptr)
-
+@triton.jit
+def lamb_moments_chunk(row_ptr, start, end, inv_grad_scale, clip_coef, beta1, beta2, one_minus_beta1,
+                       one_minus_beta2, inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE: tl.constexpr,
+                       HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
+                       ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Stores the chunk's new moments and returns its float64 sums of w^2 and u^2, with 16-byte aligned
+    pointers when ALIGNED."""
     grad_ptr = table_pointer(row_ptr, COL_GRAD_C, PARAM_DTYPE, ALIGNED)
     m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32, ALIGNED)
     v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32, ALIGNED)
@@ -105,9 +92,46 @@ def lamb_moments_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr
         w_sq, u_sq = lamb_moments_tile(grad_ptr, m_ptr, v_ptr, weight_ptr, index, index < end, inv_grad_scale,
                                        clip_coef, beta1, beta2, one_minus_beta1, one_minus_beta2, inv_correction1,
                                        inv_correction2, eps, decay, w_sq, u_sq, HAS_GRAD_SCALE, HAS_CLIP_COEF)
+    return tl.sum(w_sq, axis=0), tl.sum(u_sq, axis=0)
+
+
+@triton.jit(do_not_specialize=["num_chunks"])
+def lamb_moments_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, grad_scale_ptr, found_inf_ptr,
+                        clip_coef_ptr, num_chunks, chunk_size, beta1, beta2, one_minus_beta1, one_minus_beta2,
+                        log_beta1, log_beta2, eps, weight_decay,
+                        PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                        HAS_CLIP_COEF: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ALL_ALIGNED: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # 1 - beta comes from float64 on the host: in float32, 1 - 0.999 is off by 1e-5 relative.
+    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
+    skip = tl.load(found_inf_ptr) != 0
+    end = tl.where(skip, start, end)
+    t = tl.load(table_pointer(row_ptr, COL_STEP_C, tl.float32, False)) + 1.0
+    tl.store(new_steps_ptr + layer, t, mask=first)
+    inv_correction1, inv_correction2 = inverse_bias_corrections(t, log_beta1, log_beta2, BIAS_CORRECTION)
+    decay = tl.where(is_excluded(row_ptr), 0.0, weight_decay)
+    inv_grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        inv_grad_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
+    clip_coef = 1.0
+    if HAS_CLIP_COEF:
+        clip_coef = tl.load(clip_coef_ptr)
+
+    if ALL_ALIGNED:
+        w_sq, u_sq = lamb_moments_chunk(row_ptr, start, end, inv_grad_scale, clip_coef, beta1, beta2, one_minus_beta1,
+                                        one_minus_beta2, inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE,
+                                        HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP_COEF, True, BLOCK)
+    elif is_aligned(row_ptr):
+        w_sq, u_sq = lamb_moments_chunk(row_ptr, start, end, inv_grad_scale, clip_coef, beta1, beta2, one_minus_beta1,
+                                        one_minus_beta2, inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE,
+                                        HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP_COEF, True, BLOCK)
+    else:
+        w_sq, u_sq = lamb_moments_chunk(row_ptr, start, end, inv_grad_scale, clip_coef, beta1, beta2, one_minus_beta1,
+                                        one_minus_beta2, inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE,
+                                        HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP_COEF, False, BLOCK)
     chunk = tl.program_id(0)
-    tl.store(partials_ptr + chunk, tl.sum(w_sq, axis=0))
-    tl.store(partials_ptr + num_chunks + chunk, tl.sum(u_sq, axis=0))
+    tl.store(partials_ptr + chunk, w_sq)
+    tl.store(partials_ptr + num_chunks + chunk, u_sq)
 
 
 @triton.jit
@@ -125,11 +149,30 @@ def lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, index, mask, scale, in
     tl.store(param_ptr + index, to_param_dtype(w, PARAM_DTYPE), mask=mask)  # the one rounding
 
 
+@triton.jit
+def lamb_update_chunk(row_ptr, start, end, scale, inv_correction1, inv_correction2, eps, decay,
+                      PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, ALIGNED: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Applies the step to the chunk's master and parameter, with 16-byte aligned pointers when ALIGNED."""
+    param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
+    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32, ALIGNED)
+    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32, ALIGNED)
+    master_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)  # 0 (never read) without masters
+    tail = full_tiles_end(start, end, BLOCK)
+    for offset in range(start, tail, BLOCK):
+        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, offset + tl.arange(0, BLOCK), None, scale,
+                         inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER)
+    if tail < end:
+        index = tail + tl.arange(0, BLOCK)
+        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, index, index < end, scale, inv_correction1,
+                         inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER)
+
+
 @triton.jit(do_not_specialize=["num_chunks"])
 def lamb_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, found_inf_ptr, lr_ptr,
                        num_chunks, chunk_size, lr, log_beta1, log_beta2, eps, weight_decay, norm_clip,
                        PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
-                       BIAS_CORRECTION: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                       BIAS_CORRECTION: tl.constexpr, ALL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                        RBLOCK: tl.constexpr, LAYER_SUMS: tl.constexpr):
     row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
     skip = tl.load(found_inf_ptr) != 0
@@ -149,16 +192,13 @@ def lamb_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, fou
         lr = tl.load(lr_ptr)
     scale = lr * q
 
-    param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
-    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32, ALIGNED)
-    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32, ALIGNED)
-    master_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)  # 0 (never read) without masters
-    tail = full_tiles_end(start, end, BLOCK)
-    for offset in range(start, tail, BLOCK):
-        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, offset + tl.arange(0, BLOCK), None, scale,
-                         inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER)
-    if tail < end:
-        index = tail + tl.arange(0, BLOCK)
-        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, index, index < end, scale, inv_correction1,
-                         inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER)
+    if ALL_ALIGNED:
+        lamb_update_chunk(row_ptr, start, end, scale, inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE,
+                          HAS_MASTER, True, BLOCK)
+    elif is_aligned(row_ptr):
+        lamb_update_chunk(row_ptr, start, end, scale, inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE,
+                          HAS_MASTER, True, BLOCK)
+    else:
+        lamb_update_chunk(row_ptr, start, end, scale, inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE,
+                          HAS_MASTER, False, BLOCK)
     tl.store(table_pointer(row_ptr, COL_STEP_C, tl.float32, False), t, mask=first & ~skip)

@@ -1,4 +1,5 @@
-"""LARS and TVLARS in two launches per bucket, whatever the number of layers.
+"""LARS and TVLARS in two launches per bucket, whatever the number of layers (three for sharded or very large
+layers).
 
 Pass 1 (``lars_norms_kernel``), one program per chunk: writes the chunk's float64 partial sums of ||w||^2 and
 of ||d||^2 (``norm_of_sum``) or ||g||^2 (``sum_of_norms``) to ``partials`` (``[2, num_chunks]``), and the
@@ -6,14 +7,15 @@ layer's first-chunk program writes the new step count t = step + 1 to ``new_step
 state.
 
 Pass 2 (``lars_update_kernel``), one program per chunk: re-reduces its own layer's partials in a fixed order
-(every program of the layer gets the same norms; no atomics), reads t from ``new_steps`` (never from the
-state step, which the layer's first-chunk program overwrites with t in this very pass), forms phi(t) in
-float32 and the trust ratio q in float64 from the float64 sums, rounds q to float32 once, and updates
-momentum, master weight and parameter of its chunk in float32.
+(every program of the layer gets the same norms; no atomics) unless ``LAYER_SUMS`` (below), reads t from
+``new_steps`` (never from the state step, which the layer's first-chunk program overwrites with t in this very
+pass), forms phi(t) in float32 and the trust ratio q in float64 from the float64 sums, rounds q to float32
+once, and updates momentum, master weight and parameter of its chunk in float32.
 
-Sharded layers (``LAYER_SUMS``): pass 1 sums the local shards; ``layer_sums_kernel`` (common) reduces each
-layer's partials into ``[num_layers, 2]``, the host all-reduces that over the ranks, and pass 2 reads the
-whole-layer sums from it instead of reducing partials.
+``LAYER_SUMS``: ``layer_sums_kernel`` (common) has reduced each layer's partials into ``[num_layers, 2]``
+between the passes, and pass 2 reads the whole-layer sums from it instead of reducing partials: for sharded
+layers (pass 1 sums the local shards, the host all-reduces the sums over the ranks), and for layers so large
+that every program re-reading their partials would cost more than the launch (``_triton_backend``).
 
 ``found_inf`` non-zero empties every loop and masks every store of pass 2: nothing persistent changes.
 """
@@ -22,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .common import (COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STEP_C, chunk_span, full_tiles_end,
-                     is_excluded, load, phi, square64, table_pointer, to_param_dtype, whole_layer_sums)
+                     is_aligned, is_excluded, load, phi, square64, table_pointer, to_param_dtype, whole_layer_sums)
 
 
 @triton.jit
@@ -40,25 +42,16 @@ def lars_norms_tile(weight_ptr, grad_ptr, index, mask, inv_grad_scale, weight_de
     return w_sq, other_sq
 
 
-@triton.jit(do_not_specialize=["num_chunks"])
-def lars_norms_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, grad_scale_ptr, num_chunks,
-                      chunk_size, weight_decay, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                      HAS_GRAD_SCALE: tl.constexpr, SUM_OF_NORMS: tl.constexpr, ALIGNED: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
-    step_ptr = table_pointer(row_ptr, COL_STEP_C, tl.float32, False)
-    tl.store(new_steps_ptr + layer, tl.load(step_ptr) + 1.0, mask=first)
-
-    # Excluded layers use no norm: skip their elements.
-    end = tl.where(is_excluded(row_ptr), start, end)
+@triton.jit
+def lars_norms_chunk(row_ptr, start, end, inv_grad_scale, weight_decay, PARAM_DTYPE: tl.constexpr,
+                     HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, SUM_OF_NORMS: tl.constexpr,
+                     ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """The chunk's float64 sums of w^2 and d^2 (or g^2), with 16-byte aligned pointers when ALIGNED."""
     grad_ptr = table_pointer(row_ptr, COL_GRAD_C, PARAM_DTYPE, ALIGNED)
     if HAS_MASTER:
         weight_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)
     else:
         weight_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
-    inv_grad_scale = 1.0
-    if HAS_GRAD_SCALE:
-        inv_grad_scale = 1.0 / tl.load(grad_scale_ptr)  # once per program, not a division per element
     w_sq = tl.zeros([BLOCK], dtype=tl.float64)
     other_sq = tl.zeros([BLOCK], dtype=tl.float64)
     tail = full_tiles_end(start, end, BLOCK)
@@ -69,9 +62,35 @@ def lars_norms_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, 
         index = tail + tl.arange(0, BLOCK)
         w_sq, other_sq = lars_norms_tile(weight_ptr, grad_ptr, index, index < end, inv_grad_scale, weight_decay,
                                          w_sq, other_sq, HAS_GRAD_SCALE, SUM_OF_NORMS)
+    return tl.sum(w_sq, axis=0), tl.sum(other_sq, axis=0)
+
+
+@triton.jit(do_not_specialize=["num_chunks"])
+def lars_norms_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, grad_scale_ptr, num_chunks,
+                      chunk_size, weight_decay, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
+                      HAS_GRAD_SCALE: tl.constexpr, SUM_OF_NORMS: tl.constexpr, ALL_ALIGNED: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
+    step_ptr = table_pointer(row_ptr, COL_STEP_C, tl.float32, False)
+    tl.store(new_steps_ptr + layer, tl.load(step_ptr) + 1.0, mask=first)
+
+    # Excluded layers use no norm: skip their elements.
+    end = tl.where(is_excluded(row_ptr), start, end)
+    inv_grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        inv_grad_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))  # once per program, not per element
+    if ALL_ALIGNED:
+        w_sq, other_sq = lars_norms_chunk(row_ptr, start, end, inv_grad_scale, weight_decay, PARAM_DTYPE, HAS_MASTER,
+                                          HAS_GRAD_SCALE, SUM_OF_NORMS, True, BLOCK)
+    elif is_aligned(row_ptr):
+        w_sq, other_sq = lars_norms_chunk(row_ptr, start, end, inv_grad_scale, weight_decay, PARAM_DTYPE, HAS_MASTER,
+                                          HAS_GRAD_SCALE, SUM_OF_NORMS, True, BLOCK)
+    else:
+        w_sq, other_sq = lars_norms_chunk(row_ptr, start, end, inv_grad_scale, weight_decay, PARAM_DTYPE, HAS_MASTER,
+                                          HAS_GRAD_SCALE, SUM_OF_NORMS, False, BLOCK)
     chunk = tl.program_id(0)
-    tl.store(partials_ptr + chunk, tl.sum(w_sq, axis=0))
-    tl.store(partials_ptr + num_chunks + chunk, tl.sum(other_sq, axis=0))
+    tl.store(partials_ptr + chunk, w_sq)
+    tl.store(partials_ptr + num_chunks + chunk, other_sq)
 
 
 @triton.jit
@@ -98,12 +117,31 @@ def lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, index, mask, q, d
     tl.store(param_ptr + index, to_param_dtype(w, PARAM_DTYPE), mask=mask)  # the one rounding
 
 
+@triton.jit
+def lars_update_chunk(row_ptr, start, end, q, decay, momentum, lr, inv_grad_scale, PARAM_DTYPE: tl.constexpr,
+                      HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, NESTEROV: tl.constexpr,
+                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Updates the chunk's momentum, master and parameter, with 16-byte aligned pointers when ALIGNED."""
+    param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
+    grad_ptr = table_pointer(row_ptr, COL_GRAD_C, PARAM_DTYPE, ALIGNED)
+    buf_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32, ALIGNED)
+    master_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)  # 0 (never read) without masters
+    tail = full_tiles_end(start, end, BLOCK)
+    for offset in range(start, tail, BLOCK):
+        lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, offset + tl.arange(0, BLOCK), None, q, decay,
+                         momentum, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, NESTEROV)
+    if tail < end:
+        index = tail + tl.arange(0, BLOCK)
+        lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, index, index < end, q, decay, momentum, lr,
+                         inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, NESTEROV)
+
+
 @triton.jit(do_not_specialize=["num_chunks"])
 def lars_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, grad_scale_ptr, found_inf_ptr,
                        lr_ptr, num_chunks, chunk_size, lr, momentum, weight_decay, eta, eps, norm_clip, lmbda,
                        alpha, delay, gamma_min, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
                        HAS_GRAD_SCALE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, SUM_OF_NORMS: tl.constexpr,
-                       NESTEROV: tl.constexpr, USE_PHI: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+                       NESTEROV: tl.constexpr, USE_PHI: tl.constexpr, ALL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                        RBLOCK: tl.constexpr, LAYER_SUMS: tl.constexpr):
     row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
     skip = tl.load(found_inf_ptr) != 0
@@ -131,18 +169,15 @@ def lars_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, gra
         lr = tl.load(lr_ptr)
     inv_grad_scale = 1.0
     if HAS_GRAD_SCALE:
-        inv_grad_scale = 1.0 / tl.load(grad_scale_ptr)
+        inv_grad_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
 
-    param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
-    grad_ptr = table_pointer(row_ptr, COL_GRAD_C, PARAM_DTYPE, ALIGNED)
-    buf_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32, ALIGNED)
-    master_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)  # 0 (never read) without masters
-    tail = full_tiles_end(start, end, BLOCK)
-    for offset in range(start, tail, BLOCK):
-        lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, offset + tl.arange(0, BLOCK), None, q, decay,
-                         momentum, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, NESTEROV)
-    if tail < end:
-        index = tail + tl.arange(0, BLOCK)
-        lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, index, index < end, q, decay, momentum, lr,
-                         inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, NESTEROV)
+    if ALL_ALIGNED:
+        lars_update_chunk(row_ptr, start, end, q, decay, momentum, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER,
+                          HAS_GRAD_SCALE, NESTEROV, True, BLOCK)
+    elif is_aligned(row_ptr):
+        lars_update_chunk(row_ptr, start, end, q, decay, momentum, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER,
+                          HAS_GRAD_SCALE, NESTEROV, True, BLOCK)
+    else:
+        lars_update_chunk(row_ptr, start, end, q, decay, momentum, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER,
+                          HAS_GRAD_SCALE, NESTEROV, False, BLOCK)
     tl.store(table_pointer(row_ptr, COL_STEP_C, tl.float32, False), t, mask=first & ~skip)
