@@ -256,10 +256,16 @@ def _grads_with_the_params_strides(params, step):
 
 @pytest.mark.parametrize("case", FAMILY_CASES, ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"])
-def test_dense_non_contiguous_layers_go_through_the_kernel_in_place(case, dtype, backend, monkeypatch):
+@pytest.mark.parametrize("backend, device", [
+    ("cpp", "cpu"), ("triton", "cpu"), ("cuda", "cuda"),
+    pytest.param("triton", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")])],
+    ids=["cpp", "triton", "cuda", "triton-cuda"])
+def test_dense_non_contiguous_layers_go_through_the_kernel_in_place(case, dtype, backend, device, monkeypatch):
     """Each step against the reference from the same state (tests/stepwise.py); the layers stay where they
     were, with their strides; the layer table covers them (table_fits), and foreach (spied on) never runs.
+    Triton runs on the CPU under the interpreter and on CUDA parameters where there is a GPU (each case skips
+    where its device cannot run it).
 
     Fails when such layers are left to foreach, e.g. ``.venv/bin/python -c "import sys, pytest,
     tvlars_fused._layer_table as t; t.table_fits = lambda b: [p.is_contiguous() for p in b.params];
@@ -269,7 +275,6 @@ def test_dense_non_contiguous_layers_go_through_the_kernel_in_place(case, dtype,
     from tvlars_fused._layer_table import table_fits
     from tvlars_fused._types import Bucket
 
-    device = "cuda" if backend == "cuda" else "cpu"
     backend_or_skip(backend, device)
     params = _dense_non_contiguous(dtype, device)
     assert not params[0].is_contiguous() and not params[1].is_contiguous()
