@@ -2,6 +2,8 @@
 backend, for every parameter and state tensor after every iteration; gradients freed during backward; nothing
 rebuilt in a steady step; and what it refuses, refused before anything is written."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -338,3 +340,37 @@ def test_refuses_a_second_backward_without_the_first_step():
     with pytest.raises(RuntimeError, match="without optimizer.step"):
         _loss(model, 1, torch.float32).backward()
     assert not opt.state
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+def _ddp_in_backward_check(rank, world, mesh, name, backend, steps):
+    """DDP's buckets (several: a small bucket cap) stepped in its communication hook, against the ordinary step
+    under DDP: bit-identical on every rank after every iteration, with no_sync() accumulation on odd iterations."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, twin = _model(torch.float32), _model(torch.float32)
+    del model.unused, twin.unused  # DDP without find_unused_parameters needs every layer used
+    ddp = DDP(model, bucket_cap_mb=1 / 1024, find_unused_parameters=False)
+    ddp_twin = DDP(twin, bucket_cap_mb=1 / 1024, find_unused_parameters=False)
+    opt, twin_opt = _optimizer(name, model, backend, torch.float32), _optimizer(name, twin, backend, torch.float32)
+    opt.step_in_backward(ddp=ddp)
+    for i in range(steps):
+        micro = 2 if i % 2 else 1
+        for k in range(micro):
+            last = k == micro - 1
+            with contextlib.nullcontext() if last else ddp_twin.no_sync():
+                _loss(ddp_twin, 100 * i + 10 * k + rank, torch.float32).backward()
+            with contextlib.nullcontext() if last else opt.accumulating():
+                _loss(ddp, 100 * i + 10 * k + rank, torch.float32).backward()
+        for o in (opt, twin_opt):
+            o.step()
+            o.zero_grad()
+        _assert_identical(model, opt, twin, twin_opt, f"DDP {name} {backend} rank {rank} iteration {i}")
+    assert opt._in_backward._ddp_buckets and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["auto", "foreach"])
+def test_ddp_buckets_step_in_the_communication_hook(backend):
+    from test_distributed import _spawn
+
+    _spawn(_ddp_in_backward_check, list(OPTIMIZERS), backend, 6)

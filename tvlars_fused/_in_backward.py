@@ -341,8 +341,8 @@ class InBackward:
         self._ddp_live = False  # a step() followed a synchronised backward
         self._ddp_pending = False  # a synchronised backward ran and its step() has not yet
 
-        def hook(state, grad_bucket):
-            first = grad_bucket.index() == 0  # DDP reduces its buckets in order
+        def hook(state, bucket):  # DDP checks that the parameter is called `bucket`
+            grad_bucket, first = bucket, bucket.index() == 0  # DDP reduces its buckets in order
             future = allreduce_hook(state, grad_bucket)
             if self._removed:
                 return future
