@@ -369,8 +369,47 @@ def _ddp_in_backward_check(rank, world, mesh, name, backend, steps):
     assert opt._in_backward._ddp_buckets and all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("backend", ["auto", "foreach"])
-def test_ddp_buckets_step_in_the_communication_hook(backend):
+
+
+# ----------------------------------------------------------------------------------------------- FSDP2
+def _fsdp_in_backward_check(rank, world, mesh, name, backend, steps):
+    """FSDP2 calls the post-accumulate-grad hooks of the sharded parameters after each module's reduce-scatter:
+    each bucket of local shards is stepped there, with one all-reduce of its layers' local sums of squares, and
+    matches the ordinary sharded step bit for bit."""
+    from test_distributed import _model as mlp
+    from torch.distributed.fsdp import fully_shard
+
+    models = []
+    for _ in range(2):
+        model = mlp()
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        models.append(model)
+    model, twin = models
+    cls, kwargs = OPTIMIZERS[name]
+    opt, twin_opt = cls(model.parameters(), backend=backend, **kwargs), cls(twin.parameters(), backend=backend, **kwargs)
+    handle = opt.step_in_backward(bucket_mb=100 / 2 ** 20)
+    for i in range(steps):
+        x = torch.randn(8, 5, generator=torch.Generator().manual_seed(i))  # the same batch on every rank
+        for m, o in ((model, opt), (twin, twin_opt)):
+            m(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+        _assert_identical(model, opt, twin, twin_opt, f"FSDP2 {name} {backend} rank {rank} iteration {i}")
+    assert len(handle._slots) >= 2 and all(slot.bucket.reduce_sums is not None for slot in handle._slots)
+
+
+
+def _distributed_check(rank, world, mesh, name, backend, steps):
+    _ddp_in_backward_check(rank, world, mesh, name, backend, steps)
+    _fsdp_in_backward_check(rank, world, mesh, name, backend, steps)
+
+
+def test_ddp_and_fsdp2_step_inside_backward():
+    """One pair of gloo processes (starting them is the slow part) runs DDP, then FSDP2, for every optimizer, with
+    backend auto (cpp: DDP's buckets through the fused op, FSDP2's through its split sums / all-reduce / apply)."""
     from test_distributed import _spawn
 
-    _spawn(_ddp_in_backward_check, list(OPTIMIZERS), backend, 6)
+    _spawn(_distributed_check, list(OPTIMIZERS), "auto", 6)
