@@ -18,15 +18,17 @@ fi
 export PATH="$PWD/$venv/bin:$PATH"  # the venv's ninja: without it the build falls back to one file at a time
 # This machine's pip configuration names local package folders that may be absent; pip warns about each.
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
-tools=(setuptools wheel ninja pytest pytest-benchmark hypothesis numpy timm matplotlib scikit-learn)
+# transformers and accelerate: tests/test_ecosystem.py trains a tiny BERT with the Hugging Face Trainer (offline).
+tools=(setuptools wheel ninja pytest pytest-benchmark hypothesis numpy timm matplotlib scikit-learn
+       transformers accelerate)
 
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null
 then
   step "installing torch $torch_version (its own pip call: the package's build imports it)"
   pip install "torch==$torch_version"
 fi
-if ! "$venv/bin/python" -c "import ninja, pytest, pytest_benchmark, hypothesis, numpy, timm, matplotlib, sklearn" \
-    2>/dev/null; then
+if ! "$venv/bin/python" -c "import ninja, pytest, pytest_benchmark, hypothesis, numpy, timm, matplotlib, sklearn, \
+    transformers, accelerate" 2>/dev/null; then
   step "installing build, test, benchmark and example tools"
   pip install "${tools[@]}"
 fi

@@ -30,6 +30,7 @@ def _attach_triton_kernels() -> None:
 
 _attach_triton_kernels()
 
+from . import integrations  # noqa: E402  (imports timm only when register_with_timm is called)
 from ._backends import BACKENDS, BackendUnavailableError  # noqa: E402
 from ._optimizer import exclude_1d  # noqa: E402
 from .lamb import LAMB  # noqa: E402
@@ -38,7 +39,7 @@ from .reference import phi  # noqa: E402
 from .tvlars import TVLARS  # noqa: E402
 
 __all__ = ["TVLARS", "LARS", "LAMB", "phi", "lars", "exclude_1d", "BACKENDS", "BackendUnavailableError",
-           "available_backends"]
+           "available_backends", "integrations"]
 __version__ = "0.1.0"
 
 
