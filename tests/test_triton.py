@@ -1,7 +1,7 @@
 """The Triton backend beyond the parity table: layers split over many chunks, the launch count, GradScaler
 inputs, lr as a tensor, reproducibility, strided layers, the step of sharded layers split around an
-all-reduce, aligned and misaligned tensors, norms beyond float32's range, phi and bias-correction numerics,
-bfloat16 rounding.
+all-reduce, the per-layer reduction's traffic model and its launch between the passes, aligned and misaligned
+tensors (per layer), norms beyond float32's range, phi and bias-correction numerics, bfloat16 rounding.
 
 On the CPU the kernels run under the Triton interpreter (tests/conftest.py); the tests marked ``gpu`` need CUDA.
 """
