@@ -153,10 +153,10 @@ def whole_layer_sums(sums_ptr, num_chunks, row_ptr, layer, RBLOCK: tl.constexpr,
 
 @triton.jit
 def exp_rn(x):
-    """exp of a float32 x as a float32 within half an ulp (libdevice's float64 exp, then one rounding), where
-    ``tl.exp`` is ``ex2.approx.f32`` of x * log2(e), whose product's rounding alone is worth up to about 64 ulps
-    near the overflow. It overflows to inf exactly where float32 does. Called once per program, never per
-    element, so the float64 costs nothing; the interpreter takes numpy's exp."""
+    """exp of a float32 x as a float32 rounded once from libdevice's float64 exp (so correctly rounded but for
+    rare near-ties), where ``tl.exp`` is ``ex2.approx.f32`` of x * log2(e), whose product's rounding alone is
+    worth up to about 64 ulps near the overflow. It overflows to inf exactly where float32 does. Called once per
+    program, never per element, so the float64 costs nothing; the interpreter takes numpy's exp."""
     return tl.exp(x.to(tl.float64)).to(tl.float32)
 
 
