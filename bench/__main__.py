@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 keeps CPU numbers steady "
                              "on a machine shared with other work")
+    parser.add_argument("--training", action="store_true",
+                        help="time whole training iterations (forward, backward, step) of real models instead: "
+                             "torch's fused optimizer, ours, ours with the step inside backward (bench/training.py); "
+                             "uses --device, --optimizers, --steps (rounds), --warmup, --threads, --out")
+    parser.add_argument("--workloads", type=_csv, default=None,
+                        help="with --training: resnet18-32px, bert6-512, tiny (default: resnet18-32px,bert6-512)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"),
                         help="folder for results.json, summary.md, step_time.png (default: bench/out)")
     args = parser.parse_args(argv)
@@ -76,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.training:
+        from . import training
+
+        return training.main(args)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = harness.environment(args.device)
     meta.update(dtypes=args.dtype, grads=args.grads, steps=args.steps, warmup=args.warmup,
