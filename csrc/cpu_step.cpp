@@ -132,7 +132,7 @@ inline int64_t group_work(const CpuTable& tab, const Group& g) {
 
 // The per-layer step of both optimizers: the layer's two sums of squares from its chunks' partials, added in
 // chunk order (PHASE_APPLY: the given whole-layer sums instead). PHASE_SUMS stores them and stops; otherwise
-// the step count advances once and the layer's results are ratio(first, second, t, excluded) and t.
+// the step count advances once and the layer's results are ratio(first, second, t, flags) and t.
 template <typename Ratio>
 inline void finish_layer(const CpuTable& tab, int64_t layer, Ratio ratio) {
   const int64_t* row = tab.row(layer);
@@ -154,7 +154,7 @@ inline void finish_layer(const CpuTable& tab, int64_t layer, Ratio ratio) {
   float* step = column_ptr<float>(row, COL_STEP);
   const float t = *step + 1.0f;
   *step = t;
-  tab.layer_results[2 * layer] = ratio(first, second, t, (row[COL_FLAGS] & FLAG_EXCLUDED) != 0);
+  tab.layer_results[2 * layer] = ratio(first, second, t, row[COL_FLAGS]);
   tab.layer_results[2 * layer + 1] = t;
 }
 
@@ -206,12 +206,13 @@ TVLARS_CPU_CLONES void lars_chunk_partials(const int64_t* row, ElementRange r, f
                                            double* out) {
   const weight_t* __restrict__ w = weights_of<weight_t>(row);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
+  const bool no_decay = row[COL_FLAGS] & FLAG_NO_DECAY;
   double w_sq[kLanes] = {};
   double denom_sq[kLanes] = {};
   auto accumulate = [&](int64_t i, int j) {
     const float wi = static_cast<float>(w[i]);
     const float gi = step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, 1.0f);
-    const float term = lars_denominator_term(gi, lars_decayed_grad(gi, wi, h.weight_decay, false), h.sum_of_norms);
+    const float term = lars_denominator_term(gi, lars_decayed_grad(gi, wi, h.weight_decay, no_decay), h.sum_of_norms);
     w_sq[j] += square(wi);
     denom_sq[j] += square(term);
   };
@@ -227,21 +228,21 @@ TVLARS_CPU_CLONES void lars_chunk_partials(const int64_t* row, ElementRange r, f
 
 template <typename scalar_t, bool kHasMaster, bool kScaled>
 TVLARS_CPU_CLONES void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, float lr, float q,
-                                        const LarsHyper h) {
+                                        bool first, const LarsHyper h) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
   float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
   const weight_t* __restrict__ w_in = weights_of<weight_t>(row);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   float* __restrict__ buf = column_ptr<float>(row, COL_STATE0);
-  const bool excluded = row[COL_FLAGS] & FLAG_EXCLUDED;
+  const bool no_decay = row[COL_FLAGS] & FLAG_NO_DECAY;
 #pragma omp simd
   for (int64_t i = r.begin; i < r.end; ++i) {
     float w = static_cast<float>(w_in[i]);
     const float d = lars_decayed_grad(step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, 1.0f), w,
-                                      h.weight_decay, excluded);
+                                      h.weight_decay, no_decay);
     float b = buf[i];
-    lars_apply(h, lr, q, d, w, b);
+    lars_apply(h, lr, q, d, first, w, b);
     buf[i] = b;
     store_weight<scalar_t, kHasMaster>(param, master, i, w);
   }
@@ -250,27 +251,29 @@ TVLARS_CPU_CLONES void lars_chunk_apply(const int64_t* row, ElementRange r, floa
 template <typename scalar_t, bool kHasMaster, bool kScaled>
 void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float lr) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
-  // Pass 1 reads the weight and the gradient; excluded layers have no trust ratio and skip it.
-  auto bytes_of = [](const int64_t* row) -> int64_t {
-    return (row[COL_FLAGS] & FLAG_EXCLUDED) ? 0 : row[COL_NUMEL] * int64_t{sizeof(weight_t) + sizeof(scalar_t)};
+  // Pass 1 reads the weight and the gradient; layers without a trust ratio skip it.
+  auto bytes_of = [&](const int64_t* row) -> int64_t {
+    return layer_adapted(h.adapt, row[COL_FLAGS]) ? row[COL_NUMEL] * int64_t{sizeof(weight_t) + sizeof(scalar_t)} : 0;
   };
   auto sums = [&](int64_t c) {
     const int64_t* row = tab.row_of_chunk(c);
     double* out = tab.chunk_partials + 2 * c;
-    if (row[COL_FLAGS] & FLAG_EXCLUDED) {
+    if (!layer_adapted(h.adapt, row[COL_FLAGS])) {
       out[0] = out[1] = 0.0;
       return;
     }
     lars_chunk_partials<scalar_t, weight_t, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, h, out);
   };
-  auto ratio = [&](double w_sq, double denom_sq, float t, bool excluded) {
-    return lars_trust_ratio(h, w_sq, denom_sq, t, excluded);
+  auto ratio = [&](double w_sq, double denom_sq, float t, int64_t flags) {
+    return lars_trust_ratio(h, w_sq, denom_sq, t, lr, layer_decay(h.weight_decay, flags),
+                            layer_adapted(h.adapt, flags));
   };
   auto apply = [&](int64_t c) {
     const int64_t layer = tab.chunk_layer[c];
     const int64_t* row = tab.row(layer);
     lars_chunk_apply<scalar_t, kHasMaster, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr,
-                                                    static_cast<float>(tab.layer_results[2 * layer]), h);
+                                                    static_cast<float>(tab.layer_results[2 * layer]),
+                                                    tab.layer_results[2 * layer + 1] == 1.0, h);
   };
 #pragma omp parallel num_threads(team_size(tab))
   step_groups(tab, bytes_of, sums, ratio, apply);
@@ -296,7 +299,7 @@ TVLARS_CPU_CLONES void lamb_chunk_moments(const int64_t* row, ElementRange r, fl
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   float* __restrict__ m = column_ptr<float>(row, COL_STATE0);
   float* __restrict__ v = column_ptr<float>(row, COL_STATE1);
-  const float decay = lamb_decay(h, row[COL_FLAGS] & FLAG_EXCLUDED);
+  const float decay = lamb_update_decay(h, layer_decay(h.weight_decay, row[COL_FLAGS]));
   double w_sq[kLanes] = {};
   double u_sq[kLanes] = {};
   auto accumulate = [&](int64_t i, int j) {
@@ -319,22 +322,23 @@ TVLARS_CPU_CLONES void lamb_chunk_moments(const int64_t* row, ElementRange r, fl
   out[1] = ordered_sum(u_sq);
 }
 
-// Recomputes u from the stored moments (bit-identical to pass 1's) and applies w -= lr*q*u.
+// Recomputes u from the stored moments (bit-identical to pass 1's) and applies w = keep*w - lr*q*u (keep: the
+// decoupled decay's 1 - lr*beta', else 1).
 template <typename scalar_t, bool kHasMaster>
 TVLARS_CPU_CLONES void lamb_chunk_apply(const int64_t* row, ElementRange r, BiasCorrections bc, float lr_q,
-                                        const LambHyper h) {
+                                        float keep, const LambHyper h) {
   using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
   float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
   const weight_t* __restrict__ w_in = weights_of<weight_t>(row);
   const float* __restrict__ m = column_ptr<const float>(row, COL_STATE0);
   const float* __restrict__ v = column_ptr<const float>(row, COL_STATE1);
-  const float decay = lamb_decay(h, row[COL_FLAGS] & FLAG_EXCLUDED);
+  const float decay = lamb_update_decay(h, layer_decay(h.weight_decay, row[COL_FLAGS]));
 #pragma omp simd
   for (int64_t i = r.begin; i < r.end; ++i) {
     const float w = static_cast<float>(w_in[i]);
     const float u = lamb_update(m[i], v[i], w, bc.first, bc.second, h.eps, decay);
-    store_weight<scalar_t, kHasMaster>(param, master, i, w - lr_q * u);
+    store_weight<scalar_t, kHasMaster>(param, master, i, lamb_apply(keep, w, lr_q, u));
   }
 }
 
@@ -351,15 +355,16 @@ void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float g
     lamb_chunk_moments<scalar_t, weight_t, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, grad_mult,
                                            bias_corrections(h, t), h, tab.chunk_partials + 2 * c);
   };
-  auto ratio = [&](double w_sq, double u_sq, float, bool excluded) {
-    return lamb_trust_ratio(h, w_sq, u_sq, excluded);
+  auto ratio = [&](double w_sq, double u_sq, float, int64_t flags) {
+    return lamb_trust_ratio(h, w_sq, u_sq, lr, layer_decay(h.weight_decay, flags), layer_adapted(h.adapt, flags));
   };
   auto apply = [&](int64_t c) {
     const int64_t layer = tab.chunk_layer[c];
     const int64_t* row = tab.row(layer);
     const float lr_q = lr * static_cast<float>(tab.layer_results[2 * layer]);
     const BiasCorrections bc = bias_corrections(h, static_cast<float>(tab.layer_results[2 * layer + 1]));
-    lamb_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size), bc, lr_q, h);
+    const float keep = lamb_weight_keep(h, lr, layer_decay(h.weight_decay, row[COL_FLAGS]));
+    lamb_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size), bc, lr_q, keep, h);
   };
 #pragma omp parallel num_threads(team_size(tab))
   step_groups(tab, bytes_of, sums, ratio, apply);
@@ -406,7 +411,7 @@ void lamb_run_cpu(const StepArgs& a, const LambHyper& h) {
 }
 
 void lars_step_cpu(TVLARS_LARS_STEP_ARGS) {
-  lars_run_cpu(TVLARS_LARS_LIST_CHECKED("lars_step"), TVLARS_LARS_HYPER);
+  lars_run_cpu(TVLARS_LARS_LIST_CHECKED("lars_step"), TVLARS_LARS_HYPER("lars_step"));
 }
 
 void lamb_step_cpu(TVLARS_LAMB_STEP_ARGS) {
@@ -414,7 +419,7 @@ void lamb_step_cpu(TVLARS_LAMB_STEP_ARGS) {
 }
 
 void lars_step_table_cpu(TVLARS_LARS_TABLE_ARGS) {
-  lars_run_cpu(TVLARS_LARS_TABLE_CHECKED("lars_step_table"), TVLARS_LARS_HYPER);
+  lars_run_cpu(TVLARS_LARS_TABLE_CHECKED("lars_step_table"), TVLARS_LARS_HYPER("lars_step_table"));
 }
 
 void lamb_step_table_cpu(TVLARS_LAMB_TABLE_ARGS) {

@@ -277,7 +277,7 @@ __device__ __forceinline__ void block_sum2(double& a, double& b, double (&scratc
 
 // Phase 2 for both optimizers: one warp per layer sums the layer's chunk partials in a fixed order (PHASE_APPLY:
 // takes the given whole-layer sums instead), then lane 0 stores the sums (PHASE_SUMS) or advances the step
-// count (its only write) and stores ratio(first, second, t) and t.
+// count (its only write) and stores ratio(first, second, t, flags) and t.
 template <typename Ratio>
 __device__ __forceinline__ void reduce_layers(const DeviceTable& tab, Ratio ratio) {
   const int lane = threadIdx.x % 32;
@@ -304,7 +304,7 @@ __device__ __forceinline__ void reduce_layers(const DeviceTable& tab, Ratio rati
       float* step = column_ptr<float>(row.col, COL_STEP);
       const float t = __ldcg(step) + 1.0f;
       __stcg(step, t);
-      tab.layer_results[2 * layer] = ratio(first, second, t, (row.col[COL_FLAGS] & FLAG_EXCLUDED) != 0);
+      tab.layer_results[2 * layer] = ratio(first, second, t, row.col[COL_FLAGS]);
       tab.layer_results[2 * layer + 1] = t;
     }
   }
@@ -331,7 +331,7 @@ constexpr int kWeightCol = kHasMaster ? COL_MASTER : COL_PARAM;
 
 template <typename S, typename scalar_t, typename weight_t>
 __device__ __forceinline__ void lars_sums_tile(const S& s, const weight_t* w_in, const scalar_t* __restrict__ g_in,
-                                               const LarsHyper& h, float grad_scale, double& w_sq,
+                                               const LarsHyper& h, float grad_scale, bool no_decay, double& w_sq,
                                                double& denom_sq) {
   Values<S> w, g;
   load(w_in, s, w);
@@ -343,7 +343,7 @@ __device__ __forceinline__ void lars_sums_tile(const S& s, const weight_t* w_in,
       if (!s.valid(k, j)) continue;
       const float gj = effective_grad(g[k][j], grad_scale, 1.0f);
       const float term =
-          lars_denominator_term(gj, lars_decayed_grad(gj, w[k][j], h.weight_decay, false), h.sum_of_norms);
+          lars_denominator_term(gj, lars_decayed_grad(gj, w[k][j], h.weight_decay, no_decay), h.sum_of_norms);
       w_sq += square(w[k][j]);
       denom_sq += square(term);
     }
@@ -355,7 +355,7 @@ template <bool kHasMaster, typename S, typename scalar_t, typename weight_t>
 __device__ __forceinline__ void lars_apply_tile(const S& s, weight_t* __restrict__ w_io,
                                                 scalar_t* __restrict__ param_out, const scalar_t* __restrict__ g_in,
                                                 float* __restrict__ buf_io, const LarsHyper& h, float grad_scale,
-                                                float lr, float q, bool excluded) {
+                                                float lr, float q, bool no_decay, bool first) {
   Values<S> w, g, buf;
   load(w_io, s, w);
   load<true>(g_in, s, g);
@@ -365,8 +365,8 @@ __device__ __forceinline__ void lars_apply_tile(const S& s, weight_t* __restrict
 #pragma unroll
     for (int j = 0; j < S::kElems; ++j) {
       const float d = lars_decayed_grad(effective_grad(g[k][j], grad_scale, 1.0f), w[k][j], h.weight_decay,
-                                        excluded);
-      lars_apply(h, lr, q, d, w[k][j], buf[k][j]);
+                                        no_decay);
+      lars_apply(h, lr, q, d, first, w[k][j], buf[k][j]);
     }
   }
   store(buf_io, s, buf);
@@ -387,11 +387,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   for (int64_t c = blockIdx.x; c < tab.num_chunks && tab.phase != PHASE_APPLY; c += gridDim.x) {
     const Row row = chunk_row(tab, c);
     double w_sq = 0.0, denom_sq = 0.0;
-    if (!(row.col[COL_FLAGS] & FLAG_EXCLUDED)) {  // excluded layers have no trust ratio: nothing to sum
+    if (layer_adapted(h.adapt, row.col[COL_FLAGS])) {  // layers without a trust ratio have nothing to sum
       const weight_t* w_in = column_ptr<const weight_t>(row.col, kWeightCol<kHasMaster>);
       const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
+      const bool no_decay = row.col[COL_FLAGS] & FLAG_NO_DECAY;
       for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
-        lars_sums_tile(sl, w_in, g_in, h, grad_scale, w_sq, denom_sq);
+        lars_sums_tile(sl, w_in, g_in, h, grad_scale, no_decay, w_sq, denom_sq);
       });
     }
     block_sum2(w_sq, denom_sq, scratch);
@@ -402,25 +403,28 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
   if (tab.phase != PHASE_APPLY) grid.sync();
 
-  reduce_layers(tab, [&](double w_sq, double denom_sq, float t, bool excluded) {
-    return lars_trust_ratio(h, w_sq, denom_sq, t, excluded);
+  // The lr, read once for phases 2 (LARC's clip) and 3.
+  const float lr = s.lr != nullptr ? *s.lr : h.lr;
+  reduce_layers(tab, [&](double w_sq, double denom_sq, float t, int64_t flags) {
+    return lars_trust_ratio(h, w_sq, denom_sq, t, lr, layer_decay(h.weight_decay, flags),
+                            layer_adapted(h.adapt, flags));
   });
   if (tab.phase == PHASE_SUMS) return;  // every block: no barrier follows
   grid.sync();
 
-  const float lr = s.lr != nullptr ? *s.lr : h.lr;
   for (int64_t k = blockIdx.x; k < tab.num_chunks; k += gridDim.x) {
     const int64_t c = reversed_chunk(tab, k);
     const int64_t layer = __ldg(tab.chunk_layer + c);
     const Row row = read_row(tab.rows, layer);
     const float q = static_cast<float>(tab.layer_results[2 * layer]);  // a float32 value, stored exactly
-    const bool excluded = row.col[COL_FLAGS] & FLAG_EXCLUDED;
+    const bool first = tab.layer_results[2 * layer + 1] == 1.0;  // the layer's first step: buf = u
+    const bool no_decay = row.col[COL_FLAGS] & FLAG_NO_DECAY;
     weight_t* w_io = column_ptr<weight_t>(row.col, kWeightCol<kHasMaster>);
     scalar_t* param_out = column_ptr<scalar_t>(row.col, COL_PARAM);
     const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
     float* buf_io = column_ptr<float>(row.col, COL_STATE0);
     for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
-      lars_apply_tile<kHasMaster>(sl, w_io, param_out, g_in, buf_io, h, grad_scale, lr, q, excluded);
+      lars_apply_tile<kHasMaster>(sl, w_io, param_out, g_in, buf_io, h, grad_scale, lr, q, no_decay, first);
     });
   }
 }
@@ -466,7 +470,7 @@ template <bool kHasMaster, typename S, typename scalar_t, typename weight_t>
 __device__ __forceinline__ void lamb_apply_tile(const S& s, weight_t* __restrict__ w_io,
                                                 scalar_t* __restrict__ param_out, const float* m_in,
                                                 const float* v_in, const LambHyper& h, BiasCorrections bc,
-                                                float decay, float lr_q) {
+                                                float decay, float keep, float lr_q) {
   Values<S> w, m, v;
   load(w_io, s, w);
   load(m_in, s, m);
@@ -475,7 +479,8 @@ __device__ __forceinline__ void lamb_apply_tile(const S& s, weight_t* __restrict
   for (int k = 0; k < S::kGroups; ++k) {
 #pragma unroll
     for (int j = 0; j < S::kElems; ++j) {
-      w[k][j] = w[k][j] - lr_q * lamb_update(m[k][j], v[k][j], w[k][j], bc.first, bc.second, h.eps, decay);
+      w[k][j] = lamb_apply(keep, w[k][j], lr_q,
+                           lamb_update(m[k][j], v[k][j], w[k][j], bc.first, bc.second, h.eps, decay));
     }
   }
   store(w_io, s, w);
@@ -496,7 +501,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   // in phase 2, after the barrier (by PHASE_APPLY's call). Skipped by PHASE_APPLY, as is its barrier.
   for (int64_t c = blockIdx.x; c < tab.num_chunks && tab.phase != PHASE_APPLY; c += gridDim.x) {
     const Row row = chunk_row(tab, c);
-    const float decay = lamb_decay(h, row.col[COL_FLAGS] & FLAG_EXCLUDED);
+    const float decay = lamb_update_decay(h, layer_decay(h.weight_decay, row.col[COL_FLAGS]));
     const BiasCorrections bc = bias_corrections(h, __ldcg(column_ptr<const float>(row.col, COL_STEP)) + 1.0f);
     const weight_t* w_in = column_ptr<const weight_t>(row.col, kWeightCol<kHasMaster>);
     const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
@@ -514,27 +519,30 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   }
   if (tab.phase != PHASE_APPLY) grid.sync();
 
-  reduce_layers(tab, [&](double w_sq, double u_sq, float, bool excluded) {
-    return lamb_trust_ratio(h, w_sq, u_sq, excluded);
+  // The lr, read once for phases 2 (the decoupled decay's ||w||) and 3.
+  const float lr = s.lr != nullptr ? *s.lr : h.lr;
+  reduce_layers(tab, [&](double w_sq, double u_sq, float, int64_t flags) {
+    return lamb_trust_ratio(h, w_sq, u_sq, lr, layer_decay(h.weight_decay, flags), layer_adapted(h.adapt, flags));
   });
   if (tab.phase == PHASE_SUMS) return;  // every block: no barrier follows
   grid.sync();
 
-  // Phase 3: u again from the stored moments, then w -= lr*q*u.
-  const float lr = s.lr != nullptr ? *s.lr : h.lr;
+  // Phase 3: u again from the stored moments, then w = keep*w - lr*q*u (keep: the decoupled decay's 1 - lr*beta').
   for (int64_t k = blockIdx.x; k < tab.num_chunks; k += gridDim.x) {
     const int64_t c = reversed_chunk(tab, k);
     const int64_t layer = __ldg(tab.chunk_layer + c);
     const Row row = read_row(tab.rows, layer);
     const float lr_q = lr * static_cast<float>(tab.layer_results[2 * layer]);
     const BiasCorrections bc = bias_corrections(h, static_cast<float>(tab.layer_results[2 * layer + 1]));
-    const float decay = lamb_decay(h, row.col[COL_FLAGS] & FLAG_EXCLUDED);
+    const float layer_beta = layer_decay(h.weight_decay, row.col[COL_FLAGS]);
+    const float decay = lamb_update_decay(h, layer_beta);
+    const float keep = lamb_weight_keep(h, lr, layer_beta);
     weight_t* w_io = column_ptr<weight_t>(row.col, kWeightCol<kHasMaster>);
     scalar_t* param_out = column_ptr<scalar_t>(row.col, COL_PARAM);
     const float* m_in = column_ptr<const float>(row.col, COL_STATE0);
     const float* v_in = column_ptr<const float>(row.col, COL_STATE1);
     for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
-      lamb_apply_tile<kHasMaster>(sl, w_io, param_out, m_in, v_in, h, bc, decay, lr_q);
+      lamb_apply_tile<kHasMaster>(sl, w_io, param_out, m_in, v_in, h, bc, decay, keep, lr_q);
     });
   }
 }
@@ -659,7 +667,7 @@ void lamb_run_cuda(const StepArgs& args, const LambHyper& h) {
 void lars_step_cuda(TVLARS_LARS_STEP_ARGS) {
   const StepArgs args = TVLARS_LARS_LIST_CHECKED("lars_step");
   record_layer_sums(layer_sums);
-  lars_run_cuda(args, TVLARS_LARS_HYPER);
+  lars_run_cuda(args, TVLARS_LARS_HYPER("lars_step"));
 }
 
 void lamb_step_cuda(TVLARS_LAMB_STEP_ARGS) {
@@ -671,7 +679,7 @@ void lamb_step_cuda(TVLARS_LAMB_STEP_ARGS) {
 void lars_step_table_cuda(TVLARS_LARS_TABLE_ARGS) {
   const StepArgs args = TVLARS_LARS_TABLE_CHECKED("lars_step_table");
   record_layer_sums(layer_sums);
-  lars_run_cuda(args, TVLARS_LARS_HYPER);
+  lars_run_cuda(args, TVLARS_LARS_HYPER("lars_step_table"));
 }
 
 void lamb_step_table_cuda(TVLARS_LAMB_TABLE_ARGS) {

@@ -25,7 +25,20 @@ enum LayerColumn : int {
   NUM_COLS = 10,
 };
 
-constexpr int64_t FLAG_EXCLUDED = 1;
+// The flags column: per-layer bits, as tvlars_fused/_layer_table.py sets them (its FLAG_ALIGNED16 = 2 is for the
+// Triton kernels; the CUDA kernel checks alignment from the addresses).
+constexpr int64_t FLAG_NO_DECAY = 1;  // beta' = 0
+constexpr int64_t FLAG_NO_ADAPT = 4;  // q = 1
+
+// The weight decay beta' of a layer: 0 for a layer without weight decay.
+TVLARS_HD float layer_decay(float weight_decay, int64_t flags) {
+  return (flags & FLAG_NO_DECAY) ? 0.0f : weight_decay;
+}
+
+// Whether a layer takes a trust ratio: the group adapts and the layer is not excluded from adaptation.
+TVLARS_HD bool layer_adapted(bool adapt, int64_t flags) {
+  return adapt && !(flags & FLAG_NO_ADAPT);
+}
 
 struct ElementRange {
   int64_t begin;

@@ -34,24 +34,28 @@ TORCH_LIBRARY(tvlars_fused, m) {
       "Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, Tensor(d!)[] steps, Tensor(e!) workspace, "
       "Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, float lr, float momentum, float weight_decay, "
       "float eta, float eps, float? norm_clip, bool sum_of_norms, bool nesterov, bool use_phi, float lmbda, "
-      "float alpha, float delay, float gamma_min, int chunk_size, Tensor(f!)? layer_sums=None, int phase=0) -> ()");
+      "float alpha, float delay, float gamma_min, float dampening, bool trust_clip, float? min_trust_ratio, "
+      "float? max_trust_ratio, bool adapt, int chunk_size, Tensor(f!)? layer_sums=None, int phase=0) -> ()");
   m.def(
       "lamb_step(Tensor layers, Tensor layers_host, Tensor chunk_layer, Tensor(a!)[] params, Tensor[] grads, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] steps, "
       "Tensor(f!) workspace, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, Tensor? clip_coef, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, bool bias_correction, "
-      "float? norm_clip, int chunk_size, Tensor(g!)? layer_sums=None, int phase=0) -> ()");
+      "float? norm_clip, bool grad_averaging, bool decoupled_decay, float? min_trust_ratio, float? max_trust_ratio, "
+      "bool adapt, int chunk_size, Tensor(g!)? layer_sums=None, int phase=0) -> ()");
   m.def(
       "lars_step_table(Tensor layers, Tensor layers_host, Tensor chunk_layer, Tensor(a!) workspace, "
       "ScalarType dtype, bool has_master, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, float lr, "
       "float momentum, float weight_decay, float eta, float eps, float? norm_clip, bool sum_of_norms, "
-      "bool nesterov, bool use_phi, float lmbda, float alpha, float delay, float gamma_min, int chunk_size, "
+      "bool nesterov, bool use_phi, float lmbda, float alpha, float delay, float gamma_min, float dampening, "
+      "bool trust_clip, float? min_trust_ratio, float? max_trust_ratio, bool adapt, int chunk_size, "
       "Tensor(b!)? layer_sums=None, int phase=0) -> ()");
   m.def(
       "lamb_step_table(Tensor layers, Tensor layers_host, Tensor chunk_layer, Tensor(a!) workspace, "
       "ScalarType dtype, bool has_master, Tensor? lr_tensor, Tensor? grad_scale, Tensor? found_inf, "
       "Tensor? clip_coef, float lr, float beta1, float beta2, float eps, float weight_decay, bool bias_correction, "
-      "float? norm_clip, int chunk_size, Tensor(b!)? layer_sums=None, int phase=0) -> ()");
+      "float? norm_clip, bool grad_averaging, bool decoupled_decay, float? min_trust_ratio, float? max_trust_ratio, "
+      "bool adapt, int chunk_size, Tensor(b!)? layer_sums=None, int phase=0) -> ()");
   m.def("chunk_elements(int numel, int first_chunk, int chunk, int chunk_size) -> int[]", &chunk_elements_op);
 }
 

@@ -20,14 +20,21 @@ namespace tvlars {
 struct LarsHyper {
   float lr;
   float momentum;
+  float one_minus_dampening;  // 1 - dampening computed in float64 on the host, then rounded once
   float weight_decay;
-  double eta;  // eta, eps and norm_clip only enter the float64 trust ratio
+  double eta;  // eta, eps, norm_clip and the bounds only enter the float64 trust ratio
   double eps;
   double norm_clip;  // only when has_norm_clip
+  double min_trust_ratio;  // only when has_min_trust_ratio
+  double max_trust_ratio;  // only when has_max_trust_ratio
   bool has_norm_clip;
+  bool has_min_trust_ratio;
+  bool has_max_trust_ratio;
   bool sum_of_norms;  // trust denominator ||g|| + beta*||w|| instead of ||g + beta*w||
   bool nesterov;
   bool use_phi;  // TVLARS; plain LARS has phi == 1
+  bool trust_clip;  // LARC: q = min(q / lr, 1) on adapted layers
+  bool adapt;  // false: no layer of the group takes a trust ratio (q = 1)
   float lmbda;
   float alpha;
   float delay;
@@ -38,16 +45,30 @@ struct LambHyper {
   float lr;
   float beta1;
   float beta2;
-  float one_minus_beta1;  // 1 - beta computed in float64 on the host, then rounded once
+  float first_moment_factor;  // the factor of g in m: 1 - beta1 computed in float64 on the host and rounded once,
+                              // or 1 without grad averaging
   float one_minus_beta2;
   float log_beta1;  // log(beta) computed in float64 on the host (bias correction without cancellation)
   float log_beta2;
   float eps;
   float weight_decay;
-  double norm_clip;  // only when has_norm_clip; enters the float64 trust ratio
+  double norm_clip;  // only when has_norm_clip; enters the float64 trust ratio, as do the bounds
+  double min_trust_ratio;  // only when has_min_trust_ratio
+  double max_trust_ratio;  // only when has_max_trust_ratio
   bool has_norm_clip;
+  bool has_min_trust_ratio;
+  bool has_max_trust_ratio;
   bool bias_correction;
+  bool decoupled_decay;  // w *= 1 - lr*beta' before the step, and no beta'*w in u
+  bool adapt;  // false: no layer of the group takes a trust ratio (q = 1)
 };
+
+// A computed trust ratio within [min_trust_ratio, max_trust_ratio] (each bound optional), in float64.
+TVLARS_HD double bound_ratio(double q, bool has_min, double min_ratio, bool has_max, double max_ratio) {
+  if (has_max && q > max_ratio) q = max_ratio;
+  if (has_min && q < min_ratio) q = min_ratio;
+  return q;
+}
 
 // TVLARS's time-varying factor. expf overflows to inf for large lmbda*(t-delay): 1/inf is 0, so phi is
 // gamma_min, never NaN.
@@ -74,9 +95,9 @@ TVLARS_HD float effective_grad(float g, float grad_scale, float grad_mult) {
 
 // ---------------------------------------------------------------- LARS family
 
-// d = g + beta*w for adapted layers; excluded layers take neither weight decay nor trust ratio (u = g).
-TVLARS_HD float lars_decayed_grad(float g, float w, float weight_decay, bool excluded) {
-  return excluded ? g : g + weight_decay * w;
+// d = g + beta'*w; a layer without weight decay takes d = g (beta' = 0, no 0*w term).
+TVLARS_HD float lars_decayed_grad(float g, float w, float weight_decay, bool no_decay) {
+  return no_decay ? g : g + weight_decay * w;
 }
 
 // The square summed for the trust denominator: d for "norm_of_sum", g for "sum_of_norms".
@@ -85,22 +106,31 @@ TVLARS_HD float lars_denominator_term(float g, float d, bool sum_of_norms) {
 }
 
 // q from the layer's float64 sums of squares: w_sq = sum w^2, denom_sq = sum d^2 or sum g^2
-// (lars_denominator_term), computed in float64 (phi in float32) and rounded once. Zero norms take the q = 1
-// branch, so a zero-initialised layer or a zero gradient never gives NaN.
-TVLARS_HD float lars_trust_ratio(const LarsHyper& h, double w_sq, double denom_sq, float t, bool excluded) {
-  if (excluded) return 1.0f;
+// (lars_denominator_term), computed in float64 (phi in float32) and rounded once. `decay` is the layer's beta',
+// `lr` the step's (for LARC's clip). Zero norms (||w||, and ||d|| or for "sum_of_norms" ||g||) take the q = 1
+// branch, so a zero-initialised layer or a zero gradient never gives NaN; only a computed ratio is bounded, and
+// the clip applies to every adapted layer, the zero-norm q = 1 included (docs/algorithms.md, sections 4 and 8).
+TVLARS_HD float lars_trust_ratio(const LarsHyper& h, double w_sq, double denom_sq, float t, float lr, float decay,
+                                 bool adapted) {
+  if (!adapted) return 1.0f;
   const double wn = clip_norm(sqrt(w_sq), h.has_norm_clip, h.norm_clip);
-  double dn = clip_norm(sqrt(denom_sq), h.has_norm_clip, h.norm_clip);
-  if (h.sum_of_norms) dn += static_cast<double>(h.weight_decay) * wn;
-  if (!(wn > 0.0 && dn > 0.0)) return 1.0f;
-  const float factor = h.use_phi ? tvlars_phi(t, h.lmbda, h.alpha, h.delay, h.gamma_min) : 1.0f;
-  return static_cast<float>(h.eta * static_cast<double>(factor) * wn / (dn + h.eps));
+  const double other = clip_norm(sqrt(denom_sq), h.has_norm_clip, h.norm_clip);  // ||d||, or ||g||
+  double q = 1.0;
+  if (wn > 0.0 && other > 0.0) {
+    const double dn = h.sum_of_norms ? other + static_cast<double>(decay) * wn : other;
+    const float factor = h.use_phi ? tvlars_phi(t, h.lmbda, h.alpha, h.delay, h.gamma_min) : 1.0f;
+    q = bound_ratio(h.eta * static_cast<double>(factor) * wn / (dn + h.eps), h.has_min_trust_ratio,
+                    h.min_trust_ratio, h.has_max_trust_ratio, h.max_trust_ratio);
+  }
+  if (h.trust_clip) q = q >= static_cast<double>(lr) ? 1.0 : q / static_cast<double>(lr);  // 1 when lr == 0
+  return static_cast<float>(q);
 }
 
-// u = q*d; buf = mu*buf + u; w -= lr * (nesterov ? u + mu*buf : buf). Updates w and buf in place.
-TVLARS_HD void lars_apply(const LarsHyper& h, float lr, float q, float d, float& w, float& buf) {
+// u = q*d; buf = u at the layer's first step (first: t == 1), else mu*buf + (1 - dampening)*u;
+// w -= lr * (nesterov ? u + mu*buf : buf). Updates w and buf in place.
+TVLARS_HD void lars_apply(const LarsHyper& h, float lr, float q, float d, bool first, float& w, float& buf) {
   const float u = q * d;
-  buf = h.momentum * buf + u;
+  buf = first ? u : h.momentum * buf + h.one_minus_dampening * u;
   const float step_dir = h.nesterov ? u + h.momentum * buf : buf;
   w = w - lr * step_dir;
 }
@@ -112,15 +142,15 @@ TVLARS_HD float bias_correction(float t, float log_beta) {
   return -expm1f(t * log_beta);
 }
 
-// m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g, in place.
+// m = b1*m + (1-b1)*g (or + g without grad averaging); v = b2*v + (1-b2)*g*g, in place.
 TVLARS_HD void lamb_moments(const LambHyper& h, float g, float& m, float& v) {
-  m = h.beta1 * m + h.one_minus_beta1 * g;
+  m = h.beta1 * m + h.first_moment_factor * g;
   v = h.beta2 * v + (h.one_minus_beta2 * g) * g;
 }
 
-// The weight decay of a layer: none for excluded layers.
-TVLARS_HD float lamb_decay(const LambHyper& h, bool excluded) {
-  return excluded ? 0.0f : h.weight_decay;
+// The beta' that enters u: the layer's decay (layer_decay), or none when the decay is decoupled.
+TVLARS_HD float lamb_update_decay(const LambHyper& h, float decay) {
+  return h.decoupled_decay ? 0.0f : decay;
 }
 
 // u = mh / (sqrt(vh) + eps) + decay*w, with mh = m/bc1, vh = v/bc2 (bc = 1 without bias correction).
@@ -128,11 +158,29 @@ TVLARS_HD float lamb_update(float m, float v, float w, float bc1, float bc2, flo
   return (m / bc1) / (sqrtf(v / bc2) + eps) + decay * w;
 }
 
-// q = ||w|| / ||u|| from the layer's float64 sums of squares, in float64, rounded once.
-TVLARS_HD float lamb_trust_ratio(const LambHyper& h, double w_sq, double u_sq, bool excluded) {
-  const double wn = clip_norm(sqrt(w_sq), h.has_norm_clip, h.norm_clip);
+// The factor the weights are multiplied by before the step: 1 - lr*beta' (formed in float64, rounded once) when
+// the decay is decoupled, else 1 (exact: the coupled step's bits are unchanged).
+TVLARS_HD float lamb_weight_keep(const LambHyper& h, float lr, float decay) {
+  return h.decoupled_decay ? static_cast<float>(1.0 - static_cast<double>(lr) * static_cast<double>(decay)) : 1.0f;
+}
+
+// The new weight keep*w - lr_q*u: the decayed weight rounded first, as a separate decay step would leave it.
+TVLARS_HD float lamb_apply(float keep, float w, float lr_q, float u) {
+  const float decayed = keep * w;
+  return decayed - lr_q * u;
+}
+
+// q = ||w|| / ||u|| from the layer's float64 sums of squares, in float64, bounded and rounded once; 1 for a layer
+// that is not adapted or has a zero norm. With decoupled decay ||w|| is that of the decayed weights,
+// |1 - lr*beta'| * ||w||, formed in float64 from the sums of the undecayed ones.
+TVLARS_HD float lamb_trust_ratio(const LambHyper& h, double w_sq, double u_sq, float lr, float decay, bool adapted) {
+  double wn = sqrt(w_sq);
+  if (h.decoupled_decay) wn *= fabs(1.0 - static_cast<double>(lr) * static_cast<double>(decay));
+  wn = clip_norm(wn, h.has_norm_clip, h.norm_clip);
   const double un = sqrt(u_sq);
-  return (wn > 0.0 && un > 0.0 && !excluded) ? static_cast<float>(wn / un) : 1.0f;
+  if (!(adapted && wn > 0.0 && un > 0.0)) return 1.0f;
+  return static_cast<float>(
+      bound_ratio(wn / un, h.has_min_trust_ratio, h.min_trust_ratio, h.has_max_trust_ratio, h.max_trust_ratio));
 }
 
 }  // namespace tvlars

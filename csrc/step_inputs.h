@@ -271,20 +271,38 @@ void dispatch_dtype(at::ScalarType dtype, bool has_master, Fn&& fn) {
   }
 }
 
-inline LarsHyper make_lars_hyper(double lr, double momentum, double weight_decay, double eta, double eps,
-                                 std::optional<double> norm_clip, bool sum_of_norms, bool nesterov, bool use_phi,
-                                 double lmbda, double alpha, double delay, double gamma_min) {
+// The optional bounds of a computed trust ratio, checked: min <= max when both are given.
+inline void check_trust_ratio_bounds(const char* op, std::optional<double> min_trust_ratio,
+                                     std::optional<double> max_trust_ratio) {
+  TORCH_CHECK(!min_trust_ratio.has_value() || !max_trust_ratio.has_value() || *min_trust_ratio <= *max_trust_ratio,
+              op, ": min_trust_ratio (", min_trust_ratio.value_or(0.0), ") must not exceed max_trust_ratio (",
+              max_trust_ratio.value_or(0.0), ")");
+}
+
+inline LarsHyper make_lars_hyper(const char* op, double lr, double momentum, double weight_decay, double eta,
+                                 double eps, std::optional<double> norm_clip, bool sum_of_norms, bool nesterov,
+                                 bool use_phi, double lmbda, double alpha, double delay, double gamma_min,
+                                 double dampening, bool trust_clip, std::optional<double> min_trust_ratio,
+                                 std::optional<double> max_trust_ratio, bool adapt) {
+  check_trust_ratio_bounds(op, min_trust_ratio, max_trust_ratio);
   LarsHyper h;
   h.lr = static_cast<float>(lr);
   h.momentum = static_cast<float>(momentum);
+  h.one_minus_dampening = static_cast<float>(1.0 - dampening);
   h.weight_decay = static_cast<float>(weight_decay);
   h.eta = eta;
   h.eps = eps;
   h.has_norm_clip = norm_clip.has_value();
   h.norm_clip = norm_clip.value_or(0.0);
+  h.has_min_trust_ratio = min_trust_ratio.has_value();
+  h.min_trust_ratio = min_trust_ratio.value_or(0.0);
+  h.has_max_trust_ratio = max_trust_ratio.has_value();
+  h.max_trust_ratio = max_trust_ratio.value_or(0.0);
   h.sum_of_norms = sum_of_norms;
   h.nesterov = nesterov;
   h.use_phi = use_phi;
+  h.trust_clip = trust_clip;
+  h.adapt = adapt;
   h.lmbda = static_cast<float>(lmbda);
   h.alpha = static_cast<float>(alpha);
   h.delay = static_cast<float>(delay);
@@ -293,15 +311,18 @@ inline LarsHyper make_lars_hyper(double lr, double momentum, double weight_decay
 }
 
 inline LambHyper make_lamb_hyper(const char* op, double lr, double beta1, double beta2, double eps,
-                                 double weight_decay, bool bias_correction, std::optional<double> norm_clip) {
+                                 double weight_decay, bool bias_correction, std::optional<double> norm_clip,
+                                 bool grad_averaging, bool decoupled_decay, std::optional<double> min_trust_ratio,
+                                 std::optional<double> max_trust_ratio, bool adapt) {
   // beta = 0 is allowed: log(0) = -inf gives a bias correction of -expm1(-inf) = 1, as 1 - 0**t is.
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
+  check_trust_ratio_bounds(op, min_trust_ratio, max_trust_ratio);
   LambHyper h;
   h.lr = static_cast<float>(lr);
   h.beta1 = static_cast<float>(beta1);
   h.beta2 = static_cast<float>(beta2);
-  h.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  h.first_moment_factor = grad_averaging ? static_cast<float>(1.0 - beta1) : 1.0f;
   h.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   h.log_beta1 = static_cast<float>(std::log(beta1));
   h.log_beta2 = static_cast<float>(std::log(beta2));
@@ -309,7 +330,13 @@ inline LambHyper make_lamb_hyper(const char* op, double lr, double beta1, double
   h.weight_decay = static_cast<float>(weight_decay);
   h.has_norm_clip = norm_clip.has_value();
   h.norm_clip = norm_clip.value_or(0.0);
+  h.has_min_trust_ratio = min_trust_ratio.has_value();
+  h.min_trust_ratio = min_trust_ratio.value_or(0.0);
+  h.has_max_trust_ratio = max_trust_ratio.has_value();
+  h.max_trust_ratio = max_trust_ratio.value_or(0.0);
   h.bias_correction = bias_correction;
+  h.decoupled_decay = decoupled_decay;
+  h.adapt = adapt;
   return h;
 }
 

@@ -204,10 +204,11 @@ def hyper_args(lamb, hp=None):
     if lamb:
         h = hp or LAMB_HP
         return [None, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.norm_clip,
-                _cpp_backend.CHUNK]
+                h.grad_averaging, h.decoupled_decay, h.min_trust_ratio, h.max_trust_ratio, h.adapt, _cpp_backend.CHUNK]
     h = hp or TVLARS_HP
     return [h.lr, h.momentum, h.weight_decay, h.eta, h.eps, h.norm_clip, h.sum_of_norms, h.nesterov, h.use_phi,
-            h.lmbda, h.alpha, h.delay, h.gamma_min, _cpp_backend.CHUNK]
+            h.lmbda, h.alpha, h.delay, h.gamma_min, h.dampening, h.trust_clip, h.min_trust_ratio, h.max_trust_ratio,
+            h.adapt, _cpp_backend.CHUNK]
 
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["lars_step", "lamb_step"])

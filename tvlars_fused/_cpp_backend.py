@@ -173,7 +173,8 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     scalars = [lr_tensor, _device_scalar(grad_scale, "grad_scale", device),
                _device_scalar(found_inf, "found_inf", device)]
     tail = [lr, hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.norm_clip, hp.sum_of_norms, hp.nesterov,
-            hp.use_phi, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min, chunk]
+            hp.use_phi, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min, hp.dampening, hp.trust_clip, hp.min_trust_ratio,
+            hp.max_trust_ratio, hp.adapt, chunk]
     _launch_or_fall_back(lambda: _run(_ops.lars_step_table, covered, table, *head, _workspace(table), covered.dtype,
                                       covered.masters is not None, *scalars, *tail),
                          covered, "lars_step", hp, grad_scale, found_inf)
@@ -198,7 +199,8 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     head = [table.layers, table.layers_host, table.chunk_layer]
     scalars = [lr_tensor, _device_scalar(grad_scale, "grad_scale", device),
                _device_scalar(found_inf, "found_inf", device), _device_scalar(hp.clip_coef, "clip_coef", device)]
-    tail = [lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.bias_correction, hp.norm_clip, chunk]
+    tail = [lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.bias_correction, hp.norm_clip, hp.grad_averaging,
+            hp.decoupled_decay, hp.min_trust_ratio, hp.max_trust_ratio, hp.adapt, chunk]
     _launch_or_fall_back(lambda: _run(_ops.lamb_step_table, covered, table, *head, _workspace(table), covered.dtype,
                                       covered.masters is not None, *scalars, *tail),
                          covered, "lamb_step", hp, grad_scale, found_inf)

@@ -35,7 +35,10 @@ from ._types import Bucket, math_dtype
 COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_MASTER, COL_STEP = range(6)
 COL_NUMEL, COL_FIRST_CHUNK, COL_NUM_CHUNKS, COL_FLAGS = range(6, 10)
 NUM_COLS = 10
-FLAG_EXCLUDED = 1
+# Per-layer flags (csrc/layer_table.h): no weight decay (beta' = 0), no trust ratio (q = 1).
+FLAG_NO_DECAY = 1
+FLAG_NO_ADAPT = 4
+FLAG_EXCLUDED = FLAG_NO_DECAY  # until the Triton kernels read both bits
 # Every tensor address of the layer is a multiple of 16 bytes: the Triton kernels take their vector path for it
 # (decided per layer, so one misaligned view does not slow its whole bucket down).
 FLAG_ALIGNED16 = 2
@@ -129,7 +132,8 @@ def _fixed_key(bucket: Bucket, param_ptrs: list[int]) -> tuple:
         key += [t.data_ptr() for t in bucket.masters]
     key += [t.data_ptr() for t in bucket.steps]
     key += [t.numel() for t in bucket.params]
-    key += bucket.excluded
+    key += bucket.no_decay
+    key += bucket.no_adapt
     return tuple(key)
 
 
@@ -263,7 +267,7 @@ def _build(bucket: Bucket, chunk_size: int) -> LayerTable:
             numel,
             first_chunk,
             num_chunks,
-            FLAG_EXCLUDED if bucket.excluded[i] else 0,
+            (FLAG_NO_DECAY if bucket.no_decay[i] else 0) | (FLAG_NO_ADAPT if bucket.no_adapt[i] else 0),
         ])
         if _aligned(rows[-1][COL_PARAM:COL_STEP]):
             rows[-1][COL_FLAGS] |= FLAG_ALIGNED16
