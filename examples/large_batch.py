@@ -301,11 +301,13 @@ def evaluate(model: nn.Module, data: Data, dtype: torch.dtype, batch: int = 1000
 def train_run(data: Data, spec: OptSpec, batch_size: int, seed: int, epochs: int, *, backend: str = "auto",
               widths=(8, 16, 32), blocks: int = 1, warmup_epochs: float = 5, lr_scale: float = 1.0,
               dtype: torch.dtype = torch.float32, max_steps: int | None = None, record_steps: bool = False,
-              evaluate_every_epoch: bool = True, progress=None) -> RunResult:
+              evaluate_every_epoch: bool = True, in_backward: bool = False, progress=None) -> RunResult:
     """One training run. The model's initial weights and the batch order depend only on ``seed`` (and the
     dtype), so two backends given the same arguments see the same model and batches.
 
-    ``max_steps`` stops early (the backend test); ``record_steps`` keeps every step's loss."""
+    ``max_steps`` stops early (the backend test); ``record_steps`` keeps every step's loss. ``in_backward``: TVLARS,
+    LARS and LAMB step inside backward (``step_in_backward()``; the same run, bit for bit), and the step time counts
+    only what ``optimizer.step()`` has left."""
     device = data.x_train.device
     n = len(data.y_train)
     if batch_size > n:
@@ -316,6 +318,8 @@ def train_run(data: Data, spec: OptSpec, batch_size: int, seed: int, epochs: int
     model = ResNet(data.in_channels, data.num_classes, widths, blocks).to(device=device, dtype=dtype)
     lr = peak_lr(spec.kind, batch_size, lr_scale)
     optimizer = make_optimizer(spec, model, lr, steps_per_epoch, backend)
+    if in_backward and spec.kind != "sgd":  # torch's SGD has no step inside backward
+        optimizer.step_in_backward()
     order = torch.Generator().manual_seed(seed)
     result = RunResult(spec.label, spec.kind, asdict(spec), batch_size, seed, lr, steps_per_epoch)
     warmup_steps = round(warmup_epochs * steps_per_epoch)
@@ -508,6 +512,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (default 1 on the CPU: the digits model's convolutions are too small "
                         "to gain from a second thread, and on a shared machine every op of a multi-threaded run "
                         "waits at its OpenMP barrier for a busy core)")
+    p.add_argument("--in-backward", action="store_true",
+                   help="TVLARS, LARS and LAMB step inside backward (optimizer.step_in_backward(): each bucket of "
+                        "layers as soon as its gradients are ready; the same results, bit for bit)")
     p.add_argument("--out", default="examples/out", help="output folder (default examples/out)")
     args = p.parse_args(argv)
     small = args.data == "digits"
@@ -552,7 +559,7 @@ def main(argv=None) -> int:
         "model": {"widths": list(args.widths), "blocks": args.blocks},
         "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "seeds": args.seeds,
         "batch_sizes": args.batch_sizes, "base_lr_at_batch_256": BASE_LR, "sqrt_scaled": list(SQRT_SCALED),
-        "weight_decay": WEIGHT_DECAY, "lr_scale": args.lr_scale,
+        "weight_decay": WEIGHT_DECAY, "lr_scale": args.lr_scale, "in_backward": args.in_backward,
     }
     runs: list[RunResult] = []
     start = time.perf_counter()
@@ -560,7 +567,7 @@ def main(argv=None) -> int:
         bar = ProgressBar(f"[{k:2d}/{len(jobs)}] b={batch} seed={seed} {spec.label:<44}")
         runs.append(train_run(data, spec, batch, seed, args.epochs, backend=args.backend, widths=args.widths,
                               blocks=args.blocks, warmup_epochs=args.warmup_epochs, lr_scale=args.lr_scale,
-                              progress=bar))
+                              in_backward=args.in_backward, progress=bar))
         meta["total_wall_s"] = round(time.perf_counter() - start, 1)
         meta["load_average_at_end"] = os.getloadavg()[0]  # other work on the machine slows every run
         runs_json = [{**asdict(r), "final_acc": r.final_acc, "best_acc": r.best_acc} for r in runs]

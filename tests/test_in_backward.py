@@ -415,3 +415,29 @@ def test_ddp_and_fsdp2_step_inside_backward():
     from test_distributed import _spawn
 
     _spawn(_distributed_check, list(OPTIMIZERS), "auto", 6)
+
+
+# ----------------------------------------------------------------------------------------------- the example
+def test_example_trains_the_same_run_inside_backward():
+    """examples/large_batch.py --in-backward: the same per-step losses, bit for bit, as its ordinary run (TVLARS
+    through phi's decay with a per-step learning-rate schedule, on the digits data)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    path = Path(__file__).resolve().parents[1] / "examples" / "large_batch.py"
+    spec = importlib.util.spec_from_file_location("large_batch_in_backward", path)
+    lb = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = lb  # dataclasses look their module up by name
+    spec.loader.exec_module(lb)
+    data = lb.load_data("digits", device="cpu", train_size=128)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = [lb.train_run(data, lb.OptSpec("tvlars", lmbda=0.05, gamma_min=0.01, delay_epochs=1), 32, seed=0,
+                             epochs=5, backend="cpp", widths=(4, 8, 16), warmup_epochs=1, record_steps=True,
+                             evaluate_every_epoch=False, in_backward=in_backward) for in_backward in (False, True)]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(runs[0].step_loss) == 20 and runs[0].step_loss == runs[1].step_loss
