@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "uses --device, --optimizers, --steps (rounds), --warmup, --threads, --out")
     parser.add_argument("--workloads", type=_csv, default=None,
                         help="with --training: resnet18-32px, bert6-512, tiny (default: resnet18-32px,bert6-512)")
+    parser.add_argument("--bucket-mb", type=float, default=25.0,
+                        help="with --training: bucket size of the step inside backward, MiB (default: 25)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"),
                         help="folder for results.json, summary.md, step_time.png (default: bench/out)")
     args = parser.parse_args(argv)

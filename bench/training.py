@@ -177,9 +177,12 @@ def peak_bytes(iteration: Callable[[], None], device: torch.device) -> int:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
-    return max(totals, default=0)
+    memory = [e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    if not memory:
+        return 0
+    # "Total Allocated" is a running count the profiler keeps across sessions: relative to before the first event.
+    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - start
 
 
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -208,10 +211,14 @@ def run_case(workload: Workload, optimizer: str, device: torch.device, rounds: i
             _sync(device)
             times[name].append(time.perf_counter() - start)
     model = built[FLOOR][1]
+    batch, kept = workload.batch(device), []
+    # Forward alone, its saved activations kept: no iteration's peak can be below this.
+    forward_peak = peak_bytes(lambda: kept.append(workload.loss(model, batch)), device)
+    kept.clear()
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     result = dict(workload=workload.name, optimizer=optimizer, device=str(device), rounds=rounds,
                   params=sum(p.numel() for p in model.parameters()), grad_bytes=grad_bytes, bucket_mb=bucket_mb,
-                  contenders={})
+                  forward_peak_bytes=forward_peak, contenders={})
     fwd_bwd = times["fwd+bwd"]
     floor_exposed = [t - f for t, f in zip(times[FLOOR], fwd_bwd)]
     for name in CONTENDERS:
@@ -235,7 +242,8 @@ def table(results: list[dict]) -> str:
         floor_name = "AdamW(fused)" if case["optimizer"] == "lamb" else "SGD(momentum, fused)"
         lines.append(f"\n{case['workload']} ({case['params'] / 1e6:.2f} M params, gradients "
                      f"{case['grad_bytes'] / 2 ** 20:.1f} MiB), {case['optimizer']}; floor torch {floor_name}; "
-                     f"{case['rounds']} rounds on {case['device']}")
+                     f"{case['rounds']} rounds on {case['device']}; in backward: buckets of {case['bucket_mb']} MiB; "
+                     f"forward alone peaks at {case['forward_peak_bytes'] / 2 ** 20:.1f} MiB")
         lines.append("| contender | iteration ms (median) | / floor (q1-q3) | exposed ms (q1-q3) | exposed / floor's "
                      "(q1-q3) | peak MiB above start |")
         lines.append("|---|---|---|---|---|---|")
@@ -263,7 +271,7 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for workload in workloads:
         for optimizer in args.optimizers:
-            case = run_case(workload, optimizer, device, args.steps, args.warmup)
+            case = run_case(workload, optimizer, device, args.steps, args.warmup, args.bucket_mb)
             results.append(case)
             print(table([case]), flush=True)
             (out / "results.json").write_text(json.dumps(dict(meta=meta, cases=results), indent=1))
