@@ -1,7 +1,8 @@
 """The Triton backend beyond the parity table: layers split over many chunks, the launch count, GradScaler
-inputs, lr as a tensor, reproducibility, strided layers, the step of sharded layers split around an
-all-reduce, the per-layer reduction's traffic model and its launch between the passes, aligned and misaligned
-tensors (per layer), norms beyond float32's range, phi and bias-correction numerics, bfloat16 rounding.
+inputs, lr as a tensor, reproducibility, strided layers, the variants of docs/algorithms.md section 8 with
+separate decay and adaptation exclusions, the step of sharded layers split around an all-reduce, the per-layer
+reduction's traffic model and its launch between the passes, aligned and misaligned tensors (per layer), norms
+beyond float32's range, phi and bias-correction numerics, bfloat16 rounding.
 
 On the CPU the kernels run under the Triton interpreter (tests/conftest.py); the tests marked ``gpu`` need CUDA.
 """
@@ -203,16 +204,19 @@ def test_lamb_clip_coef_multiplies_gradients():
     assert_buckets_close(bucket, expected, 1e-5)
 
 
-@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
-def test_lr_tensor_is_read_in_kernel_at_each_step(lamb):
+# LARC's clip (q / lr) and LAMB's decoupled decay (1 - lr * beta') read lr before the update too.
+@pytest.mark.parametrize("lamb, hyper", [(False, {}), (True, {}), (False, dict(trust_clip=True)),
+                                         (True, dict(decoupled_decay=True))],
+                         ids=["tvlars", "lamb", "tvlars-trust-clip", "lamb-decoupled"])
+def test_lr_tensor_is_read_in_kernel_at_each_step(lamb, hyper):
     backend = _triton_module()
     lr = torch.tensor(0.25, device=DEVICE)
     with_tensor = make_bucket(SMALL_SHAPES, lamb=lamb)
     with_float = clone_bucket(with_tensor)
     for value in (0.25, 0.1, 0.0):
         lr.fill_(value)  # like an LR scheduler writing a tensor lr in place
-        step(with_tensor, lamb, backend, lr=lr)
-        step(with_float, lamb, backend, lr=value)
+        step(with_tensor, lamb, backend, lr=lr, **hyper)
+        step(with_float, lamb, backend, lr=value, **hyper)
     assert_buckets_equal(with_tensor, with_float)
 
 
@@ -240,6 +244,43 @@ def test_strided_layers_are_updated_in_place_through_foreach(lamb):
     assert torch.equal(base[:, 1::2], original[:, 1::2])  # ... and nothing between its elements
 
 
+# ----------------------------------------------------------------------------- variants (docs/algorithms.md, 8)
+# (lamb, hyper-parameters): the options of section 8 on layers over many chunks. The bounds sit inside the range
+# of these layers' computed ratios, so some are clamped and some not; lr 2 makes LARC's clip of the zero-norm
+# q = 1 (layer 0's zero gradient under sum_of_norms) a real 1 / lr.
+VARIANTS = {
+    "lars-sum-of-norms-clip-bounds": (False, dict(use_phi=False, sum_of_norms=True, weight_decay=1e-2, lr=2.0,
+                                                  trust_clip=True, min_trust_ratio=9e-4, max_trust_ratio=2e-3)),
+    "tvlars-dampening-bounds": (False, dict(dampening=0.3, weight_decay=1e-2, min_trust_ratio=4.5e-4,
+                                            max_trust_ratio=1e-3)),
+    "tvlars-not-adapted": (False, dict(adapt=False, dampening=0.1, trust_clip=True)),
+    "lamb-decoupled-bounds": (True, dict(decoupled_decay=True, grad_averaging=False, weight_decay=0.5, lr=0.1,
+                                         min_trust_ratio=0.15, max_trust_ratio=1.0)),
+    "lamb-not-adapted": (True, dict(adapt=False, grad_averaging=False)),
+}
+# Per layer (MULTI_CHUNK_SHAPES): decayed and adapted; without decay but adapted (over 5 chunks); decayed but not
+# adapted (a 1-D layer, which make_bucket's ``excluded`` alone would exclude from both); neither; empty; both.
+NO_DECAY = [False, True, False, True, False, False]
+NO_ADAPT = [False, False, True, True, False, False]
+
+
+def _split_exclusions(bucket):
+    bucket.no_decay, bucket.no_adapt = list(NO_DECAY), list(NO_ADAPT)
+    bucket.grads[0].zero_()  # the zero-norm branch: ||g|| = 0 (sum_of_norms), d = beta * w (norm_of_sum)
+    return bucket
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_with_split_exclusions_match_reference(variant, many_chunks):
+    lamb, hyper = VARIANTS[variant]
+    bucket = _split_exclusions(make_bucket(MULTI_CHUNK_SHAPES, lamb=lamb))
+    expected = _split_exclusions(clone_bucket(bucket))
+    for _ in range(3):  # make_bucket's step counts 0, 1, 2: a first step (buf = u) and later ones
+        step(bucket, lamb, _triton_module(), **hyper)
+        step(expected, lamb, reference, **hyper)
+    assert_buckets_close(bucket, expected, 1e-5)
+
+
 # ----------------------------------------------------------------------------- sharded layers (split step)
 def doubling(sums):
     """reduce_sums as if a second rank held an identical shard of every layer: the all-reduce doubles sums."""
@@ -264,6 +305,9 @@ SHARDED_VARIANTS = {
     "lars-sum-of-norms": (False, dict(use_phi=False, sum_of_norms=True, weight_decay=1e-2, norm_clip=14.0)),
     "tvlars": (False, dict(norm_clip=14.0)),
     "lamb": (True, dict(norm_clip=14.0)),
+    "lars-trust-clip-dampening": (False, dict(use_phi=False, eps=1e-3, norm_clip=14.0, trust_clip=True,
+                                              dampening=0.3)),
+    "lamb-decoupled": (True, dict(norm_clip=14.0, decoupled_decay=True, grad_averaging=False, weight_decay=0.1)),
 }
 # An FSDP2 rank can hold empty shards, 2-D ones included.
 SHARDED_SHAPES = MULTI_CHUNK_SHAPES + [(0, 3)]

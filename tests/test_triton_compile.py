@@ -14,6 +14,7 @@ read for what the design promises:
   (``ld.global.v4`` / ``st.global.v4``: four float32 or eight bfloat16): alone with ALL_ALIGNED, and as one of
   two branches chosen per layer without it, the other with no vector access at all (those fault on a
   misaligned address): the per-layer kernel has exactly the vector accesses of the ALL_ALIGNED one;
+- a group that adapts no layer (ADAPT False) has pass 1 of LARS read no element at all (it only counts the step);
 - the runtime chunk size: the launches of two buckets of different layer sizes share one compiled kernel.
 
 Either script also runs outside pytest (``python -c``) under another Triton, with the repository on
@@ -50,13 +51,18 @@ COMPILE_ALL = textwrap.dedent("""
     for arch in (90, 80):
         for flag, dtype in [(False, tl.float32), (True, tl.bfloat16), (True, tl.float16), (False, tl.bfloat16)]:
             common = dict(PARAM_DTYPE=dtype, HAS_MASTER=flag, BLOCK=1024)
+            # A group that adapts no layer (ADAPT False) only with LAYER_SUMS, where pass 2 reduces no partials
+            # anyway; the trust-ratio options (TRUST_CLIP, DECOUPLED_DECAY) both ways, the one with ADAPT.
             variants = [
-                (lars_norms_kernel, dict(HAS_GRAD_SCALE=flag, SUM_OF_NORMS=flag)),
+                (lars_norms_kernel, dict(HAS_GRAD_SCALE=flag, SUM_OF_NORMS=flag, ADAPT=not flag)),
                 (lars_update_kernel, dict(HAS_GRAD_SCALE=flag, LR_ON_DEVICE=not flag, SUM_OF_NORMS=not flag,
-                                          NESTEROV=flag, USE_PHI=not flag, RBLOCK=64 if flag else 1024,
+                                          NESTEROV=flag, USE_PHI=not flag, ADAPT=not flag,
+                                          TRUST_CLIP=dtype != tl.bfloat16, RBLOCK=64 if flag else 1024,
                                           LAYER_SUMS=flag)),
-                (lamb_moments_kernel, dict(HAS_GRAD_SCALE=not flag, HAS_CLIP_COEF=flag, BIAS_CORRECTION=flag)),
+                (lamb_moments_kernel, dict(HAS_GRAD_SCALE=not flag, HAS_CLIP_COEF=flag, BIAS_CORRECTION=flag,
+                                           DECOUPLED_DECAY=dtype == tl.float16)),
                 (lamb_update_kernel, dict(LR_ON_DEVICE=flag, BIAS_CORRECTION=not flag,
+                                          DECOUPLED_DECAY=dtype == tl.float16, ADAPT=flag,
                                           RBLOCK=64 if flag else 1024, LAYER_SUMS=not flag)),
             ]
             # Ampere only checks that the code compiles: the PTX checks run on Hopper, both alignments.
@@ -73,6 +79,7 @@ COMPILE_ALL = textwrap.dedent("""
                 ops = set(re.findall(r"(?m)^\\s*(?:@!?%\\w+\\s+)?([a-z][\\w.:]*)", ptx))
                 results.append(dict(
                     name=fn.__name__, arch=arch, dtype=str(dtype), flag=flag, aligned=flags.get("ALL_ALIGNED"),
+                    adapt=flags.get("ADAPT", True),
                     cubin=len(kernel.asm["cubin"]), atomics=re.search(r"\\b(atom|red)\\.", ptx) is not None,
                     approximate=sorted(op for op in ops if re.search(r"\\.(approx|full)\\b", op)),
                     sqrt=sorted(set(re.findall(r"\\bsqrt\\.[\\w.]+", ptx))),
@@ -132,17 +139,17 @@ CACHE_KEYS = textwrap.dedent("""
                      num_warps=sizes.num_warps)
         grid = (num_chunks,)
         lars_norms_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, *lengths.values(), 0.0,
-                                 HAS_GRAD_SCALE=False, SUM_OF_NORMS=False, grid=grid, **flags)
+                                 HAS_GRAD_SCALE=False, SUM_OF_NORMS=False, ADAPT=True, grid=grid, **flags)
         lars_update_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, ptr, ptr, *lengths.values(),
-                                  *[0.5] * 10, HAS_GRAD_SCALE=False, LR_ON_DEVICE=False, SUM_OF_NORMS=False,
-                                  NESTEROV=False, USE_PHI=True, RBLOCK=sizes.reduce_block, LAYER_SUMS=False,
-                                  grid=grid, **flags)
+                                  *[0.5] * 13, HAS_GRAD_SCALE=False, LR_ON_DEVICE=False, SUM_OF_NORMS=False,
+                                  NESTEROV=False, USE_PHI=True, ADAPT=True, TRUST_CLIP=False,
+                                  RBLOCK=sizes.reduce_block, LAYER_SUMS=False, grid=grid, **flags)
         lamb_moments_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, ptr, ptr, *lengths.values(),
                                    *[0.5] * 8, HAS_GRAD_SCALE=False, HAS_CLIP_COEF=False, BIAS_CORRECTION=True,
-                                   grid=grid, **flags)
-        lamb_update_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, ptr, *lengths.values(), *[0.5] * 6,
-                                  LR_ON_DEVICE=False, BIAS_CORRECTION=True, RBLOCK=sizes.reduce_block,
-                                  LAYER_SUMS=True, grid=grid, **flags)
+                                   DECOUPLED_DECAY=False, grid=grid, **flags)
+        lamb_update_kernel.warmup(torch.int64, torch.int32, f64, ptr, ptr, ptr, *lengths.values(), *[0.5] * 8,
+                                  LR_ON_DEVICE=False, BIAS_CORRECTION=True, DECOUPLED_DECAY=False, ADAPT=True,
+                                  RBLOCK=sizes.reduce_block, LAYER_SUMS=True, grid=grid, **flags)
         layer_sums_kernel.warmup(torch.int64, f64, f64, num_chunks, RBLOCK=sizes.reduce_block,
                                  num_warps=sizes.num_warps, grid=(len(layers),))
     json.dump(dict(chunks=chunks, keys={name: len(k) for name, k in keys.items()}), sys.stdout)
@@ -167,12 +174,15 @@ def test_kernels_compile_for_hopper_and_ampere(tmp_path):
         assert not r["atomics"], r
         assert not r["approximate"], r
         assert not any(s.startswith("sqrt.approx") for s in r["sqrt"]), r
-        if r["name"] != "layer_sums_kernel":
-            assert "sqrt.rn.f64" in r["sqrt"] or r["name"].endswith("_moments_kernel") \
-                or r["name"] == "lars_norms_kernel", r
+        if r["name"].endswith("_update_kernel") and r["adapt"]:  # else every q = 1: no norm is taken
+            assert "sqrt.rn.f64" in r["sqrt"], r
     hopper = [r for r in results if r["arch"] == 90 and r["aligned"] is not None]
     all_aligned = {(r["name"], r["dtype"], r["flag"]): r for r in hopper if r["aligned"]}
     for r in hopper:
+        if r["name"] == "lars_norms_kernel" and not r["adapt"]:
+            # a group that adapts no layer: pass 1 only counts the step, reading no element
+            assert r["vector_accesses"] == 0 and r["unpredicated_16bit"] == 0, r
+            continue
         # the aligned layers' path, in both kernels
         vector = [a for a in r["global_access"] if ".v2" in a or ".v4" in a]
         assert any(a.startswith("ld.global.v4.") for a in vector), r
@@ -190,7 +200,7 @@ def test_kernels_compile_for_hopper_and_ampere(tmp_path):
     # bfloat16 and float16 elements: eight per 16-byte access when aligned (ld/st.global.v4.b32), and the
     # misaligned layers' branch has the unpredicated 16-bit accesses that the count would see if they were not
     for r in hopper:
-        if r["dtype"] in ("bf16", "fp16"):
+        if r["dtype"] in ("bf16", "fp16") and (r["name"] != "lars_norms_kernel" or r["adapt"]):
             assert (r["unpredicated_16bit"] == 0) == r["aligned"], r
 
 

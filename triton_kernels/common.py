@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from .._layer_table import (COL_FIRST_CHUNK, COL_FLAGS, COL_GRAD, COL_MASTER, COL_NUM_CHUNKS, COL_NUMEL,
-                            COL_PARAM, COL_STATE0, COL_STATE1, COL_STEP, FLAG_ALIGNED16, FLAG_EXCLUDED,
-                            NUM_COLS)
+                            COL_PARAM, COL_STATE0, COL_STATE1, COL_STEP, FLAG_ALIGNED16, FLAG_NO_ADAPT,
+                            FLAG_NO_DECAY, NUM_COLS)
 
 # Globals a @triton.jit function reads must be constexpr.
 NUM_COLS_C = tl.constexpr(NUM_COLS)
@@ -41,7 +41,8 @@ COL_NUMEL_C = tl.constexpr(COL_NUMEL)
 COL_FIRST_CHUNK_C = tl.constexpr(COL_FIRST_CHUNK)
 COL_NUM_CHUNKS_C = tl.constexpr(COL_NUM_CHUNKS)
 COL_FLAGS_C = tl.constexpr(COL_FLAGS)
-FLAG_EXCLUDED_C = tl.constexpr(FLAG_EXCLUDED)
+FLAG_NO_DECAY_C = tl.constexpr(FLAG_NO_DECAY)
+FLAG_NO_ADAPT_C = tl.constexpr(FLAG_NO_ADAPT)
 FLAG_ALIGNED16_C = tl.constexpr(FLAG_ALIGNED16)
 
 # expm1(x) by its Taylor series to x**EXPM1_SERIES_DEGREE for |x| below the limit (truncation under 4e-9
@@ -102,8 +103,26 @@ def square64(x, mask):
 
 
 @triton.jit
-def is_excluded(row_ptr):
-    return (tl.load(row_ptr + COL_FLAGS_C) & FLAG_EXCLUDED_C) != 0
+def layer_decay(row_ptr, weight_decay):
+    """The layer's beta': the group's weight decay, or 0 when its row has FLAG_NO_DECAY."""
+    return tl.where((tl.load(row_ptr + COL_FLAGS_C) & FLAG_NO_DECAY_C) != 0, 0.0, weight_decay)
+
+
+@triton.jit
+def is_adapted(row_ptr, ADAPT: tl.constexpr):
+    """Whether the layer takes a trust ratio: its group adapts (ADAPT False: timm's groups without weight decay,
+    every q = 1) and its row has no FLAG_NO_ADAPT."""
+    adapted = (tl.load(row_ptr + COL_FLAGS_C) & FLAG_NO_ADAPT_C) == 0
+    if not ADAPT:
+        adapted = tl.zeros_like(adapted)
+    return adapted
+
+
+@triton.jit
+def bounded(ratio, min_trust_ratio, max_trust_ratio):
+    """A computed trust ratio clamped to [min_trust_ratio, max_trust_ratio] (the host passes -inf and inf for
+    absent bounds), in the ratio's float64."""
+    return tl.maximum(tl.minimum(ratio, max_trust_ratio), min_trust_ratio)
 
 
 @triton.jit

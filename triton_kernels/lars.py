@@ -2,15 +2,17 @@
 layers).
 
 Pass 1 (``lars_norms_kernel``), one program per chunk: writes the chunk's float64 partial sums of ||w||^2 and
-of ||d||^2 (``norm_of_sum``) or ||g||^2 (``sum_of_norms``) to ``partials`` (``[2, num_chunks]``), and the
-layer's first-chunk program writes the new step count t = step + 1 to ``new_steps[layer]``. It changes no
-state.
+of ||d||^2 (``norm_of_sum``, d = g + beta' * w) or ||g||^2 (``sum_of_norms``) to ``partials``
+(``[2, num_chunks]``), and the layer's first-chunk program writes the new step count t = step + 1 to
+``new_steps[layer]``. Layers without a trust ratio (``FLAG_NO_ADAPT``, or every layer when the group does not
+adapt) sum nothing. It changes no state.
 
 Pass 2 (``lars_update_kernel``), one program per chunk: re-reduces its own layer's partials in a fixed order
 (every program of the layer gets the same norms; no atomics) unless ``LAYER_SUMS`` (below), reads t from
 ``new_steps`` (never from the state step, which the layer's first-chunk program overwrites with t in this very
-pass), forms phi(t) in float32 and the trust ratio q in float64 from the float64 sums, rounds q to float32
-once, and updates momentum, master weight and parameter of its chunk in float32.
+pass), forms phi(t) in float32 and the trust ratio q in float64 from the float64 sums (bounded, then LARC's clip
+q / lr), rounds q to float32 once, and updates momentum, master weight and parameter of its chunk in float32;
+at a layer's first step (t == 1) the momentum buffer is set to u whatever it held (``torch.optim.SGD``).
 
 ``LAYER_SUMS``: ``layer_sums_kernel`` (common) has reduced each layer's partials into ``[num_layers, 2]``
 between the passes, and pass 2 reads the whole-layer sums from it instead of reducing partials: for sharded
@@ -23,8 +25,9 @@ that every program re-reading their partials would cost more than the launch (``
 import triton
 import triton.language as tl
 
-from .common import (COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STEP_C, chunk_span, full_tiles_end,
-                     is_aligned, is_excluded, load, phi, square64, table_pointer, to_param_dtype, whole_layer_sums)
+from .common import (COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STEP_C, bounded, chunk_span,
+                     full_tiles_end, is_adapted, is_aligned, layer_decay, load, phi, square64, table_pointer,
+                     to_param_dtype, whole_layer_sums)
 
 
 @triton.jit
@@ -68,25 +71,27 @@ def lars_norms_chunk(row_ptr, start, end, inv_grad_scale, weight_decay, PARAM_DT
 @triton.jit(do_not_specialize=["num_chunks"])
 def lars_norms_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, grad_scale_ptr, num_chunks,
                       chunk_size, weight_decay, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                      HAS_GRAD_SCALE: tl.constexpr, SUM_OF_NORMS: tl.constexpr, ALL_ALIGNED: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      HAS_GRAD_SCALE: tl.constexpr, SUM_OF_NORMS: tl.constexpr, ADAPT: tl.constexpr,
+                      ALL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
     step_ptr = table_pointer(row_ptr, COL_STEP_C, tl.float32, False)
     tl.store(new_steps_ptr + layer, tl.load(step_ptr) + 1.0, mask=first)
 
-    # Excluded layers use no norm: skip their elements.
-    end = tl.where(is_excluded(row_ptr), start, end)
+    # Layers without a trust ratio use no norm: skip their elements. A layer without weight decay that is adapted
+    # still needs its sums, of d = g + 0 * w.
+    end = tl.where(is_adapted(row_ptr, ADAPT), end, start)
+    decay = layer_decay(row_ptr, weight_decay)
     inv_grad_scale = 1.0
     if HAS_GRAD_SCALE:
         inv_grad_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))  # once per program, not per element
     if ALL_ALIGNED:
-        w_sq, other_sq = lars_norms_chunk(row_ptr, start, end, inv_grad_scale, weight_decay, PARAM_DTYPE, HAS_MASTER,
+        w_sq, other_sq = lars_norms_chunk(row_ptr, start, end, inv_grad_scale, decay, PARAM_DTYPE, HAS_MASTER,
                                           HAS_GRAD_SCALE, SUM_OF_NORMS, True, BLOCK)
     elif is_aligned(row_ptr):
-        w_sq, other_sq = lars_norms_chunk(row_ptr, start, end, inv_grad_scale, weight_decay, PARAM_DTYPE, HAS_MASTER,
+        w_sq, other_sq = lars_norms_chunk(row_ptr, start, end, inv_grad_scale, decay, PARAM_DTYPE, HAS_MASTER,
                                           HAS_GRAD_SCALE, SUM_OF_NORMS, True, BLOCK)
     else:
-        w_sq, other_sq = lars_norms_chunk(row_ptr, start, end, inv_grad_scale, weight_decay, PARAM_DTYPE, HAS_MASTER,
+        w_sq, other_sq = lars_norms_chunk(row_ptr, start, end, inv_grad_scale, decay, PARAM_DTYPE, HAS_MASTER,
                                           HAS_GRAD_SCALE, SUM_OF_NORMS, False, BLOCK)
     chunk = tl.program_id(0)
     tl.store(partials_ptr + chunk, w_sq)
@@ -94,8 +99,8 @@ def lars_norms_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, 
 
 
 @triton.jit
-def lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, index, mask, q, decay, momentum, lr,
-                     inv_grad_scale, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
+def lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, index, mask, q, decay, momentum, one_minus_dampening,
+                     first_step, lr, inv_grad_scale, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
                      HAS_GRAD_SCALE: tl.constexpr, NESTEROV: tl.constexpr):
     if HAS_MASTER:
         w = load(master_ptr + index, mask)
@@ -105,7 +110,8 @@ def lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, index, mask, q, d
     if HAS_GRAD_SCALE:
         g = g * inv_grad_scale
     u = q * (g + decay * w)
-    buf = momentum * load(buf_ptr + index, mask) + u
+    # The first step stores u undamped, whatever the buffer held (torch.optim.SGD); a select, not 0 * buf.
+    buf = tl.where(first_step, u, momentum * load(buf_ptr + index, mask) + one_minus_dampening * u)
     if NESTEROV:
         direction = u + momentum * buf
     else:
@@ -118,9 +124,9 @@ def lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, index, mask, q, d
 
 
 @triton.jit
-def lars_update_chunk(row_ptr, start, end, q, decay, momentum, lr, inv_grad_scale, PARAM_DTYPE: tl.constexpr,
-                      HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, NESTEROV: tl.constexpr,
-                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def lars_update_chunk(row_ptr, start, end, q, decay, momentum, one_minus_dampening, first_step, lr, inv_grad_scale,
+                      PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                      NESTEROV: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """Updates the chunk's momentum, master and parameter, with 16-byte aligned pointers when ALIGNED."""
     param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
     grad_ptr = table_pointer(row_ptr, COL_GRAD_C, PARAM_DTYPE, ALIGNED)
@@ -129,55 +135,68 @@ def lars_update_chunk(row_ptr, start, end, q, decay, momentum, lr, inv_grad_scal
     tail = full_tiles_end(start, end, BLOCK)
     for offset in range(start, tail, BLOCK):
         lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, offset + tl.arange(0, BLOCK), None, q, decay,
-                         momentum, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, NESTEROV)
+                         momentum, one_minus_dampening, first_step, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER,
+                         HAS_GRAD_SCALE, NESTEROV)
     if tail < end:
         index = tail + tl.arange(0, BLOCK)
-        lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, index, index < end, q, decay, momentum, lr,
-                         inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, NESTEROV)
+        lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, index, index < end, q, decay, momentum,
+                         one_minus_dampening, first_step, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE,
+                         NESTEROV)
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
 def lars_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, grad_scale_ptr, found_inf_ptr,
                        lr_ptr, num_chunks, chunk_size, lr, momentum, weight_decay, eta, eps, norm_clip, lmbda,
-                       alpha, delay, gamma_min, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                       HAS_GRAD_SCALE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, SUM_OF_NORMS: tl.constexpr,
-                       NESTEROV: tl.constexpr, USE_PHI: tl.constexpr, ALL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                       RBLOCK: tl.constexpr, LAYER_SUMS: tl.constexpr):
+                       alpha, delay, gamma_min, min_trust_ratio, max_trust_ratio, one_minus_dampening,
+                       PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                       LR_ON_DEVICE: tl.constexpr, SUM_OF_NORMS: tl.constexpr, NESTEROV: tl.constexpr,
+                       USE_PHI: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
+                       ALL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+                       LAYER_SUMS: tl.constexpr):
     row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
     skip = tl.load(found_inf_ptr) != 0
     end = tl.where(skip, start, end)
     t = tl.load(new_steps_ptr + layer)
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr)
 
     # The trust ratio in float64 (hyper-parameters arrive as float32 scalars), rounded once to float32.
-    adapted = ~is_excluded(row_ptr)
+    adapted = is_adapted(row_ptr, ADAPT)
+    decay = layer_decay(row_ptr, weight_decay)  # beta'
     w_sq, other_sq = whole_layer_sums(sums_ptr, num_chunks, row_ptr, layer, RBLOCK, LAYER_SUMS)
     w_norm = tl.minimum(tl.sqrt(w_sq), norm_clip)
     other_norm = tl.minimum(tl.sqrt(other_sq), norm_clip)
     if SUM_OF_NORMS:
-        d_norm = other_norm + weight_decay * w_norm
+        d_norm = other_norm + decay * w_norm
     else:
         d_norm = other_norm
     factor = eta
     if USE_PHI:
         factor = eta * phi(t, lmbda, alpha, delay, gamma_min).to(tl.float64)
-    # Zero (or NaN) norms take q = 1 (the ratio's denominator is kept away from 0 / 0 on that branch);
-    # excluded layers get q = 1 and no decay, so u = 1 * (g + 0 * w) = g.
-    trusted = adapted & (w_norm > 0) & (d_norm > 0)
-    q = tl.where(trusted, factor * w_norm / tl.where(trusted, d_norm + eps, 1.0), 1.0).to(tl.float32)
-    decay = tl.where(adapted, weight_decay, 0.0)
-    if LR_ON_DEVICE:
-        lr = tl.load(lr_ptr)
+    # Zero (or NaN) norms take q = 1, unbounded: ||w|| or ||d|| (norm_of_sum), ||w|| or ||g|| (sum_of_norms, as
+    # timm). The ratio's denominator is kept away from 0 / 0 on that branch. Layers without adaptation get q = 1
+    # and no clip; without decay, u = q * (g + 0 * w).
+    computed = adapted & (w_norm > 0) & (other_norm > 0)
+    ratio = bounded(factor * w_norm / tl.where(computed, d_norm + eps, 1.0), min_trust_ratio, max_trust_ratio)
+    q = tl.where(computed, ratio, 1.0)
+    if TRUST_CLIP:
+        # LARC: the layer's rate q * lr never above lr, the zero-norm q = 1 included; q = 1 when lr == 0.
+        lr64 = tl.cast(lr, tl.float64)  # a Python float under the interpreter
+        clipped = q >= lr64
+        q = tl.where(adapted, tl.where(clipped, 1.0, q / tl.where(clipped, 1.0, lr64)), q)
+    q = q.to(tl.float32)
+    first_step = t == 1.0
     inv_grad_scale = 1.0
     if HAS_GRAD_SCALE:
         inv_grad_scale = tl.div_rn(1.0, tl.load(grad_scale_ptr))
 
     if ALL_ALIGNED:
-        lars_update_chunk(row_ptr, start, end, q, decay, momentum, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER,
-                          HAS_GRAD_SCALE, NESTEROV, True, BLOCK)
+        lars_update_chunk(row_ptr, start, end, q, decay, momentum, one_minus_dampening, first_step, lr,
+                          inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, NESTEROV, True, BLOCK)
     elif is_aligned(row_ptr):
-        lars_update_chunk(row_ptr, start, end, q, decay, momentum, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER,
-                          HAS_GRAD_SCALE, NESTEROV, True, BLOCK)
+        lars_update_chunk(row_ptr, start, end, q, decay, momentum, one_minus_dampening, first_step, lr,
+                          inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, NESTEROV, True, BLOCK)
     else:
-        lars_update_chunk(row_ptr, start, end, q, decay, momentum, lr, inv_grad_scale, PARAM_DTYPE, HAS_MASTER,
-                          HAS_GRAD_SCALE, NESTEROV, False, BLOCK)
+        lars_update_chunk(row_ptr, start, end, q, decay, momentum, one_minus_dampening, first_step, lr,
+                          inv_grad_scale, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, NESTEROV, False, BLOCK)
     tl.store(table_pointer(row_ptr, COL_STEP_C, tl.float32, False), t, mask=first & ~skip)

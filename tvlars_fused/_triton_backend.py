@@ -222,6 +222,12 @@ def _norm_clip(norm_clip: float | None) -> float:
     return math.inf if norm_clip is None else float(norm_clip)
 
 
+def _trust_ratio_bounds(hp: LarsHyper | LambHyper) -> tuple[float, float]:
+    """[min_trust_ratio, max_trust_ratio] as kernel floats, -inf and inf where absent."""
+    return (-math.inf if hp.min_trust_ratio is None else float(hp.min_trust_ratio),
+            math.inf if hp.max_trust_ratio is None else float(hp.max_trust_ratio))
+
+
 # The kernels read the layer table's addresses, which traced tensors do not have: under torch.compile the
 # Triton step runs eagerly, outside the graph (one graph break per bucket).
 @torch.compiler.disable
@@ -238,8 +244,8 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     device, partials, new_steps, zero = covered.device, ws["partials"], ws["new_steps"], ws["zero"]
     lr_on_device = isinstance(hp.lr, Tensor)
     flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
-                 HAS_GRAD_SCALE=grad_scale is not None, SUM_OF_NORMS=hp.sum_of_norms, ALL_ALIGNED=table.aligned16,
-                 BLOCK=sizes.block, num_warps=sizes.num_warps)
+                 HAS_GRAD_SCALE=grad_scale is not None, SUM_OF_NORMS=hp.sum_of_norms, ADAPT=hp.adapt,
+                 ALL_ALIGNED=table.aligned16, BLOCK=sizes.block, num_warps=sizes.num_warps)
     # Python floats throughout: an int hyper-parameter (weight_decay=0) would change the kernel signature.
     momentum, weight_decay, eta, eps, lmbda, alpha, delay, gamma_min = map(float, (
         hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min))
@@ -253,9 +259,9 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
             table.layers, table.chunk_layer, sums, new_steps, scale, _device_scalar(found_inf, device, zero),
             _device_scalar(hp.lr if lr_on_device else None, device, zero), table.num_chunks, sizes.chunk,
             0.0 if lr_on_device else float(hp.lr), momentum, weight_decay, eta, eps, _norm_clip(hp.norm_clip),
-            lmbda, alpha, delay, gamma_min,
-            LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi, RBLOCK=sizes.reduce_block,
-            LAYER_SUMS=layer_sums, **flags)
+            lmbda, alpha, delay, gamma_min, *_trust_ratio_bounds(hp), 1.0 - float(hp.dampening),
+            LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi, TRUST_CLIP=hp.trust_clip,
+            RBLOCK=sizes.reduce_block, LAYER_SUMS=layer_sums, **flags)
 
 
 @torch.compiler.disable
@@ -274,20 +280,20 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     log_beta1, log_beta2 = hp.log_beta1, hp.log_beta2
     beta1, beta2, eps, weight_decay = map(float, (hp.beta1, hp.beta2, hp.eps, hp.weight_decay))
     flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
-                 BIAS_CORRECTION=hp.bias_correction, ALL_ALIGNED=table.aligned16, BLOCK=sizes.block,
-                 num_warps=sizes.num_warps)
+                 BIAS_CORRECTION=hp.bias_correction, DECOUPLED_DECAY=hp.decoupled_decay, ALL_ALIGNED=table.aligned16,
+                 BLOCK=sizes.block, num_warps=sizes.num_warps)
     grid = (table.num_chunks,)
     with _launch_context(table, ws, device):
         found = _device_scalar(found_inf, device, zero)
         lamb_moments_kernel[grid](
             table.layers, table.chunk_layer, partials, new_steps, _device_scalar(grad_scale, device, zero), found,
-            _device_scalar(hp.clip_coef, device, zero), table.num_chunks, sizes.chunk, beta1, beta2, 1.0 - beta1,
-            1.0 - beta2, log_beta1, log_beta2, eps, weight_decay,
+            _device_scalar(hp.clip_coef, device, zero), table.num_chunks, sizes.chunk, beta1, beta2,
+            float(hp.first_moment_factor), 1.0 - beta2, log_beta1, log_beta2, eps, weight_decay,
             HAS_GRAD_SCALE=grad_scale is not None, HAS_CLIP_COEF=hp.clip_coef is not None, **flags)
         sums = _pass2_sums(covered, table, ws, sizes, layer_sums)
         lamb_update_kernel[grid](
             table.layers, table.chunk_layer, sums, new_steps, found,
             _device_scalar(hp.lr if lr_on_device else None, device, zero), table.num_chunks, sizes.chunk,
             0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, eps, weight_decay,
-            _norm_clip(hp.norm_clip), LR_ON_DEVICE=lr_on_device, RBLOCK=sizes.reduce_block,
-            LAYER_SUMS=layer_sums, **flags)
+            _norm_clip(hp.norm_clip), *_trust_ratio_bounds(hp), LR_ON_DEVICE=lr_on_device, ADAPT=hp.adapt,
+            RBLOCK=sizes.reduce_block, LAYER_SUMS=layer_sums, **flags)
