@@ -198,3 +198,60 @@ def test_fsdp2_host_memory_stays_flat_over_many_steps():
     from test_distributed import _spawn
 
     _spawn(_host_memory_check, ["tvlars@auto", "lamb-max-grad-norm@foreach"], None, WINDOW)
+
+
+# ----------------------------------------------------------------- a step GradScaler skips
+
+SKIP_CASES = [(LARS, dict(lr=0.5, nesterov=True, weight_decay=1e-3)), (TVLARS, dict(lr=0.5, lmbda=0.05)),
+              (LAMB, dict(lr=1e-2, max_grad_norm=1.0))]
+SCALE = 2.0 ** 4  # a power of two: scaled gradients unscale exactly
+
+
+def _mixed_params(seed=0):
+    """float32, float64 (stepped by foreach even under a fused backend) and bfloat16 (with a float32 master)
+    layers in one param group."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=gen) + 0.1).to(dtype).requires_grad_()
+            for shape, dtype in [((6, 5), torch.float32), ((4, 3), torch.float64), ((5, 2), torch.bfloat16),
+                                 ((7,), torch.float32), ((3, 3), torch.float64)]]
+
+
+def _set_grads(params, step, scale=1.0):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * scale).to(p.dtype)
+
+
+def _everything(opt, params):
+    return [p.detach().clone() for p in params] + [t.clone() for p in params for t in opt.state[p].values()]
+
+
+@pytest.mark.parametrize("cls,kwargs", SKIP_CASES, ids=["LARS-nesterov", "TVLARS", "LAMB-max-grad-norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_step_grad_scaler_skips_leaves_momentum_moments_and_steps_untouched(cls, kwargs, backend):
+    """torch's fused SGD advanced its momentum on steps GradScaler skipped. With ``grad_scale`` and ``found_inf``
+    set on the optimizer as GradScaler sets them, found_inf = 1 leaves every parameter, master weight, momentum
+    buffer, LAMB moment and step count as it was, in every bucket (float64 ones included, which a fused backend
+    hands to foreach); found_inf = 0 then steps exactly as an unscaled twin does (so the flag, not a broken
+    step, is what kept them)."""
+    backend_or_skip(backend)
+    params, twin = _mixed_params(), _mixed_params()
+    opt = cls(params, backend=backend, master_weights=True, **kwargs)
+    twin_opt = cls(twin, backend=backend, master_weights=True, **kwargs)
+    for step in range(2):
+        _set_grads(params, step), _set_grads(twin, step)
+        opt.step(), twin_opt.step()
+    _set_grads(params, 2, SCALE)
+    opt.grad_scale, opt.found_inf = torch.tensor(SCALE), torch.tensor(1.0)
+    before = _everything(opt, params)
+    opt.step()
+    after = _everything(opt, params)
+    assert all(torch.equal(a, b) for a, b in zip(after, before)), "a skipped step wrote something"
+    assert "master_weight" in opt.state[params[2]]
+
+    opt.found_inf = torch.tensor(0.0)
+    _set_grads(twin, 2)
+    opt.step(), twin_opt.step()
+    stepped = _everything(opt, params)
+    assert all(torch.equal(a, b) for a, b in zip(stepped, _everything(twin_opt, twin)))
+    assert not any(torch.equal(a, b) for a, b in zip(stepped, before))
