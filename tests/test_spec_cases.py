@@ -73,6 +73,21 @@ HAND_CASES = [
     # norm_clip 1 on ||w|| = 5 and wd 0: u = [1, -1] (up to eps), q = 1 / sqrt(2)
     ("lamb-norm-clip", LAMB, dict(lr=0.1, weight_decay=0.0, eps=1e-12, norm_clip=1.0),
      W, [[1.0, -2.0]], [[3 - 0.1 / math.sqrt(2), 4 + 0.1 / math.sqrt(2)]]),
+    # Variants (section 8). No weight decay but adapted: d = g, so ||d|| = ||g|| = 1 and q = 0.02 * 5 / 1 (the
+    # denominator's sums must be taken over g, not g + beta * w, and taken at all).
+    ("lars-no-decay-adapted", LARS, dict(lr=0.1, weight_decay=0.1, eta=0.02, exclude=None,
+                                         exclude_from_weight_decay=lambda p: True), W, G, [[2.99, 4.0]]),
+    # the same with the sum of norms: D = ||g|| + beta' * ||w|| with beta' = 0
+    ("lars-no-decay-adapted-sum", LARS, dict(lr=0.1, weight_decay=0.1, eta=0.02, exclude=None,
+                                             exclude_from_weight_decay=lambda p: True,
+                                             trust_denominator="sum_of_norms"), W, G, [[2.99, 4.0]]),
+    # LARC's clip on the zero-norm branch: ||g|| = 0 (sum of norms) gives q = 1, clipped to 1 / lr = 0.5 as lr = 2
+    # exceeds it; d = beta * w = [0.3, 0.4], w - 2 * 0.5 * d
+    ("lars-trust-clip-zero-grad", LARS, dict(lr=2.0, weight_decay=0.1, eta=0.02, trust_clip=True,
+                                             trust_denominator="sum_of_norms"), W, [[0.0, 0.0]], [[2.7, 3.6]]),
+    # decoupled decay: w *= 1 - 0.5 * 1.0 first, so ||w|| = 2.5; u = g / |g| = [1, -1] (up to eps), q = 2.5 / sqrt(2)
+    ("lamb-decoupled-decay", LAMB, dict(lr=0.5, weight_decay=1.0, eps=1e-12, decoupled_decay=True),
+     W, [[1.0, -2.0]], [[1.5 - 0.5 * 2.5 / math.sqrt(2), 2 + 0.5 * 2.5 / math.sqrt(2)]]),
 ]
 
 
