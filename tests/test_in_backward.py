@@ -20,6 +20,16 @@ OPTIMIZERS = {
 BUCKET_MB = 2 / 1024
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and every op waits at its OpenMP barrier when the other core is
+    busy (the suite runs on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Net(nn.Module):
     """A small CNN with a frozen layer, an unused branch and layers of uneven sizes (the largest, ``conv``, sets a
     whole bucket's Triton chunk, which a bucket without it must keep)."""
@@ -350,6 +360,7 @@ def _ddp_in_backward_check(rank, world, mesh, name, backend, steps):
     under DDP: bit-identical on every rank after every iteration, with no_sync() accumulation on odd iterations."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    torch.set_num_threads(1)  # two ranks on two cores
     model, twin = _model(torch.float32), _model(torch.float32)
     del model.unused, twin.unused  # DDP without find_unused_parameters needs every layer used
     ddp = DDP(model, bucket_cap_mb=1 / 1024, find_unused_parameters=False)
@@ -391,7 +402,8 @@ def _fsdp_in_backward_check(rank, world, mesh, name, backend, steps):
         models.append(model)
     model, twin = models
     cls, kwargs = OPTIMIZERS[name]
-    opt, twin_opt = cls(model.parameters(), backend=backend, **kwargs), cls(twin.parameters(), backend=backend, **kwargs)
+    opt = cls(model.parameters(), backend=backend, **kwargs)
+    twin_opt = cls(twin.parameters(), backend=backend, **kwargs)
     handle = opt.step_in_backward(bucket_mb=100 / 2 ** 20)
     for i in range(steps):
         x = torch.randn(8, 5, generator=torch.Generator().manual_seed(i))  # the same batch on every rank
@@ -414,7 +426,7 @@ def test_ddp_and_fsdp2_step_inside_backward():
     backend auto (cpp: DDP's buckets through the fused op, FSDP2's through its split sums / all-reduce / apply)."""
     from test_distributed import _spawn
 
-    _spawn(_distributed_check, list(OPTIMIZERS), "auto", 6)
+    _spawn(_distributed_check, list(OPTIMIZERS), "auto", 4)
 
 
 # ----------------------------------------------------------------------------------------------- the example
@@ -432,13 +444,8 @@ def test_example_trains_the_same_run_inside_backward():
     sys.modules[spec.name] = lb  # dataclasses look their module up by name
     spec.loader.exec_module(lb)
     data = lb.load_data("digits", device="cpu", train_size=128)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runs = [lb.train_run(data, lb.OptSpec("lars", warmup=True), 32, seed=0,
-                             epochs=5, backend="cpp", widths=(4, 8, 16), warmup_epochs=1, record_steps=True,
-                             evaluate_every_epoch=False, in_backward=in_backward) for in_backward in (False, True)]
-    finally:
-        torch.set_num_threads(threads)
+    runs = [lb.train_run(data, lb.OptSpec("lars", warmup=True), 32, seed=0, epochs=5, backend="cpp", widths=(4, 8, 16),
+                         warmup_epochs=1, record_steps=True, evaluate_every_epoch=False, in_backward=in_backward)
+            for in_backward in (False, True)]
     assert len(runs[0].step_loss) == 20 and runs[0].step_loss == runs[1].step_loss
     assert len(set(runs[0].lr)) == 5  # the schedule moved the learning rate
