@@ -553,6 +553,8 @@ def table_without_addresses(bucket):
      "lars_step_table: layer 0 has no tensor addresses in the table"),
     (lambda b: table_args(b, False) + [torch.zeros(10, 2), 1], r"lars_step_table: phase 1 needs layer_sums, a "
      r"contiguous float64 tensor of shape \[10, 2\]"),
+    (lambda b: table_args(b, False)[:-4] + [2.0, 1.0, True, _cpp_backend.CHUNK],
+     r"lars_step_table: min_trust_ratio \(2\) must not exceed max_trust_ratio \(1\)"),
 ])
 def test_table_form_bad_arguments_name_the_parameter(change, message):
     bucket = make_bucket(SHAPES)
