@@ -466,6 +466,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             with_grad.append(p)
         if not torch.compiler.is_compiling():  # traced tensors have no addresses
             self._check_no_shared_memory(index, group["params"], with_grad)
+        self._exclusions(index, group, with_grad)  # a predicate that raises does so before any state is created
         devices = {p.device for p in with_grad}
         if len(devices) > 1:
             raise RuntimeError(f"{type(self).__name__}: the parameters of param group {index} are on several devices "
