@@ -39,16 +39,13 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import _backends, _layer_table
+from ._optimizer import LayerwiseOptimizer, _all_reduce_over, _local, _sharding
 from ._types import Bucket
-
-if TYPE_CHECKING:
-    from ._optimizer import LayerwiseOptimizer
 
 # The cache entries a backend reads its chunking from: _cpp_backend._chunk_size (CUDA) and
 # _triton_backend.launch_sizes. Preset so that a bucket chunks its layers as the whole group's bucket would.
@@ -56,21 +53,17 @@ CUDA_CHUNK_KEY = "cuda_chunk"
 TRITON_SIZES_KEY = "triton_launch_sizes"
 
 
-def _local(t: Tensor) -> Tensor:
-    from ._optimizer import _local as local
-
-    return local(t)
-
-
 def whole_bucket_chunking(backend: str, params: list[Tensor]) -> dict:
     """The cache entries that make any bucket of some of ``params`` (one param group's layers of one device and
     dtype, local shards when sharded) chunk its layers as a bucket of all of them does in the ordinary step."""
     whole = Bucket(params=params, grads=[], states=[], steps=[], excluded=[], cache={})
-    if backend == "triton":
-        return {TRITON_SIZES_KEY: _backends.module("triton").launch_sizes(whole)}
-    if backend in ("cuda", "cpp") and whole.device.type == "cuda":
-        return {CUDA_CHUNK_KEY: _backends.module(backend)._chunk_size(whole)}
-    return {}  # cpp on the CPU: a fixed chunk; foreach and reference: no chunks
+    presets = {}
+    if backend == "cuda":
+        presets[CUDA_CHUNK_KEY] = _backends.module(backend)._chunk_size(whole)
+    # triton's too for cuda, which steps with triton where its cooperative launch cannot run (_cpp_backend)
+    if backend == "triton" or (backend == "cuda" and _backends.unavailable_reason("triton", whole.device) is None):
+        presets[TRITON_SIZES_KEY] = _backends.module("triton").launch_sizes(whole)
+    return presets  # cpp (CPU): a fixed chunk; foreach and reference: no chunks
 
 
 class _Slot:
@@ -265,8 +258,6 @@ class InBackward:
     def _build(self) -> None:
         """The buckets: the recorded order cut into runs of at most ``bucket_mb`` per (param group, device, dtype),
         each with its state, its backend and the whole group's chunking."""
-        from ._optimizer import _sharding
-
         opt = self._opt
         group_of = {id(p): index for index, group in enumerate(opt.param_groups) for p in group["params"]}
         by_key: dict[tuple, list[Tensor]] = {}
@@ -291,8 +282,6 @@ class InBackward:
         self._built_for = self._fingerprint()
 
     def _slot(self, index, device, dtype, sharding, backend, params, presets) -> _Slot:
-        from ._optimizer import _all_reduce_over
-
         opt = self._opt
         bucket = opt._bucket(index, opt.param_groups[index], device, dtype, params, sharding is not None,
                              cache=dict(presets))
