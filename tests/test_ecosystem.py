@@ -103,6 +103,8 @@ def test_register_with_timm_is_idempotent_and_never_overwrites_timm():
 # ----------------------------------------------------------------- Hugging Face Transformers
 
 def _transformers():
+    pytest.importorskip("accelerate", reason="accelerate (the Trainer needs it) is not installed (pip install "
+                                             "transformers accelerate)")
     return pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers "
                                                       "accelerate)")
 
