@@ -184,8 +184,7 @@ def _host_memory_check(rank, world, mesh, name_at_backend, _backend, steps):
     # object.
     assert bytes_2 - bytes_1 < 8 * PARAMS_IN_MODEL * steps, (name, backend, rank, marks)
     assert objects_2 - objects_1 < steps // 10, (name, backend, rank, marks)
-    assert type(next(iter(opt.state.values()))["step"]).__name__ == "Tensor"
-    assert any(type(t).__name__ == "DTensor" for s in opt.state.values() for t in s.values())
+    assert any(type(t).__name__ == "DTensor" for s in opt.state.values() for t in s.values())  # what was stepped
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
