@@ -449,3 +449,20 @@ def test_example_trains_the_same_run_inside_backward():
             for in_backward in (False, True)]
     assert len(runs[0].step_loss) == 20 and runs[0].step_loss == runs[1].step_loss
     assert len(set(runs[0].lr)) == 5  # the schedule moved the learning rate
+
+
+def test_a_new_exclusion_rule_rebuilds_the_buckets():
+    """The kept buckets hold each layer's exclusion: a predicate set between iterations must reach them, as it reaches
+    the ordinary step's."""
+    model, twin = _model(torch.float32), _model(torch.float32)
+    opt, twin_opt = _optimizer("lars", model, "cpp", torch.float32), _optimizer("lars", twin, "cpp", torch.float32)
+    opt.step_in_backward(bucket_mb=BUCKET_MB)
+    for i in range(5):
+        if i == 3:
+            for o in (opt, twin_opt):
+                o.param_groups[0]["exclude"] = lambda p: p.ndim <= 1 or p.shape[0] == 16  # the conv layer too
+        for m, o in ((model, opt), (twin, twin_opt)):
+            _loss(m, i, torch.float32).backward()
+            o.step()
+            o.zero_grad()
+        _assert_identical(model, opt, twin, twin_opt, f"iteration {i}")

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from . import _backends, _layer_table
-from ._optimizer import LayerwiseOptimizer, _all_reduce_over, _local, _sharding
+from ._optimizer import LayerwiseOptimizer, _all_reduce_over, _local, _predicates, _sharding
 from ._types import Bucket
 
 # The cache entries a backend reads its chunking from: _cpp_backend._chunk_size (CUDA) and
@@ -244,14 +244,15 @@ class InBackward:
     def _fingerprint(self) -> tuple:
         opt = self._opt
         return (opt.state, opt._state_version[0],
-                tuple(group.get("exclude") for group in opt.param_groups),
+                tuple(predicate for group in opt.param_groups for predicate in _predicates(group)),
                 tuple(tuple(group["params"]) for group in opt.param_groups))
 
     def _stale(self, built: tuple) -> bool:
         """Whether kept buckets built at ``built`` (a ``_fingerprint``) no longer hold: new state (a checkpoint
-        loaded, state replaced), another exclusion rule, or a param group's list edited."""
+        loaded, state replaced), other exclusion predicates, or a param group's list edited."""
         now = self._fingerprint()
-        return not (built[0] is now[0] and built[1] == now[1] and all(map(operator.is_, built[2], now[2]))
+        return not (built[0] is now[0] and built[1] == now[1] and len(built[2]) == len(now[2])
+                    and all(map(operator.is_, built[2], now[2]))
                     and len(built[3]) == len(now[3])
                     and all(len(a) == len(b) and all(map(operator.is_, a, b)) for a, b in zip(built[3], now[3])))
 
