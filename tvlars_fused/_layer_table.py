@@ -38,7 +38,6 @@ NUM_COLS = 10
 # Per-layer flags (csrc/layer_table.h): no weight decay (beta' = 0), no trust ratio (q = 1).
 FLAG_NO_DECAY = 1
 FLAG_NO_ADAPT = 4
-FLAG_EXCLUDED = FLAG_NO_DECAY  # until the Triton kernels read both bits
 # Every tensor address of the layer is a multiple of 16 bytes: the Triton kernels take their vector path for it
 # (decided per layer, so one misaligned view does not slow its whole bucket down).
 FLAG_ALIGNED16 = 2
