@@ -82,6 +82,25 @@ def test_timm_no_decay_group_is_ours_without_weight_decay():
     assert not all(torch.equal(a, b) for a, b in zip(ours, _train(_Net(), decayed_everywhere)))
 
 
+@pytest.mark.parametrize("timm_name,ours", [
+    ("lars", lambda groups: LARS.timm(groups, 0.5, momentum=0.9)),
+    ("nlarc", lambda groups: LARS.timm(groups, 0.5, momentum=0.9, nesterov=True, trust_clip=True)),
+    ("lamb", lambda groups: LAMB.timm(groups, 0.5)),
+    ("lambcw", lambda groups: LAMB.timm(groups, 0.5, trust_clip=True, decoupled_decay=True)),
+])
+def test_timm_factory_names_and_the_migration_table(timm_name, ours):
+    """docs/migration.md's rows for timm's factory names: timm's own optimizer from create_optimizer_v2 and ours
+    built as the table says, on the factory's groups, take the same steps (to rounding: timm orders its arithmetic
+    differently)."""
+    timm_optim = _timm()
+    model, twin = _Net(), _Net()
+    theirs = timm_optim.create_optimizer_v2(model, opt=timm_name, lr=0.5, weight_decay=1e-2)
+    assert type(theirs).__module__.startswith("timm.")
+    mine = ours(timm_optim.param_groups_weight_decay(twin, weight_decay=1e-2))
+    for a, b in zip(_train(model, theirs), _train(twin, mine)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_register_with_timm_is_idempotent_and_never_overwrites_timm():
     timm_optim = _timm()
     from timm.optim import OptimizerRegistry
