@@ -246,14 +246,15 @@ def test_strided_layers_are_updated_in_place_through_foreach(lamb):
 
 # ----------------------------------------------------------------------------- variants (docs/algorithms.md, 8)
 # (lamb, hyper-parameters): the options of section 8 on layers over many chunks. The bounds sit inside the range
-# of these layers' computed ratios, so some are clamped and some not; lr 2 makes LARC's clip of the zero-norm
-# q = 1 (layer 0's zero gradient under sum_of_norms) a real 1 / lr.
+# of these layers' computed ratios, so some are clamped and some not; lr 2 makes LARC's clip of q = 1 a real
+# 1 / lr (for layer 0's zero gradient under sum_of_norms; and for unadapted layers, were they clipped); eta 1 makes
+# the TVLARS ratios large enough that a 1e-3 relative error in one norm shows in the momentum buffers.
 VARIANTS = {
     "lars-sum-of-norms-clip-bounds": (False, dict(use_phi=False, sum_of_norms=True, weight_decay=1e-2, lr=2.0,
                                                   trust_clip=True, min_trust_ratio=9e-4, max_trust_ratio=2e-3)),
-    "tvlars-dampening-bounds": (False, dict(dampening=0.3, weight_decay=1e-2, min_trust_ratio=4.5e-4,
-                                            max_trust_ratio=1e-3)),
-    "tvlars-not-adapted": (False, dict(adapt=False, dampening=0.1, trust_clip=True)),
+    "tvlars-dampening-bounds": (False, dict(dampening=0.3, weight_decay=0.1, eta=1.0, min_trust_ratio=0.45,
+                                            max_trust_ratio=1.0)),
+    "tvlars-not-adapted": (False, dict(adapt=False, dampening=0.1, trust_clip=True, lr=2.0)),
     "lamb-decoupled-bounds": (True, dict(decoupled_decay=True, grad_averaging=False, weight_decay=0.5, lr=0.1,
                                          min_trust_ratio=0.15, max_trust_ratio=1.0)),
     "lamb-not-adapted": (True, dict(adapt=False, grad_averaging=False)),
