@@ -9,7 +9,8 @@ Bugs of that list already guarded elsewhere, so not repeated here:
   ``test_cpp_backend.py::test_split_step_on_empty_local_shards`` and
   ``test_triton.py::test_sharded_rank_with_only_empty_shards_steps``;
 - a layer whose gradient is zero and one whose weight is zero: ``ZERO_GRAD_LAYER`` and ``ZERO_WEIGHT_LAYER`` of
-  ``tests/cases.py``, in the same two tests (``test_spec_cases.py`` asserts the inputs hold them);
+  ``tests/cases.py``, in the same two tests (``test_spec_cases.py`` asserts the inputs hold them); the case table's
+  zero-weight layer is 1-D, which the LARS family excludes by default, so the adapted one is tested here;
 - moments untouched on a step GradScaler skips, float32 TVLARS and LAMB on every backend with a real GradScaler:
   ``test_integrations.py::test_grad_scaler_skips_a_non_finite_step_and_the_next_step_matches_the_reference``.
 """
@@ -22,7 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from cases import backend_or_skip
+import spec_numpy
+from cases import (ZERO_GRAD_LAYER, ZERO_WEIGHT_LAYER, Case, assert_matches, backend_or_skip, make_params, run,
+                   set_grads)
 from tvlars_fused import LAMB, LARS, TVLARS, _layer_table
 
 BACKENDS = ["reference", "foreach", "cpp", "triton"]
@@ -254,3 +257,53 @@ def test_a_step_grad_scaler_skips_leaves_momentum_moments_and_steps_untouched(cl
     stepped = _everything(opt, params)
     assert all(torch.equal(a, b) for a, b in zip(stepped, _everything(twin_opt, twin)))
     assert not any(torch.equal(a, b) for a, b in zip(stepped, before))
+
+
+# ----------------------------------------------------------------- zero gradient, zero weight, every variant
+
+# Index 2 starts at zero and index 5 never has a gradient (tests/cases.py's make_params / set_grads); both are
+# 2-D here, so that the LARS family adapts them: the case table's zero-weight layer is 1-D, excluded by default.
+ZERO_SHAPES = [(8, 4), (3, 3), (6, 5), (5,), (1,), (7, 3)]
+ZERO_CASES = [
+    Case("tvlars", TVLARS, dict(lr=0.5, lmbda=0.05, exclude=None)),
+    Case("tvlars-sum-of-norms", TVLARS, dict(lr=0.5, trust_denominator="sum_of_norms", exclude=None)),
+    Case("lars-sum-of-norms-nesterov", LARS, dict(lr=0.5, trust_denominator="sum_of_norms", nesterov=True,
+                                                  exclude=None, weight_decay=1e-2)),
+    Case("lamb", LAMB, dict(lr=1e-2, max_grad_norm=1.0)),
+]
+
+
+@pytest.mark.parametrize("case", ZERO_CASES, ids=repr)
+@pytest.mark.parametrize("backend", ["foreach", "cpp", "triton"])
+def test_zero_gradient_and_zero_weight_layers_match_the_reference(case, backend):
+    """Peers differ on these layers (timm takes q = 1 when ||g|| = 0, apex's LARC skips the layer's decay): a layer
+    whose weight starts at 0 and one whose gradient stays 0, adapted, with phi and both trust denominators, match
+    the reference on every backend; the reference takes q = 1 on them where the spec says so (the float64 NumPy
+    reading, which shares no code with it)."""
+    backend_or_skip(backend)
+    params, opt = run(case, backend, shapes=ZERO_SHAPES, steps=4)
+    ref_params, ref_opt = run(case, "reference", shapes=ZERO_SHAPES, steps=4)
+    assert_matches(params, ref_params, opt, ref_opt, rtol=1e-6, atol=1e-7)
+    assert not make_params(ZERO_SHAPES)[ZERO_WEIGHT_LAYER].detach().any()
+
+
+@pytest.mark.parametrize("case", ZERO_CASES, ids=repr)
+def test_zero_gradient_and_zero_weight_layers_reference_matches_the_numpy_reading(case):
+    start = [p.detach().double().numpy() for p in make_params(ZERO_SHAPES)]
+    probe = make_params(ZERO_SHAPES)
+    grads = []
+    for step in range(4):
+        set_grads(probe, step)
+        grads.append([p.grad.double().numpy() for p in probe])
+    assert not grads[0][ZERO_GRAD_LAYER].any()
+    kwargs = {k: v for k, v in case.kwargs.items() if k != "exclude"}
+    if case.cls is LAMB:
+        expected = spec_numpy.lamb(start, grads, **kwargs)
+    else:
+        tv = dict(lmbda=1e-3, alpha=0.1, delay=0, gamma_min=0.0) if case.cls is TVLARS else None
+        if tv is not None:
+            tv.update({k: kwargs.pop(k) for k in list(kwargs) if k in tv})
+        expected = spec_numpy.lars_family(start, grads, phi=tv, **kwargs)
+    params, _ = run(case, "reference", dtype=torch.float64, shapes=ZERO_SHAPES, steps=4)
+    for i, (p, e) in enumerate(zip(params, expected)):
+        np.testing.assert_allclose(p.detach().numpy(), e, rtol=1e-12, atol=1e-14, err_msg=f"layer {i}")
