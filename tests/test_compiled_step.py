@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from buckets import make_bucket
-from cases import SMALL_SHAPES, backend_or_skip, make_params, set_grads
+from cases import CASES, SMALL_SHAPES, backend_or_skip, make_params, set_grads
 from tvlars_fused import LAMB, TVLARS, _layer_table
 from tvlars_fused._types import LambHyper, LarsHyper
 
@@ -125,3 +125,39 @@ def test_a_warm_compiled_step_builds_nothing_and_matches_eager(monkeypatch, cls,
     tables = [t for cache in opt._compiled_owner.caches.values() for key, t in cache.items()
               if isinstance(key, tuple) and key[0] == "layer_table"]
     assert len(tables) == 1 and "cpp_partials" in tables[0].workspace
+
+
+def test_every_hyper_parameter_crosses_the_op_schema():
+    """The traced op takes the hyper-parameters as one list of floats (field order); each field, set away from its
+    default (bools flipped, None and a number both), comes back as it was."""
+    from dataclasses import fields
+
+    from tvlars_fused._compiled_step import _decode, _encode
+
+    for cls, base in ((LarsHyper, LARS_HP), (LambHyper, LAMB_HP)):
+        for f in fields(cls):
+            if f.name in ("lr", "clip_coef"):
+                continue
+            value = getattr(base, f.name)
+            for changed in ([not value] if isinstance(value, bool) else [None, 0.25] if f.type != "float" else [0.25]):
+                hp = cls(**{**base.__dict__, f.name: changed})
+                assert _decode(cls, _encode(hp), hp.lr, None, **({"clip_coef": None} if cls is LambHyper else {})) \
+                    == hp, f.name
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("tvlars-dampening-bounds-split", "lamb-variants")],
+                         ids=repr)
+def test_a_compiled_step_keeps_the_variants(case):
+    """The variant options and split exclusions reach the run-time step (they once did not: a compiled dampened LARS
+    was 3.2 off the eager one after 3 steps)."""
+    backend_or_skip("cpp")
+    compiled_params, eager_params = make_params(SMALL_SHAPES), make_params(SMALL_SHAPES)
+    opt = case.cls(compiled_params, backend="cpp", **case.kwargs)
+    eager = case.cls(eager_params, backend="cpp", **case.kwargs)
+    step = torch.compile(opt.step)
+    for i in range(3):
+        set_grads(compiled_params, i), set_grads(eager_params, i)
+        step()
+        eager.step()
+    for p, q in zip(compiled_params, eager_params):
+        assert torch.equal(p, q)

@@ -16,7 +16,9 @@ run outside the graph instead (one graph break each).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -46,44 +48,65 @@ _owners: weakref.WeakValueDictionary[int, Owner] = weakref.WeakValueDictionary()
 _HAND_MADE = Owner(keep_alive=None)  # buckets made by hand (the functional API): kept for the process's life
 
 
-def _runtime_bucket(owner: int, key: str, params, grads, states, steps, excluded, masters) -> Bucket:
+def _runtime_bucket(owner: int, key: str, params, grads, states, steps, no_decay, no_adapt, masters) -> Bucket:
     lender = _owners.get(owner)
     if lender is None:
         raise RuntimeError("tvlars_fused: this compiled step belongs to an optimizer that no longer exists")
-    return Bucket(params=params, grads=grads, states=states, steps=steps, excluded=list(excluded),
-                  masters=masters or None, cache=lender.caches.setdefault(key, {}), keep_alive=lender.keep_alive)
+    return Bucket(params=params, grads=grads, states=states, steps=steps,
+                  excluded=[a and b for a, b in zip(no_decay, no_adapt)], no_decay=list(no_decay),
+                  no_adapt=list(no_adapt), masters=masters or None, cache=lender.caches.setdefault(key, {}),
+                  keep_alive=lender.keep_alive)
 
 
 def _backend(bucket: Bucket) -> str:
     return "cuda" if bucket.device.type == "cuda" else "cpp"
 
 
+# The hyper-parameters cross the op's schema as one list of floats, in the dataclass's field order (bools as 0/1, None
+# as NaN: a hyper-parameter is never NaN, the optimizer refuses it), so a new option needs no new op argument.
+_TENSOR_FIELDS = ("lr", "clip_coef")
+
+
+def _encode(hp) -> list[float]:
+    values = []
+    for f in dataclasses.fields(hp):
+        if f.name not in _TENSOR_FIELDS:
+            value = getattr(hp, f.name)
+            values.append(math.nan if value is None else float(value))
+    return values
+
+
+def _decode(cls, values: list[float], lr: float, lr_tensor: Tensor | None, **tensors):
+    kwargs = dict(tensors, lr=lr if lr_tensor is None else lr_tensor)
+    names = [f for f in dataclasses.fields(cls) if f.name not in _TENSOR_FIELDS]
+    for f, value in zip(names, values, strict=True):
+        if f.type == "bool":
+            kwargs[f.name] = bool(value)
+        else:
+            kwargs[f.name] = None if math.isnan(value) else value
+    return cls(**kwargs)
+
+
 @torch.library.custom_op("tvlars_fused::bucket_lars_step", mutates_args=("params", "momentum_buffers", "masters",
                                                                           "steps"))
 def _bucket_lars_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
-                      masters: list[Tensor], steps: list[Tensor], excluded: list[bool], lr: float,
-                      lr_tensor: Optional[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                      momentum: float, weight_decay: float, eta: float, eps: float, norm_clip: Optional[float],
-                      sum_of_norms: bool, nesterov: bool, use_phi: bool, lmbda: float, alpha: float, delay: float,
-                      gamma_min: float, owner: int, key: str) -> None:
-    bucket = _runtime_bucket(owner, key, params, grads, [momentum_buffers], steps, excluded, masters)
-    hp = LarsHyper(lr=lr if lr_tensor is None else lr_tensor, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                   eps=eps, norm_clip=norm_clip, sum_of_norms=sum_of_norms, nesterov=nesterov, use_phi=use_phi,
-                   lmbda=lmbda, alpha=alpha, delay=delay, gamma_min=gamma_min)
+                      masters: list[Tensor], steps: list[Tensor], no_decay: list[bool], no_adapt: list[bool],
+                      lr: float, lr_tensor: Optional[Tensor], grad_scale: Optional[Tensor],
+                      found_inf: Optional[Tensor], hyper: list[float], owner: int, key: str) -> None:
+    bucket = _runtime_bucket(owner, key, params, grads, [momentum_buffers], steps, no_decay, no_adapt, masters)
+    hp = _decode(LarsHyper, hyper, lr, lr_tensor)
     _backends.module(_backend(bucket)).lars_step(bucket, hp, grad_scale, found_inf)
 
 
 @torch.library.custom_op("tvlars_fused::bucket_lamb_step", mutates_args=("params", "exp_avgs", "exp_avg_sqs",
                                                                           "masters", "steps"))
 def _bucket_lamb_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                      masters: list[Tensor], steps: list[Tensor], excluded: list[bool], lr: float,
-                      lr_tensor: Optional[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
-                      clip_coef: Optional[Tensor], beta1: float, beta2: float, eps: float, weight_decay: float,
-                      bias_correction: bool, norm_clip: Optional[float], owner: int, key: str) -> None:
-    bucket = _runtime_bucket(owner, key, params, grads, [exp_avgs, exp_avg_sqs], steps, excluded, masters)
-    hp = LambHyper(lr=lr if lr_tensor is None else lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
-                   weight_decay=weight_decay, bias_correction=bias_correction, norm_clip=norm_clip,
-                   clip_coef=clip_coef)
+                      masters: list[Tensor], steps: list[Tensor], no_decay: list[bool], no_adapt: list[bool],
+                      lr: float, lr_tensor: Optional[Tensor], grad_scale: Optional[Tensor],
+                      found_inf: Optional[Tensor], clip_coef: Optional[Tensor], hyper: list[float], owner: int,
+                      key: str) -> None:
+    bucket = _runtime_bucket(owner, key, params, grads, [exp_avgs, exp_avg_sqs], steps, no_decay, no_adapt, masters)
+    hp = _decode(LambHyper, hyper, lr, lr_tensor, clip_coef=clip_coef)
     _backends.module(_backend(bucket)).lamb_step(bucket, hp, grad_scale, found_inf)
 
 
@@ -116,10 +139,8 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None, found_in
         return
     lr, lr_tensor = _lr(hp.lr)
     torch.ops.tvlars_fused.bucket_lars_step(
-        bucket.params, bucket.grads, bucket.states[0], bucket.masters or [], bucket.steps, bucket.excluded, lr,
-        lr_tensor, grad_scale, found_inf, float(hp.momentum), float(hp.weight_decay), float(hp.eta), float(hp.eps),
-        None if hp.norm_clip is None else float(hp.norm_clip), hp.sum_of_norms, hp.nesterov, hp.use_phi,
-        float(hp.lmbda), float(hp.alpha), float(hp.delay), float(hp.gamma_min), *_owner_and_key(bucket))
+        bucket.params, bucket.grads, bucket.states[0], bucket.masters or [], bucket.steps, bucket.no_decay,
+        bucket.no_adapt, lr, lr_tensor, grad_scale, found_inf, _encode(hp), *_owner_and_key(bucket))
 
 
 def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
@@ -130,7 +151,5 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None, found_in
     lr, lr_tensor = _lr(hp.lr)
     exp_avgs, exp_avg_sqs = bucket.states
     torch.ops.tvlars_fused.bucket_lamb_step(
-        bucket.params, bucket.grads, exp_avgs, exp_avg_sqs, bucket.masters or [], bucket.steps, bucket.excluded, lr,
-        lr_tensor, grad_scale, found_inf, hp.clip_coef, float(hp.beta1), float(hp.beta2), float(hp.eps),
-        float(hp.weight_decay), hp.bias_correction, None if hp.norm_clip is None else float(hp.norm_clip),
-        *_owner_and_key(bucket))
+        bucket.params, bucket.grads, exp_avgs, exp_avg_sqs, bucket.masters or [], bucket.steps, bucket.no_decay,
+        bucket.no_adapt, lr, lr_tensor, grad_scale, found_inf, hp.clip_coef, _encode(hp), *_owner_and_key(bucket))
