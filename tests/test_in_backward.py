@@ -466,3 +466,19 @@ def test_a_new_exclusion_rule_rebuilds_the_buckets():
             o.step()
             o.zero_grad()
         _assert_identical(model, opt, twin, twin_opt, f"iteration {i}")
+
+
+def test_refuses_a_cuda_graph_capture(monkeypatch):
+    """Its hooks step from the host as gradients arrive: while a capture is under way (faked here, no GPU needed) the
+    first gradient of a backward is refused, saying so, before any bucket is stepped."""
+    from tvlars_fused import _in_backward
+
+    model = _model(torch.float32)
+    opt = _optimizer("tvlars", model, "cpp", torch.float32)
+    opt.step_in_backward(bucket_mb=BUCKET_MB)
+    _steady(opt, model, torch.float32, 2)
+    monkeypatch.setattr(_in_backward._layer_table, "capturing", lambda device: True)
+    before = _snapshot(model, opt)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        _loss(model, 2, torch.float32).backward()
+    _assert_unchanged(model, opt, before)
