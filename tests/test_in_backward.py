@@ -68,8 +68,9 @@ def _batch(i, dtype):
 
 
 def _loss(model, i, dtype):
+    device = next(model.parameters()).device
     x, y = _batch(i, dtype)
-    return nn.functional.cross_entropy(model(x).float(), y)
+    return nn.functional.cross_entropy(model(x.to(device)).float(), y.to(device))
 
 
 def _assert_identical(model, opt, twin, twin_opt, where):
@@ -81,10 +82,10 @@ def _assert_identical(model, opt, twin, twin_opt, where):
             assert torch.equal(state[key], twin_state[key]), f"{where}: state {key!r} of {name} differs"
 
 
-def _train_both(name, backend, dtype, iterations, accumulate=True):
+def _train_both(name, backend, dtype, iterations, accumulate=True, device="cpu"):
     """The ordinary loop and the loop with the step inside backward, side by side, with an LR scheduler and, on
     every other iteration, two micro-batches of gradient accumulation; compared after every iteration."""
-    model, twin = _model(dtype), _model(dtype)
+    model, twin = _model(dtype).to(device), _model(dtype).to(device)
     opt, twin_opt = _optimizer(name, model, backend, dtype), _optimizer(name, twin, backend, dtype)
     handle = opt.step_in_backward(bucket_mb=BUCKET_MB)
     schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.7) for o in (opt, twin_opt)]
@@ -482,3 +483,54 @@ def test_refuses_a_cuda_graph_capture(monkeypatch):
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
         _loss(model, 2, torch.float32).backward()
     _assert_unchanged(model, opt, before)
+
+
+# ----------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "foreach"])
+@pytest.mark.parametrize("name,dtype", [("tvlars", torch.float32), ("lars", torch.bfloat16), ("lamb", torch.float32)])
+def test_bit_identical_on_a_gpu(backend, name, dtype):
+    """On a GPU the hooks run on autograd's device thread and the launches queue between backward's kernels."""
+    backend_or_skip(backend, "cuda")
+    _train_both(name, backend, dtype, iterations=20, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_chunks_follow_the_whole_group(backend, monkeypatch):
+    """cuda's chunk follows the bucket's total size (8192 elements for this group's 34 M, 4096 for a bucket of its
+    small layers alone), triton's its largest layer: every layer must be chunked as in the ordinary step."""
+    backend_or_skip(backend, "cuda")
+    from tvlars_fused import _cpp_backend, _triton_backend
+
+    module = _cpp_backend if backend == "cuda" else _triton_backend
+    chunks = {}
+    prepare = module.prepare
+
+    def spy(bucket, chunk_size):
+        for p in bucket.params:
+            chunks.setdefault(p.data_ptr(), set()).add(chunk_size)
+        return prepare(bucket, chunk_size)
+
+    monkeypatch.setattr(module, "prepare", spy)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 4096), nn.ReLU(), nn.Linear(4096, 8192), nn.ReLU(),
+                             nn.Linear(8192, 8)).cuda()
+
+    seen = []
+    for in_backward in (False, True):
+        model = make()
+        opt = TVLARS(model.parameters(), lr=0.1, backend=backend)
+        if in_backward:
+            opt.step_in_backward(bucket_mb=1.0)  # the 128 MiB layer alone, the small ones in buckets of their own
+        chunks.clear()
+        for i in range(3):
+            model(torch.randn(4, 64, generator=torch.Generator().manual_seed(i)).cuda()).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        seen.append([chunks[p.data_ptr()] for p in model.parameters()])
+    assert seen[0] == seen[1]
