@@ -42,11 +42,13 @@ def test_bad_hyper_parameters_raise_at_construction(cls, kwargs, match):
     lambda **kw: TVLARS.official(make_params([(2, 2)]), lr=0.1, **kw),
     lambda **kw: LAMB(make_params([(2, 2)]), **kw),
 ], ids=["LARS", "TVLARS", "TVLARS.official", "LAMB"])
-@pytest.mark.parametrize("name", ["trust_clip", "dampening", "always_adapt", "lmbda", "betas", "momentum"])
+@pytest.mark.parametrize("name", ["trust_coeff", "foreach", "caution", "lmbda", "betas", "momentum", "dampening",
+                                  "grad_averaging"])
 def test_an_argument_a_class_does_not_know_is_a_type_error_naming_it(make, name):
     """As torch.optim: an unknown keyword is a TypeError, never kept in the defaults (and shown in the repr) while
-    changing nothing. LARS used to accept any keyword. Each class is asked for one it does know, too."""
-    known = {"LARS": ("momentum",), "TVLARS": ("momentum", "lmbda"), "LAMB": ("betas",)}
+    changing nothing. LARS used to accept any keyword. Each class is asked for ones it does know, too."""
+    known = {"LARS": ("momentum", "dampening"), "TVLARS": ("momentum", "lmbda", "dampening"),
+             "LAMB": ("betas", "grad_averaging")}
     try:
         optimizer = make(**{name: 0.5 if name != "betas" else (0.9, 0.99)})
     except TypeError as exc:
