@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "uses --device, --optimizers, --steps (rounds), --warmup, --threads, --out")
     parser.add_argument("--workloads", type=_csv, default=None,
                         help="with --training: resnet18-32px, bert6-512, tiny (default: resnet18-32px,bert6-512)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --training: also profile one iteration inside backward and one after it, and count "
+                             "the optimizer's kernels that run before backward's last kernel ends (traces in --out)")
     parser.add_argument("--bucket-mb", type=float, default=25.0,
                         help="with --training: bucket size of the step inside backward, MiB (default: 25)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"),

@@ -7,7 +7,8 @@
 # OUTDIR gets at most 8 files (all that the device tool brings back), and only these: SUMMARY.md (date, GPU, git
 # commit, versions, settings, where the libraries came from, each stage's outcome and time, the tests passed / failed
 # / skipped per file with the names of the failures, what each sanitizer found or why it did not run, the benchmark
-# tables), bench-results.json and bench-compile-results.json (the benchmarks' full results) and gpu-check.tar.gz:
+# tables), bench-results.json, bench-training-results.json and bench-compile-results.json (the benchmarks' full
+# results) and gpu-check.tar.gz:
 # everything else (one log per stage, tests.xml, the tests' summary, the benchmark folders). The stages write to a
 # work folder outside OUTDIR ($GPU_CHECK_WORK, default a new folder under $TMPDIR or /tmp), which is packed into the
 # tarball and removed at the end, also when a stage fails or times out and when this script is interrupted.
@@ -30,7 +31,9 @@
 #                                               ~35 s     JIT build of the CPU (~7 s) and CUDA (~26 s) libraries
 #   tests           GPU_CHECK_TESTS_S   200 s   ~120 s    pytest tests -m gpu on GPU_CHECK_WORKERS (6) workers
 #   bench           GPU_CHECK_BENCH_S   100 s   100 s     python -m bench; new cases stop 25 s before its end
-#   sanitize-TOOL   GPU_CHECK_SANITIZE_S 40 s   unknown   memcheck, racecheck, synccheck: 2 steps of each fused
+#   bench-training  GPU_CHECK_TRAINING_S 50 s   unknown   python -m bench --training: BERT-like iterations with the
+#                                                         step inside backward, and a profile of where its kernels run
+#   sanitize-TOOL   GPU_CHECK_SANITIZE_S 35 s   unknown   memcheck, racecheck, synccheck: 2 steps of each fused
 #                   each                                  backend, where compute-sanitizer is found
 #   bench-compile   the rest, if >= 75 s                  foreach vs foreach+compile on ResNet-50
 # (The expected test and sanitizer times are estimates: neither has run on a GPU yet.) Tests not started 40 s before
@@ -205,6 +208,10 @@ finish() {
         else
             echo "No benchmark summary: see bench.log."
         fi
+        if [ -f "$WORK/bench-training/summary.md" ]; then
+            echo
+            sed 's/^\(#\+\) /\1# /' "$WORK/bench-training/summary.md"  # one heading level down
+        fi
         if [ -f "$WORK/bench-compile/summary.md" ]; then
             echo
             echo "## torch.compile"
@@ -215,6 +222,8 @@ finish() {
     cp "$SUMMARY" "$WORK/SUMMARY.md"
     [ -f "$WORK/bench/results.json" ] && cp "$WORK/bench/results.json" "$OUT/bench-results.json"
     [ -f "$WORK/bench-compile/results.json" ] && cp "$WORK/bench-compile/results.json" "$OUT/bench-compile-results.json"
+    [ -f "$WORK/bench-training/results.json" ] &&
+        cp "$WORK/bench-training/results.json" "$OUT/bench-training-results.json"
     tar -czf "$OUT/gpu-check.tar.gz" -C "$(dirname "$WORK")" --transform "s,^$(basename "$WORK"),gpu-check," \
         "$(basename "$WORK")" || FAILED=1
     # All that comes back from the device machine is 8 files of OUTDIR: more would lose some of them.
@@ -233,7 +242,7 @@ trap 'INTERRUPTED=SIGTERM; exit 143' TERM
 
 declare -A SANITIZER_RESULT
 : >"$ROWS"
-rm -f "$SUMMARY" "$OUT/bench-results.json" "$OUT/bench-compile-results.json" "$OUT/gpu-check.tar.gz"  # none stale
+rm -f "$SUMMARY" "$OUT"/bench*-results.json "$OUT/gpu-check.tar.gz"  # none stale
 GPU_NAME=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
 VERSIONS=$("$PY" -c 'import importlib.metadata, sys, torch
 def version(name):
@@ -434,6 +443,19 @@ run_stage bench "$BENCH_S" "$PY" -m bench --device "$DEVICE" --out "$WORK/bench"
     --time-budget $(( BENCH_S - 25 )) ${SETS:+--sets "$SETS"}
 record bench
 
+# 3b. Whole training iterations, the step inside backward against the ordinary step and torch's fused optimizers,
+#     and a profile of one iteration each that counts our kernels queued before backward's last kernel ends.
+TRAINING_S=$(min "${GPU_CHECK_TRAINING_S:-50}" "$(left)")
+mkdir -p "$WORK/bench-training"
+if [ -n "$SETS" ]; then  # the plumbing check: the tiny model, briefly
+    TRAINING_ARGS=(--workloads tiny --optimizers lars --steps 2 --warmup 1)
+else
+    TRAINING_ARGS=(--workloads bert6-512 --optimizers lars,lamb --steps 5 --warmup 2)
+fi
+run_stage bench-training "$TRAINING_S" "$PY" -m bench --training --device "$DEVICE" --out "$WORK/bench-training" \
+    "${TRAINING_ARGS[@]}" --profile
+record bench-training
+
 # 4. compute-sanitizer (memcheck, racecheck, synccheck) over two steps of each fused backend, in a small script.
 #    Without the caching allocator every tensor is its own allocation, so memcheck sees accesses past its end.
 if [ "$DEVICE" != cuda ]; then
@@ -471,7 +493,7 @@ EOF
             row "sanitize-$tool" "not run: the machine refused compute-sanitizer"
             continue
         fi
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage "sanitize-$tool" "$(min "${GPU_CHECK_SANITIZE_S:-40}" "$(left)")" \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_stage "sanitize-$tool" "$(min "${GPU_CHECK_SANITIZE_S:-35}" "$(left)")" \
             "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 "$PY" "$WORK/sanitize_steps.py"
         found=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$WORK/sanitize-$tool.log" 2>/dev/null | tail -n 1)
         refusal=$(grep -m 1 -iE 'device not supported|not supported on this (device|platform)' \

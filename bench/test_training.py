@@ -32,3 +32,14 @@ def test_training_case_runs_and_in_backward_matches_the_ordinary_step(one_thread
     assert case["grad_bytes"] == 4 * case["params"] and all(
         row["peak_bytes"] > 0 for row in case["contenders"].values())
     assert "ours-in-backward" in training.table([case])
+
+
+def test_interleaving_counts_the_optimizer_kernels_queued_before_backward_ends():
+    """The GPU check's overlap evidence, on hand-made kernel lists: two of three of our kernels start before the last
+    backward kernel ends; after the whole backward, none does."""
+    backward = [("void at::native::elementwise_kernel<...>", 0.0, 1.0), ("ampere_sgemm_128x64_nn", 1.0, 5.0)]
+    inside = backward + [("void tvlars::lars_step_kernel<float, false>(...)", 2.0, 2.5),
+                         ("lars_update_kernel", 4.0, 4.2), ("lamb_update_kernel", 6.0, 6.1)]
+    assert training.interleaving(inside) == dict(optimizer_kernels=3, before_backward_ends=2, other_kernels=2)
+    after = backward + [("void tvlars::lars_step_kernel<float, false>(...)", 5.5, 6.0)]
+    assert training.interleaving(after) == dict(optimizer_kernels=1, before_backward_ends=0, other_kernels=2)

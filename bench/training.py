@@ -235,6 +235,47 @@ def run_case(workload: Workload, optimizer: str, device: torch.device, rounds: i
     return result
 
 
+# ----------------------------------------------------------------------------------------------- profile
+# Our kernels' names (the CUDA kernel and its CPU twin's ops, the Triton kernels): what a profile counts as the step.
+OPTIMIZER_KERNELS = ("lars_step_kernel", "lamb_step_kernel", "lars_norms_kernel", "lars_update_kernel",
+                     "lamb_moments_kernel", "lamb_update_kernel", "layer_sums_kernel", "tvlars_fused::")
+
+
+def interleaving(kernels: list[tuple[str, float, float]]) -> dict:
+    """From one iteration's device kernels ``(name, start, end)``, how the optimizer's kernels lie among the others
+    (forward and backward): how many there are, and how many start before the last other kernel ends, i.e. were
+    queued between backward's kernels rather than after the whole backward."""
+    ours = [(start, end) for name, start, end in kernels if any(k in name for k in OPTIMIZER_KERNELS)]
+    others = [end for name, start, end in kernels if not any(k in name for k in OPTIMIZER_KERNELS)]
+    last_other = max(others, default=float("-inf"))
+    return dict(optimizer_kernels=len(ours), before_backward_ends=sum(start < last_other for start, _ in ours),
+                other_kernels=len(others))
+
+
+def profile_interleaving(workload: Workload, optimizer: str, device: torch.device, out: Path,
+                         bucket_mb: float = BUCKET_MB) -> dict:
+    """One iteration of ours inside backward and one of ours after it, under torch.profiler: the traces go to
+    ``out`` (chrome format) and each gives ``interleaving``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    result = {}
+    for contender in ("ours-in-backward", "ours"):
+        iteration = build(workload, optimizer, contender, device, bucket_mb)[0]
+        for _ in range(3):  # the first in-backward iteration only records the order
+            iteration()
+        _sync(device)
+        with profile(activities=activities) as prof:
+            iteration()
+            _sync(device)
+        prof.export_chrome_trace(str(out / f"profile-{workload.name}-{optimizer}-{contender}.json"))
+        if device.type == "cuda":  # CPU ops nest (a step encloses its ops), so only device kernels are counted
+            kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type.name == "CUDA"]
+            result[contender] = interleaving(kernels)
+    return result
+
+
 # ----------------------------------------------------------------------------------------------- report
 def table(results: list[dict]) -> str:
     lines = []
@@ -269,13 +310,25 @@ def main(args) -> int:
     results = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    profiles = []
     for workload in workloads:
         for optimizer in args.optimizers:
             case = run_case(workload, optimizer, device, args.steps, args.warmup, args.bucket_mb)
+            if args.profile:
+                case["interleaving"] = profile_interleaving(workload, optimizer, torch.device(device), out,
+                                                            args.bucket_mb)
+                profiles.append(f"- {workload.name} {optimizer}: " + ("; ".join(
+                    f"{name}: {p['before_backward_ends']} of {p['optimizer_kernels']} optimizer kernels start "
+                    f"before the last of {p['other_kernels']} other kernels ends"
+                    for name, p in case["interleaving"].items()) or "traces written; kernels are counted on a GPU "
+                    "only (on the CPU the hooks run on backward's own thread, between its ops)"))
             results.append(case)
             print(table([case]), flush=True)
             (out / "results.json").write_text(json.dumps(dict(meta=meta, cases=results), indent=1))
     header = "\n".join(f"- {key}: {value}" for key, value in meta.items())
-    (out / "summary.md").write_text(f"# Training iteration: the step inside backward\n\n{header}\n{table(results)}\n")
+    overlap = ("\n\n## Where the optimizer's kernels run (torch.profiler, one iteration)\n\n" + "\n".join(profiles)
+               if profiles else "")
+    (out / "summary.md").write_text(f"# Training iteration: the step inside backward\n\n{header}\n{table(results)}"
+                                    f"{overlap}\n")
     print(f"\nwrote {out / 'results.json'}, {out / 'summary.md'}")
     return 0
