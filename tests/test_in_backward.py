@@ -534,3 +534,23 @@ def test_gpu_chunks_follow_the_whole_group(backend, monkeypatch):
             opt.zero_grad()
         seen.append([chunks[p.data_ptr()] for p in model.parameters()])
     assert seen[0] == seen[1]
+
+
+def test_a_compiled_model_steps_inside_backward_without_recompiling(one_thread):
+    """torch.compile of the model: the hooks run outside its graphs, the iterations stay bit-identical to the ordinary
+    loop with the same compiled model, and once warm (the first backward records the order) nothing recompiles."""
+    backend_or_skip("cpp")
+    torch._dynamo.reset()
+    model, twin = _model(torch.float32), _model(torch.float32)
+    opt, twin_opt = _optimizer("lars", model, "cpp", torch.float32), _optimizer("lars", twin, "cpp", torch.float32)
+    opt.step_in_backward(bucket_mb=BUCKET_MB)
+    compiled, compiled_twin = torch.compile(model), torch.compile(twin)
+    for i in range(4):
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            _loss(compiled_twin, i, torch.float32).backward()
+            twin_opt.step()
+            twin_opt.zero_grad()
+            _loss(compiled, i, torch.float32).backward()
+            opt.step()
+            opt.zero_grad()
+        _assert_identical(model, opt, twin, twin_opt, f"compiled model, iteration {i}")
