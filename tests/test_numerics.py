@@ -50,8 +50,11 @@ def test_huge_and_tiny_weights_match_the_reference(case, backend):
     assert not problems, "\n".join(problems[:10])
     assert all(torch.isfinite(p).all() for p in params)
     # The trust-ratio branch: q ~ ||w|| / ||g|| scales the tiny layer's steps down to about its own size, where
-    # q = 1 would move it by lr * |g|, about 1e-2 or more.
-    assert (params[TINY].detach() - tiny_before).abs().max() < 1e-20
+    # q = 1 would move it by lr * |g|, about 1e-2 or more. (Not for the variants that bound q from below or adapt
+    # no layer: they move it on purpose, and the stepwise comparison above checks them.)
+    kwargs = case.kwargs
+    if kwargs.get("min_trust_ratio") is None and kwargs.get("always_adapt", True):
+        assert (params[TINY].detach() - tiny_before).abs().max() < 1e-20
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("tvlars", "lamb-no-clip")], ids=repr)
