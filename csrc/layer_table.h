@@ -22,7 +22,11 @@ enum LayerColumn : int {
   COL_FIRST_CHUNK = 7,
   COL_NUM_CHUNKS = 8,
   COL_FLAGS = 9,
-  NUM_COLS = 10,
+  COL_COMP = 10,            // bfloat16 Kahan compensation of a bfloat16 parameter, 0 when none
+  COL_LAYER_ID = 11,        // the layer's number in the stochastic-rounding stream (docs/algorithms.md section 9)
+  COL_ELEMENT_OFFSET = 12,  // the index in the whole layer of this tensor's first element (a shard's offset)
+  COL_PADDING = 13,         // 0: a row is a whole number of 16-byte pairs (the CUDA kernel's row loads)
+  NUM_COLS = 14,
 };
 
 // The flags column: per-layer bits, as tvlars_fused/_layer_table.py sets them (its FLAG_ALIGNED16 = 2 is for the

@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define TVLARS_HD __host__ __device__ __forceinline__
@@ -181,6 +183,95 @@ TVLARS_HD float lamb_trust_ratio(const LambHyper& h, double w_sq, double u_sq, f
   if (!(adapted && wn > 0.0 && un > 0.0)) return 1.0f;
   return static_cast<float>(
       bound_ratio(wn / un, h.has_min_trust_ratio, h.min_trust_ratio, h.has_max_trust_ratio, h.max_trust_ratio));
+}
+
+// ---------------------------------------------------------------- bfloat16 storage (docs/algorithms.md, section 9)
+//
+// State stored in bfloat16 is loaded to float32, the step's math is the float32 math above, and each stored value is
+// rounded: to nearest-even, or stochastically with 16 random bits from a counter-based hash of (seed, the layer's step
+// count, the layer's number, the state's stream, the element's index in the whole layer). The step continues with
+// the stored value. tvlars_fused/_rounding.py and triton_kernels/common.py compute the same bits.
+
+TVLARS_HD uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits;
+#endif
+}
+
+TVLARS_HD float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+#endif
+}
+
+// lowbias32 (a bijective integer hash), all arithmetic modulo 2^32.
+TVLARS_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The per-(seed, layer, stream) key: stream 0 is the first state tensor (momentum buffer, exp_avg), 1 the second.
+TVLARS_HD uint32_t rounding_key(uint32_t seed, int64_t layer_id, int stream) {
+  return mix32(seed ^ mix32(static_cast<uint32_t>(2 * layer_id + stream)));
+}
+
+// The per-step base from the key and the layer's step count t (after this step's increment).
+TVLARS_HD uint32_t rounding_base(uint32_t key, float t) {
+  return mix32(key ^ static_cast<uint32_t>(t));
+}
+
+// The 16 random bits of the element at `index` in the whole layer (the table's element offset + the local index).
+TVLARS_HD uint32_t rounding_bits(uint32_t base, int64_t index) {
+  const uint64_t i = static_cast<uint64_t>(index);
+  return mix32((base ^ static_cast<uint32_t>(i)) + static_cast<uint32_t>(i >> 32) * 0x9E3779B9u) >> 16;
+}
+
+// float32 to the bit pattern of its nearest bfloat16 (ties to even); NaN to 0x7FC0, as torch's conversion.
+TVLARS_HD uint16_t bf16_nearest_bits(float x) {
+  const uint32_t u = float_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// float32 to a bfloat16 bit pattern rounded away from zero with probability (the dropped 16 bits) / 2^16, given 16
+// random bits: the stored value's mean is x. NaN as bf16_nearest_bits.
+TVLARS_HD uint16_t bf16_stochastic_bits(float x, uint32_t random_bits) {
+  const uint32_t u = float_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + random_bits) >> 16);
+}
+
+TVLARS_HD float bf16_bits_to_float(uint16_t bits) {
+  return float_from_bits(static_cast<uint32_t>(bits) << 16);
+}
+
+// The value a bfloat16 state element stores: stochastically rounded or nearest (`stochastic` false or no bits).
+TVLARS_HD uint16_t bf16_store_bits(float x, bool stochastic, uint32_t base, int64_t index) {
+  return stochastic ? bf16_stochastic_bits(x, rounding_bits(base, index)) : bf16_nearest_bits(x);
+}
+
+// Kahan compensation of a bfloat16 weight: the step reads param + comp (exact in float32) and stores the new float32
+// weight w as param = nearest(w) and comp = nearest(w - param), the part of w the parameter could not hold.
+struct KahanSplit {
+  uint16_t param;
+  uint16_t comp;
+};
+
+TVLARS_HD KahanSplit kahan_split(float w) {
+  const uint16_t param = bf16_nearest_bits(w);
+  return {param, bf16_nearest_bits(w - bf16_bits_to_float(param))};
 }
 
 }  // namespace tvlars

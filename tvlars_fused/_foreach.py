@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _rounding
 from ._layer_table import _upload
 from ._types import Bucket, LambHyper, LarsHyper, math_dtype
 
@@ -37,7 +38,10 @@ def _read(bucket: Bucket, grad_scale: Tensor | None, grad_mult: Tensor | None):
     or up-cast makes new tensors, so ``p.grad`` is never written."""
     dtype = math_dtype(bucket.dtype)
     weights = bucket.masters if bucket.masters is not None else bucket.params
-    if weights[0].dtype != dtype:
+    if bucket.comps is not None:  # Kahan: the weight is param + compensation, in float32
+        weights = torch._foreach_add([p.to(torch.float32) for p in bucket.params],
+                                     [c.to(torch.float32) for c in bucket.comps])
+    elif weights[0].dtype != dtype:
         weights = [w.to(dtype) for w in weights]
     grads = bucket.grads
     if grads[0].dtype != dtype:
@@ -54,6 +58,10 @@ def _apply(bucket: Bucket, weights: list[Tensor], step_dirs: list[Tensor], lr: f
         torch._foreach_sub_(weights, torch._foreach_mul(step_dirs, lr.to(weights[0].dtype)))
     else:
         torch._foreach_add_(weights, step_dirs, alpha=-lr)
+    if bucket.comps is not None:  # the new weight as its nearest bfloat16 and the nearest bfloat16 of the rest
+        torch._foreach_copy_(bucket.params, weights)
+        torch._foreach_copy_(bucket.comps, torch._foreach_sub(weights, [p.to(torch.float32) for p in bucket.params]))
+        return
     if bucket.masters is not None and weights is not bucket.masters:
         torch._foreach_copy_(bucket.masters, weights)
     if weights is not bucket.params:
@@ -64,7 +72,7 @@ def _step_then_restore(step, bucket: Bucket, hp, grad_scale: Tensor | None, foun
     """``step``, then every tensor it wrote gets its old value back where ``found_inf`` is set: the flag is never read
     on the host (a sync, illegal in a CUDA graph). Costs a copy of the bucket: it serves a fused backend's few strided
     layers and float64 buckets under GradScaler."""
-    written = bucket.params + (bucket.masters or []) + [t for s in bucket.states for t in s] + bucket.steps
+    written = bucket.params + (bucket.masters or []) + (bucket.comps or []) + [t for s in bucket.states for t in s] + bucket.steps
     before = [t.clone() for t in written]
     step(bucket, hp, grad_scale)
     skip = found_inf.to(device=bucket.device) != 0
@@ -87,6 +95,29 @@ def _honours_found_inf(step):
     with_found_inf.__name__, with_found_inf.__doc__ = step.__name__, step.__doc__
     with_found_inf.unmasked = step
     return with_found_inf
+
+
+def _load_states(bucket: Bucket, k: int) -> list[Tensor]:
+    """State list k in the working precision: the state itself, or float32 copies of bfloat16 state."""
+    states = bucket.states[k]
+    if states[0].dtype == math_dtype(bucket.dtype):
+        return states
+    return [s.to(torch.float32) for s in states]
+
+
+def _store_states(bucket: Bucket, hp, k: int, values: list[Tensor]) -> list[Tensor]:
+    """Stores state list k's new values (rounded when the state is bfloat16) and returns what was stored, in float32:
+    the step continues with the stored values."""
+    states = bucket.states[k]
+    if values is states:
+        return values
+    if hp.stochastic_rounding:
+        for i, (state, value) in enumerate(zip(states, values)):
+            _rounding.store(state, value, stochastic=True, seed=hp.seed, layer_id=bucket.layer_ids[i], stream=k,
+                            step=bucket.steps[i], element_offset=bucket.element_offsets[i], cache=bucket.cache)
+    else:
+        torch._foreach_copy_(states, values)  # round-to-nearest-even
+    return [s.to(torch.float32) for s in states]
 
 
 def _bias_correction(log_beta: float, t: Tensor) -> Tensor:
@@ -121,7 +152,7 @@ def _adapted(bucket: Bucket, hp) -> list[int]:
 @_honours_found_inf
 def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None) -> None:
     weights, grads = _read(bucket, grad_scale, None)
-    (bufs,) = bucket.states
+    bufs = _load_states(bucket, 0)
     torch._foreach_add_(bucket.steps, 1)
 
     decayed = [i for i, off in enumerate(bucket.no_decay) if not off]
@@ -165,6 +196,7 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None) -
         add = 1.0 - later * hp.dampening
         _scale_by_layer(bufs, keep)
         torch._foreach_add_(bufs, torch._foreach_mul(updates, list(add.unbind(0))))
+    bufs = _store_states(bucket, hp, 0, bufs)
     step_dirs = torch._foreach_add(updates, bufs, alpha=hp.momentum) if hp.nesterov else bufs
     _apply(bucket, weights, step_dirs, hp.lr)
 
@@ -172,13 +204,15 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None) -
 @_honours_found_inf
 def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None) -> None:
     weights, grads = _read(bucket, grad_scale, hp.clip_coef)
-    exp_avgs, exp_avg_sqs = bucket.states
+    exp_avgs, exp_avg_sqs = _load_states(bucket, 0), _load_states(bucket, 1)
     torch._foreach_add_(bucket.steps, 1)
 
     torch._foreach_mul_(exp_avgs, hp.beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=hp.first_moment_factor)
     torch._foreach_mul_(exp_avg_sqs, hp.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - hp.beta2)
+    # u is computed from the stored (rounded) moments, as the fused kernels re-read them
+    exp_avgs, exp_avg_sqs = _store_states(bucket, hp, 0, exp_avgs), _store_states(bucket, hp, 1, exp_avg_sqs)
 
     if hp.bias_correction:
         t = _steps(bucket)

@@ -267,7 +267,8 @@ class InBackward:
                 by_key.setdefault((group_of[id(p)], p.device, p.dtype, _sharding(p)), []).append(p)
         slots = []
         for (index, device, dtype, sharding), params in by_key.items():
-            backend = opt._bucket_backend(_backends.resolve(opt.backend, device), dtype, sharding is not None)
+            backend = opt._bucket_backend(_backends.resolve(opt.backend, device), dtype, sharding is not None,
+                                          opt.param_groups[index])
             presets = whole_bucket_chunking(backend, [_local(p) for p in params])
             run, size = [], 0
             for p in params:
@@ -389,8 +390,8 @@ class InBackward:
                 positions.setdefault((group_of[id(p)], p.device, p.dtype), []).append(i)
         plan = []
         for (index, device, dtype), where in positions.items():
-            backend = opt._bucket_backend(_backends.resolve(opt.backend, device), dtype, False)
             group = opt.param_groups[index]
+            backend = opt._bucket_backend(_backends.resolve(opt.backend, device), dtype, False, group)
             whole = [p for p in group["params"] if p.requires_grad and p.device == device and p.dtype == dtype]
             bucket = opt._bucket(index, group, device, dtype, [params[i] for i in where], False,
                                  cache=whole_bucket_chunking(backend, whole))

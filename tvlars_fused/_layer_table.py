@@ -34,7 +34,12 @@ from ._types import Bucket, math_dtype
 
 COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_MASTER, COL_STEP = range(6)
 COL_NUMEL, COL_FIRST_CHUNK, COL_NUM_CHUNKS, COL_FLAGS = range(6, 10)
-NUM_COLS = 10
+# Kahan compensation (0 when none); the layer's number in the stochastic-rounding stream and the index of its first
+# element in the whole layer (a shard's offset), docs/algorithms.md section 9.
+COL_COMP, COL_LAYER_ID, COL_ELEMENT_OFFSET = range(10, 13)
+NUM_COLS = 14  # column 13 is 0: the CUDA kernel reads a row in 16-byte pairs
+# The columns holding tensor addresses that the vector paths load and store through (the step count is a scalar).
+ADDRESS_COLS = (COL_PARAM, COL_GRAD, COL_STATE0, COL_STATE1, COL_MASTER, COL_COMP)
 # Per-layer flags (csrc/layer_table.h): no weight decay (beta' = 0), no trust ratio (q = 1).
 FLAG_NO_DECAY = 1
 FLAG_NO_ADAPT = 4
@@ -77,11 +82,17 @@ def _check_layer(bucket: Bucket, i: int) -> None:
     """What the kernels assume of layer i's tensors beyond their layout, checked once per table build: a wrong
     dtype, device or size here would be a silent out-of-bounds access in a kernel."""
     p = bucket.params[i]
-    state_dtype = math_dtype(p.dtype)
+    state_dtype = bucket.state_dtype
+    if state_dtype not in (math_dtype(p.dtype), torch.bfloat16):
+        raise RuntimeError(f"a {p.dtype} bucket on {p.device} with {state_dtype} state (float32 or bfloat16 only)")
     expected = [("gradient", bucket.grads[i], p.dtype)]
     expected += [(f"state {k}", s[i], state_dtype) for k, s in enumerate(bucket.states)]
     if bucket.masters is not None:
         expected.append(("master weight", bucket.masters[i], torch.float32))
+    if bucket.comps is not None:
+        if bucket.masters is not None or p.dtype != torch.bfloat16:
+            raise RuntimeError(f"layer {i}: Kahan compensation is for bfloat16 parameters without master weights")
+        expected.append(("Kahan compensation", bucket.comps[i], torch.bfloat16))
     for name, t, dtype in expected:
         if t.dtype != dtype or t.device != p.device or t.shape != p.shape:
             raise RuntimeError(f"layer {i} of a {p.dtype} bucket on {p.device}: its {name} has dtype {t.dtype}, "
@@ -105,6 +116,8 @@ def table_fits(bucket: Bucket) -> list[bool]:
         tensors = [p, bucket.grads[i]] + [s[i] for s in bucket.states]
         if bucket.masters is not None:
             tensors.append(bucket.masters[i])
+        if bucket.comps is not None:
+            tensors.append(bucket.comps[i])
         ok = all(_dense(t) and t.stride() == p.stride() for t in tensors)
         fits.append(ok or p.numel() <= 1)
     return fits
@@ -129,10 +142,15 @@ def _fixed_key(bucket: Bucket, param_ptrs: list[int]) -> tuple:
         key += [t.data_ptr() for t in state]
     if bucket.masters is not None:
         key += [t.data_ptr() for t in bucket.masters]
+    if bucket.comps is not None:
+        key += [t.data_ptr() for t in bucket.comps]
     key += [t.data_ptr() for t in bucket.steps]
     key += [t.numel() for t in bucket.params]
     key += bucket.no_decay
     key += bucket.no_adapt
+    key += bucket.layer_ids
+    key += bucket.element_offsets
+    key.append(bucket.state_dtype)
     return tuple(key)
 
 
@@ -267,8 +285,12 @@ def _build(bucket: Bucket, chunk_size: int) -> LayerTable:
             first_chunk,
             num_chunks,
             (FLAG_NO_DECAY if bucket.no_decay[i] else 0) | (FLAG_NO_ADAPT if bucket.no_adapt[i] else 0),
+            address(bucket.comps[i]) if bucket.comps is not None else 0,
+            bucket.layer_ids[i],
+            bucket.element_offsets[i],
+            0,
         ])
-        if _aligned(rows[-1][COL_PARAM:COL_STEP]):
+        if _aligned(rows[-1][c] for c in ADDRESS_COLS):
             rows[-1][COL_FLAGS] |= FLAG_ALIGNED16
         chunk_layer.extend([i] * num_chunks)
         first_chunk += num_chunks
@@ -285,7 +307,7 @@ def _build(bucket: Bucket, chunk_size: int) -> LayerTable:
         num_layers=len(rows),
         num_chunks=first_chunk,
         max_layer_chunks=max_layer_chunks,
-        aligned16=_aligned(a for row in rows for a in row[COL_PARAM:COL_STEP]),
+        aligned16=_aligned(row[c] for row in rows for c in ADDRESS_COLS),
         stream=_current_stream(device),
     )
     table.workspace["_chunk_layer_host"] = chunk_map_host  # a captured upload re-reads it at every replay
@@ -299,7 +321,7 @@ def _with_grads(table: LayerTable, grad_ptrs: list[int]) -> LayerTable:
     host = table.layers_host.clone()
     host[:, COL_GRAD] = torch.tensor(grad_ptrs, dtype=torch.int64)
     device = table.layers.device
-    aligned = (host[:, COL_PARAM:COL_STEP] % 16 == 0).all(dim=1)
+    aligned = (host[:, list(ADDRESS_COLS)] % 16 == 0).all(dim=1)
     host[:, COL_FLAGS] = host[:, COL_FLAGS] & ~FLAG_ALIGNED16 | aligned.long() * FLAG_ALIGNED16
     layers, layers_host = _upload(host, device)
     new = LayerTable(

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import _backends, _compiled_step, _layer_table
+from . import _backends, _compiled_step, _layer_table, _rounding
 from ._layer_table import _data_ptr
 from ._types import Bucket, math_dtype
 
@@ -40,6 +40,32 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 # Group keys that are code, not data: kept out of state_dict() and kept from the live optimizer on load.
 _CODE_KEYS = ("exclude", "exclude_from_weight_decay", "exclude_from_adaptation")
+# Group keys that say how state is stored: kept from the live optimizer on load, which converts the checkpoint's
+# state to them (float32 state loaded into a bfloat16-state optimizer is rounded to nearest, the reverse widened).
+_STORAGE_KEYS = ("state_dtype", "kahan")
+
+
+def storage_defaults(state_dtype: torch.dtype, rounding: str, seed: int, kahan: bool) -> dict[str, Any]:
+    """The group options of state storage every optimizer takes (docs/algorithms.md, section 9)."""
+    return dict(state_dtype=state_dtype, rounding=rounding, seed=seed, kahan=kahan)
+
+
+def _check_storage(group: dict[str, Any]) -> None:
+    state_dtype = group["state_dtype"]
+    if state_dtype not in _rounding.STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {state_dtype!r} (must be torch.float32 or torch.bfloat16)")
+    if group["rounding"] not in _rounding.ROUNDING_MODES:
+        raise ValueError(f"Invalid rounding: {group['rounding']!r} (must be 'stochastic' or 'nearest')")
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _rounding.MASK32:
+        raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**32))")
+    if not isinstance(group["kahan"], bool):
+        raise ValueError(f"Invalid kahan: {group['kahan']!r} (must be True or False)")
+
+
+def _state_dtype(group: dict[str, Any], p: Tensor) -> torch.dtype:
+    """The dtype of a parameter's momentum or moments: bfloat16 when the group asks for it, else the math dtype."""
+    return torch.bfloat16 if group["state_dtype"] == torch.bfloat16 else math_dtype(p.dtype)
 
 
 def _check_range(name: str, value, low: float, high: float | None = None, *, open_high: bool = True) -> None:
@@ -88,6 +114,17 @@ def _sharding(t: Tensor):
 def _local(t: Tensor) -> Tensor:
     """The local shard of a DTensor (in-place updates of it update the DTensor), else the tensor itself."""
     return t.to_local() if _DTensor is not None and isinstance(t, _DTensor) else t
+
+
+def _element_offset(t: Tensor) -> int:
+    """The index, in the whole (row-major) tensor, of a DTensor's local shard's first element: for FSDP2's Shard(0)
+    every local element's index is then its index in the whole layer, so stochastic rounding draws the bits an
+    unsharded step draws."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    strides = torch.empty(0).new_empty(t.shape, device="meta").stride()
+    return sum(o * s for o, s in zip(offset, strides))
 
 
 def _all_reduce_over(mesh, placements) -> Callable[[Tensor], None]:
@@ -240,7 +277,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 kinds.setdefault((p.device, p.dtype, _sharding(p) is not None), None)
             for device, dtype, sharded in kinds:
-                backend = self._bucket_backend(_backends.resolve(self.backend, device), dtype, sharded)
+                backend = self._bucket_backend(_backends.resolve(self.backend, device), dtype, sharded, group)
                 if backend in ("cuda", "cpp") and not sharded:  # the kernel's fallback, if it had to take one
                     backend = _backends.module(backend).stepping_backend(device)
                 chosen.append(dict(group=index, device=str(device), dtype=str(dtype).replace("torch.", ""),
@@ -259,6 +296,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _check_hyper_parameters(self, group: dict[str, Any]) -> None:
         self._validate_group(group)
+        _check_storage(group)
+        if group["kahan"] and self.master_weights:
+            raise ValueError("Invalid kahan: kahan=True and master_weights=True are two ways of keeping the bits a "
+                             "bfloat16 weight loses; choose one (kahan: 2 more bytes per weight, masters: 4)")
         for key in _CODE_KEYS:
             predicate = group.get(key)
             if predicate is not None and not callable(predicate):
@@ -276,6 +317,22 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if self._valid_hyper_parameters.get(index) != values:
             self._check_hyper_parameters(group)
             self._valid_hyper_parameters[index] = values
+
+    def _check_storage_fits(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
+        """bfloat16 state for float64 parameters, or Kahan compensation of parameters that are not bfloat16, would be
+        a silent loss or a no-op: refused, naming the parameter."""
+        kahan, bf16_state = group["kahan"], group["state_dtype"] == torch.bfloat16
+        if not (kahan or bf16_state):
+            return
+        for position, p in enumerate(params):
+            if kahan and p.dtype != torch.bfloat16:
+                raise ValueError(f"{type(self).__name__}: kahan=True, but parameter {position} of param group {index} "
+                                 f"is {p.dtype}; Kahan compensation is for bfloat16 parameters (put the others in a "
+                                 "param group with kahan=False)")
+            if bf16_state and p.dtype == torch.float64:
+                raise ValueError(f"{type(self).__name__}: state_dtype=torch.bfloat16, but parameter {position} of "
+                                 f"param group {index} is float64; keep float64 state for it (a param group with "
+                                 "state_dtype=torch.float32)")
 
     def _check_distinct(self, index: int, params: list[Tensor]) -> None:
         """torch.optim warns about a parameter listed twice in a group; a fused launch would update it twice at once
@@ -298,6 +355,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         try:
             self._check_distinct(len(self.param_groups) - 1, group["params"])
             self._check_hyper_parameters(group)
+            self._check_storage_fits(len(self.param_groups) - 1, group, group["params"])
             for device in {p.device for p in group["params"]}:
                 _backends.resolve(self.backend, device)
         except Exception:
@@ -393,7 +451,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             by_kind: dict[tuple, list[Tensor]] = defaultdict(list)
             for p in with_grad:
                 by_kind[(p.device, p.dtype, _sharding(p) is not None)].append(p)
-            kinds = [(self._bucket_backend(backends[device], dtype, sharded), device, params)
+            kinds = [(self._bucket_backend(backends[device], dtype, sharded, group), device, params)
                      for (device, dtype, sharded), params in by_kind.items()]
         for backend, device, params in kinds:
             if not _layer_table.capturing(device):
@@ -410,7 +468,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for p in params:
                 state = self.state.get(p)
                 missing = "optimizer state" if not state else "master weight" if (
-                    self.master_weights and p.dtype in _LOW_PRECISION and "master_weight" not in state) else None
+                    self.master_weights and p.dtype in _LOW_PRECISION and "master_weight" not in state) else \
+                    "Kahan compensation" if group["kahan"] and "kahan_comp" not in state else None
                 if missing is not None:
                     position = next(i for i, q in enumerate(group["params"]) if q is p)
                     raise RuntimeError(f"{name}: parameter {position} of param group {index} has no {missing} yet, "
@@ -462,8 +521,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 continue
             if g.layout is not torch.strided or g.dtype not in _FLOAT_DTYPES:  # one cheap test per step
                 self._reject(p, g, f"parameter {position} of param group {index}")
-            self._check_state(p, f"parameter {position} of param group {index}")
+            self._check_state(p, group, f"parameter {position} of param group {index}")
             with_grad.append(p)
+        self._check_storage_fits(index, group, group["params"])
         if not torch.compiler.is_compiling():  # traced tensors have no addresses
             self._check_no_shared_memory(index, group["params"], with_grad)
         self._exclusions(index, group, with_grad)  # a predicate that raises does so before any state is created
@@ -475,17 +535,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         backends = {d: _backends.resolve(self.backend, d) for d in devices}
         return with_grad, backends
 
-    def _check_state(self, p: Tensor, where: str) -> None:
+    def _check_state(self, p: Tensor, group: dict[str, Any], where: str) -> None:
         """A parameter's existing state (from load_state_dict or assigned by hand) must fit it: checked with the
         rest of the step's input, so that a checkpoint of another model fails before any group is stepped."""
         state = self.state.get(p)
         if not state:
             return  # created at this step
-        dtype = math_dtype(p.dtype)
+        dtype = _state_dtype(group, p)
         expected = {key: (tuple(p.shape), dtype) for key in self._state_keys}
         expected["step"] = ((), torch.float32)
         if "master_weight" in state:
             expected["master_weight"] = (tuple(p.shape), torch.float32)
+        if "kahan_comp" in state:
+            expected["kahan_comp"] = (tuple(p.shape), p.dtype)
         for key, (shape, key_dtype) in expected.items():
             value = state.get(key)
             if not isinstance(value, Tensor):
@@ -542,7 +604,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for (device, dtype, sharding), positions in by_key.items():
             layer_params = [params[i] for i in positions]
             bucket = self._bucket(index, group, device, dtype, layer_params, sharded=sharding is not None)
-            backend = self._bucket_backend(backends[device], dtype, sharding is not None)
+            backend = self._bucket_backend(backends[device], dtype, sharding is not None, group)
             if sharding is not None:
                 bucket.reduce_sums = _all_reduce_over(*sharding)
             in_order = len(by_key) == 1 and len(positions) == len(params)
@@ -555,10 +617,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return plan
 
     @staticmethod
-    def _bucket_backend(backend: str, dtype: torch.dtype, sharded: bool) -> str:
-        """The backend a bucket of ``dtype`` steps with when its device's backend is ``backend``."""
+    def _bucket_backend(backend: str, dtype: torch.dtype, sharded: bool, group: dict[str, Any] | None = None) -> str:
+        """The backend a bucket of ``dtype`` of ``group`` steps with when its device's backend is ``backend``."""
         if backend in _backends.FUSED_BACKENDS and dtype not in _KERNEL_DTYPES:
             return "foreach"  # float64: the kernels compute in float32, foreach keeps float64
+        if backend in _backends.FUSED_BACKENDS and group is not None and \
+                (group["state_dtype"] == torch.bfloat16 or group["kahan"]) and \
+                not getattr(_backends.module(backend), "supports_bf16_storage", False):
+            return "foreach"
         # Whole-layer norms of sharded layers need the ranks' local sums of squares added (one all-reduce per
         # bucket): a fused backend that splits its step around reduce_sums says so with `supports_sharded`; the
         # others' sharded buckets take foreach's path.
@@ -567,24 +633,26 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return "foreach"
         return backend
 
-    def _init_state(self, p: Tensor) -> dict[str, Tensor]:
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
         state = self.state[p]
         if type(state) is not _LayerState:
             state = self.state[p] = _LayerState(state, self._state_version)
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             for key in self._state_keys:
-                state[key] = torch.zeros_like(p, dtype=math_dtype(p.dtype), memory_format=torch.preserve_format)
+                state[key] = torch.zeros_like(p, dtype=_state_dtype(group, p), memory_format=torch.preserve_format)
         if self.master_weights and p.dtype in _LOW_PRECISION and "master_weight" not in state:
             state["master_weight"] = p.detach().to(torch.float32, memory_format=torch.preserve_format,
                                                    copy=True)
+        if group["kahan"] and "kahan_comp" not in state:  # a bfloat16 weight is exactly itself: no rest yet
+            state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
     def _bucket(self, index, group, device, dtype, params: list[Tensor], sharded: bool,
                 cache: dict | None = None) -> Bucket:
         """``cache``: the bucket's own (a bucket the step inside backward keeps), else the optimizer's for these
         layers."""
-        states = [self._init_state(p) for p in params]
+        states = [self._init_state(p, group) for p in params]
         if cache is None:
             cache_key = (index, device, dtype, tuple(map(id, params)))
             cache = self._bucket_caches.get(cache_key)
@@ -600,6 +668,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         masters = None
         if self.master_weights and dtype in _LOW_PRECISION:
             masters = [local(s["master_weight"]) for s in states]
+        number = {id(q): k for k, q in enumerate(q for g in self.param_groups for q in g["params"])}
         return Bucket(
             params=[local(p) for p in params],
             grads=[local(p.grad) for p in params],
@@ -609,6 +678,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             no_decay=cached[2],
             no_adapt=cached[3],
             masters=masters,
+            comps=[local(s["kahan_comp"]) for s in states] if group["kahan"] else None,
+            layer_ids=[number[id(p)] for p in params],
+            element_offsets=[_element_offset(p) for p in params] if sharded else None,
             cache=cache,
             keep_alive=self._graph_tables,
             compiled_slot=(self._compiled_owner.number, f"{index}/{device}/{dtype}/{len(params)}"),
@@ -655,24 +727,27 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"param group {i} of the loaded state dict has {len(saved['params'])} "
                                  f"parameters, this optimizer's has {len(group['params'])}")
         id_to_param = {
-            saved_id: p
+            saved_id: (p, group)
             for saved, group in zip(saved_groups, self.param_groups)
             for saved_id, p in zip(saved["params"], group["params"])
         }
         state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
         for saved_id, saved_state in state_dict["state"].items():
-            p = id_to_param.get(saved_id)
+            p, group = id_to_param.get(saved_id, (None, None))
             if p is None:
                 continue
             for key, value in saved_state.items():
+                if key == "kahan_comp" and not group["kahan"]:
+                    continue  # the bits below the bfloat16 weight: dropped without Kahan compensation
                 if isinstance(value, Tensor):
-                    dtype = torch.float32 if key == "step" else math_dtype(p.dtype)
+                    dtype = torch.float32 if key in ("step", "master_weight") else p.dtype if key == "kahan_comp" \
+                        else _state_dtype(group, p)  # a state tensor: rounded to nearest or widened
                     value = value.detach().to(device=p.device, dtype=dtype, copy=True)
                 state[p][key] = deepcopy(value) if not isinstance(value, Tensor) else value
         param_groups = []
         for saved, group in zip(saved_groups, self.param_groups):
             new_group = {key: deepcopy(value) for key, value in saved.items() if key != "params"}
-            for key in _CODE_KEYS:
+            for key in _CODE_KEYS + _STORAGE_KEYS:
                 if key in group:
                     new_group[key] = group[key]
             for key, value in group.items():  # options a checkpoint of an earlier version does not have

@@ -31,7 +31,8 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
 class Bucket:
     params: list[Tensor]
     grads: list[Tensor]
-    # LARS family: [momentum_buffers]; LAMB: [exp_avgs, exp_avg_sqs]. math_dtype, same shape as the params.
+    # LARS family: [momentum_buffers]; LAMB: [exp_avgs, exp_avg_sqs]. Same shape as the params; math_dtype, or
+    # bfloat16 (``state_dtype=torch.bfloat16``: loaded to float32, stored rounded, docs/algorithms.md section 9).
     states: list[list[Tensor]]
     steps: list[Tensor]  # float32 0-dim tensors on the params' device: times each layer has been stepped
     excluded: list[bool]  # excluded from trust ratio and weight decay (the shorthand for both lists below)
@@ -57,12 +58,29 @@ class Bucket:
     # Per layer: no weight decay / no trust ratio (q = 1). None: as ``excluded`` (filled in at construction).
     no_decay: list[bool] | None = None
     no_adapt: list[bool] | None = None
+    # Kahan compensation of bfloat16 parameters (``kahan=True``): the weight the step reads is param + comp, in
+    # float32, and each store splits the new weight into the two (docs/algorithms.md section 9). None: none.
+    comps: list[Tensor] | None = None
+    # Per layer: its number in the random stream of stochastic rounding (the parameter's index in the optimizer,
+    # as state_dict numbers them) and the index, in the whole layer, of its first element here (a shard's offset;
+    # 0 for an ordinary tensor). None: 0, 1, 2, ... and zeros (a bucket made by hand).
+    layer_ids: list[int] | None = None
+    element_offsets: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.no_decay is None:
             self.no_decay = list(self.excluded)
         if self.no_adapt is None:
             self.no_adapt = list(self.excluded)
+        if self.layer_ids is None:
+            self.layer_ids = list(range(len(self.params)))
+        if self.element_offsets is None:
+            self.element_offsets = [0] * len(self.params)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The dtype the state is stored in: the math dtype, or bfloat16."""
+        return self.states[0][0].dtype if self.states and self.states[0] else math_dtype(self.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +104,9 @@ class Bucket:
             no_decay=[self.no_decay[i] for i in indices],
             no_adapt=[self.no_adapt[i] for i in indices],
             masters=None if self.masters is None else [self.masters[i] for i in indices],
+            comps=None if self.comps is None else [self.comps[i] for i in indices],
+            layer_ids=[self.layer_ids[i] for i in indices],
+            element_offsets=[self.element_offsets[i] for i in indices],
             cache=cache,
             reduce_sums=self.reduce_sums,
             keep_alive=self.keep_alive,
@@ -114,6 +135,10 @@ class LarsHyper:
     min_trust_ratio: float | None = None  # bounds of a computed trust ratio (not of the zero-norm q = 1)
     max_trust_ratio: float | None = None
     adapt: bool = True  # False: no layer of the group is adapted (q = 1), as timm when weight_decay == 0
+    # How bfloat16 state is stored (docs/algorithms.md section 9): stochastic rounding with the counter-based
+    # stream of `seed`, or round-to-nearest. Float32 state ignores both.
+    stochastic_rounding: bool = True
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,6 +157,8 @@ class LambHyper:
     min_trust_ratio: float | None = None  # bounds of a computed trust ratio (not of the zero-norm q = 1)
     max_trust_ratio: float | None = None
     adapt: bool = True  # False: no layer of the group is adapted (q = 1), as timm when weight_decay == 0
+    stochastic_rounding: bool = True  # as LarsHyper's
+    seed: int = 0
 
     @property
     def first_moment_factor(self) -> float:

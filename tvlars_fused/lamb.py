@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ._optimizer import LayerwiseOptimizer, _check_range, _check_trust_bounds
+from ._optimizer import LayerwiseOptimizer, storage_defaults, _check_range, _check_trust_bounds
 from ._types import LambHyper
 
 
@@ -34,13 +34,16 @@ class LAMB(LayerwiseOptimizer):
                  master_weights: bool = False, *, grad_averaging: bool = True, decoupled_decay: bool = False,
                  min_trust_ratio: float | None = None, max_trust_ratio: float | None = None,
                  always_adapt: bool = True, exclude_from_weight_decay: Callable[[Tensor], bool] | None = None,
-                 exclude_from_adaptation: Callable[[Tensor], bool] | None = None) -> None:
+                 exclude_from_adaptation: Callable[[Tensor], bool] | None = None,
+                 state_dtype: torch.dtype = torch.float32, rounding: str = "stochastic", seed: int = 0,
+                 kahan: bool = False) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         norm_clip=norm_clip, max_grad_norm=max_grad_norm, exclude=exclude,
                         grad_averaging=grad_averaging, decoupled_decay=decoupled_decay,
                         min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio, always_adapt=always_adapt,
                         exclude_from_weight_decay=exclude_from_weight_decay,
-                        exclude_from_adaptation=exclude_from_adaptation)
+                        exclude_from_adaptation=exclude_from_adaptation,
+                        **storage_defaults(state_dtype, rounding, seed, kahan))
         super().__init__(params, defaults, backend=backend, master_weights=master_weights)
 
     @classmethod
@@ -103,4 +106,5 @@ class LAMB(LayerwiseOptimizer):
                          norm_clip=group["norm_clip"], clip_coef=clip_coef,
                          grad_averaging=bool(group["grad_averaging"]), decoupled_decay=bool(group["decoupled_decay"]),
                          min_trust_ratio=group["min_trust_ratio"], max_trust_ratio=group["max_trust_ratio"],
-                         adapt=bool(group["always_adapt"]) or group["weight_decay"] != 0)
+                         adapt=bool(group["always_adapt"]) or group["weight_decay"] != 0,
+                         stochastic_rounding=group["rounding"] == "stochastic", seed=int(group["seed"]))

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 from . import _backends
-from ._optimizer import LayerwiseOptimizer, _check_range, _check_trust_bounds, exclude_1d
+from ._optimizer import LayerwiseOptimizer, storage_defaults, _check_range, _check_trust_bounds, exclude_1d
 from ._types import Bucket, LarsHyper
 
 TRUST_DENOMINATORS = ("norm_of_sum", "sum_of_norms")
@@ -35,13 +36,16 @@ class LARS(LayerwiseOptimizer):
                  master_weights: bool = False, *, dampening: float = 0.0, trust_clip: bool = False,
                  min_trust_ratio: float | None = None, max_trust_ratio: float | None = None,
                  always_adapt: bool = True, exclude_from_weight_decay: Callable[[Tensor], bool] | None = None,
-                 exclude_from_adaptation: Callable[[Tensor], bool] | None = None) -> None:
+                 exclude_from_adaptation: Callable[[Tensor], bool] | None = None,
+                 state_dtype: torch.dtype = torch.float32, rounding: str = "stochastic", seed: int = 0,
+                 kahan: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
                         norm_clip=norm_clip, trust_denominator=trust_denominator, nesterov=nesterov,
                         exclude=exclude, dampening=dampening, trust_clip=trust_clip,
                         min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio, always_adapt=always_adapt,
                         exclude_from_weight_decay=exclude_from_weight_decay,
-                        exclude_from_adaptation=exclude_from_adaptation)
+                        exclude_from_adaptation=exclude_from_adaptation,
+                        **storage_defaults(state_dtype, rounding, seed, kahan))
         super().__init__(params, defaults, backend=backend, master_weights=master_weights)
 
     @classmethod
@@ -82,7 +86,8 @@ class LARS(LayerwiseOptimizer):
             sum_of_norms=group["trust_denominator"] == "sum_of_norms", nesterov=group["nesterov"],
             use_phi=False, dampening=float(group["dampening"]), trust_clip=bool(group["trust_clip"]),
             min_trust_ratio=group["min_trust_ratio"], max_trust_ratio=group["max_trust_ratio"],
-            adapt=bool(group["always_adapt"]) or group["weight_decay"] != 0)
+            adapt=bool(group["always_adapt"]) or group["weight_decay"] != 0,
+            stochastic_rounding=group["rounding"] == "stochastic", seed=int(group["seed"]))
 
 
 def lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], state_steps: list[Tensor],

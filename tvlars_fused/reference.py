@@ -13,6 +13,7 @@ import struct
 import torch
 from torch import Tensor
 
+from . import _rounding
 from ._types import Bucket, LambHyper, LarsHyper, math_dtype
 
 
@@ -45,7 +46,10 @@ def _read(bucket: Bucket, i: int, grad_scale: Tensor | None, grad_mult: Tensor |
     """Layer i's weight and gradient in the working precision, float32 (float64 for float64 parameters);
     copies: the caller's tensors are never modified."""
     dtype = math_dtype(bucket.dtype)
-    w = (bucket.masters[i] if bucket.masters is not None else bucket.params[i]).to(dtype, copy=True)
+    if bucket.comps is not None:  # Kahan: the weight is param + compensation
+        w = _rounding.kahan_weight(bucket.params[i], bucket.comps[i])
+    else:
+        w = (bucket.masters[i] if bucket.masters is not None else bucket.params[i]).to(dtype, copy=True)
     g = bucket.grads[i].to(dtype, copy=True)
     if grad_scale is not None:
         g = g / grad_scale.to(dtype)
@@ -55,9 +59,30 @@ def _read(bucket: Bucket, i: int, grad_scale: Tensor | None, grad_mult: Tensor |
 
 
 def _write(bucket: Bucket, i: int, w: Tensor) -> None:
+    if bucket.comps is not None:
+        _rounding.kahan_split(w, bucket.params[i], bucket.comps[i])
+        return
     if bucket.masters is not None:
         bucket.masters[i].copy_(w)
     bucket.params[i].copy_(w)  # rounds once to the parameter's dtype
+
+
+def _load_state(bucket: Bucket, k: int, i: int) -> Tensor:
+    """State tensor k of layer i in the working precision: itself (float32, float64), or a float32 copy of bfloat16
+    state."""
+    state = bucket.states[k][i]
+    return state if state.dtype == math_dtype(bucket.dtype) else state.to(torch.float32)
+
+
+def _store_state(bucket: Bucket, hp, k: int, i: int, value: Tensor) -> Tensor:
+    """Stores the new value of state tensor k of layer i (rounded when the state is bfloat16) and returns what was
+    stored, in the working precision: the step continues with the stored value."""
+    state = bucket.states[k][i]
+    if value is state:
+        return value
+    _rounding.store(state, value, stochastic=hp.stochastic_rounding, seed=hp.seed, layer_id=bucket.layer_ids[i],
+                    stream=k, step=bucket.steps[i], element_offset=bucket.element_offsets[i])
+    return state.to(value.dtype)
 
 
 def _ratio(bucket: Bucket, q: float) -> float:
@@ -85,7 +110,6 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     if found_inf is not None and found_inf.item() != 0:
         return
     lr = _lr(hp.lr)
-    (bufs,) = bucket.states
     for i in range(len(bucket)):
         w, g = _read(bucket, i, grad_scale, None)
         bucket.steps[i] += 1
@@ -107,11 +131,11 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
             if hp.trust_clip:  # LARC: the layer's rate q * lr never above lr
                 q = 1.0 if q >= lr else q / lr
         u = _ratio(bucket, q) * d
-        buf = bufs[i]
         if t == 1:  # a layer's first step stores u (torch.optim.SGD: no dampening then)
-            buf.copy_(u)
+            buf = u
         else:
-            buf.mul_(hp.momentum).add_(u, alpha=1 - hp.dampening)
+            buf = _load_state(bucket, 0, i).mul_(hp.momentum).add_(u, alpha=1 - hp.dampening)
+        buf = _store_state(bucket, hp, 0, i, buf)
         step_dir = u + hp.momentum * buf if hp.nesterov else buf
         _write(bucket, i, w - lr * step_dir)
 
@@ -121,14 +145,14 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     if found_inf is not None and found_inf.item() != 0:
         return
     lr = _lr(hp.lr)
-    exp_avgs, exp_avg_sqs = bucket.states
     for i in range(len(bucket)):
         w, g = _read(bucket, i, grad_scale, hp.clip_coef)
         bucket.steps[i] += 1
         t = bucket.steps[i].item()
-        m, v = exp_avgs[i], exp_avg_sqs[i]
+        m, v = _load_state(bucket, 0, i), _load_state(bucket, 1, i)
         m.mul_(hp.beta1).add_(hp.first_moment_factor * g)
         v.mul_(hp.beta2).add_((1 - hp.beta2) * g * g)
+        m, v = _store_state(bucket, hp, 0, i, m), _store_state(bucket, hp, 1, i, v)  # u is of the stored moments
         if hp.bias_correction:
             mh = m / (1 - hp.beta1 ** t)
             vh = v / (1 - hp.beta2 ** t)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
-from ._optimizer import LayerwiseOptimizer, _check_range, exclude_1d
+from ._optimizer import LayerwiseOptimizer, storage_defaults, _check_range, exclude_1d
 from ._types import LarsHyper
 from .lars import LARS
 
@@ -29,14 +30,17 @@ class TVLARS(LARS):
                  master_weights: bool = False, *, dampening: float = 0.0, trust_clip: bool = False,
                  min_trust_ratio: float | None = None, max_trust_ratio: float | None = None,
                  always_adapt: bool = True, exclude_from_weight_decay: Callable[[Tensor], bool] | None = None,
-                 exclude_from_adaptation: Callable[[Tensor], bool] | None = None) -> None:
+                 exclude_from_adaptation: Callable[[Tensor], bool] | None = None,
+                 state_dtype: torch.dtype = torch.float32, rounding: str = "stochastic", seed: int = 0,
+                 kahan: bool = False) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps,
                         norm_clip=norm_clip, trust_denominator=trust_denominator, nesterov=nesterov,
                         exclude=exclude, lmbda=lmbda, alpha=alpha, delay=delay, gamma_min=gamma_min,
                         dampening=dampening, trust_clip=trust_clip, min_trust_ratio=min_trust_ratio,
                         max_trust_ratio=max_trust_ratio, always_adapt=always_adapt,
                         exclude_from_weight_decay=exclude_from_weight_decay,
-                        exclude_from_adaptation=exclude_from_adaptation)
+                        exclude_from_adaptation=exclude_from_adaptation,
+                        **storage_defaults(state_dtype, rounding, seed, kahan))
         LayerwiseOptimizer.__init__(self, params, defaults, backend=backend, master_weights=master_weights)
 
     @classmethod
