@@ -170,6 +170,7 @@ class _GroupPlan:
     state: object  # the optimizer's state dict when planned (replaced wholesale by a reset or a load)
     state_version: int  # the count of changes to the layers' state dicts when planned
     exclude: tuple  # the group's exclusion predicates when planned (_predicates)
+    storage: tuple  # the group's state storage options when planned (_STORAGE_KEYS)
     buckets: list  # (backend, bucket, positions in `params` of the bucket's layers)
     reusable: bool  # False for sharded (DTensor) groups, whose local views are taken afresh each step
     all_with_grad: bool = False  # every parameter had a gradient
@@ -316,6 +317,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         values = [(key, _snapshot(value)) for key, value in group.items() if key != "params"]
         if self._valid_hyper_parameters.get(index) != values:
             self._check_hyper_parameters(group)
+            self._check_storage_fits(index, group, group["params"])
             self._valid_hyper_parameters[index] = values
 
     def _check_storage_fits(self, index: int, group: dict[str, Any], params: list[Tensor]) -> None:
@@ -484,7 +486,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return None
         plan = self._plans.get(index)
         if plan is None or not plan.reusable or plan.state is not self.state or \
-                plan.state_version != self._state_version[0] or not _same_predicates(group, plan.exclude):
+                plan.state_version != self._state_version[0] or not _same_predicates(group, plan.exclude) or \
+                plan.storage != tuple(group[key] for key in _STORAGE_KEYS):
             return None
         params = group["params"]
         if len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params)):
@@ -610,7 +613,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             in_order = len(by_key) == 1 and len(positions) == len(params)
             buckets.append((backend, bucket, None if in_order else positions))
         plan = _GroupPlan(params=params, with_grad=[p.grad is not None for p in params], state=self.state,
-                          state_version=self._state_version[0], exclude=_predicates(group), buckets=buckets,
+                          state_version=self._state_version[0], exclude=_predicates(group),
+                          storage=tuple(group[key] for key in _STORAGE_KEYS), buckets=buckets,
                           reusable=all(key[2] is None for key in by_key),
                           all_with_grad=len(with_grad) == len(params))
         self._plans[index] = plan
