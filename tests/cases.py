@@ -56,6 +56,11 @@ CASES = [
                                           max_grad_norm=1.0)),
 ]
 
+# bfloat16 state is checked on a few cases that cover its paths: momentum with Nesterov and norm clipping, LARC's
+# clip with dampening, LAMB's variants (decoupled decay, no grad averaging, bounds) and its global clipping.
+BF16_CASES = [case for case in CASES if case.name in ("tvlars-nesterov-clip", "lars-timm-trust-clip", "lamb-variants",
+                                                      "lamb-max-grad-norm-exclude")]
+
 # Shapes for the fused backends on the CPU (the Triton interpreter is slow: keep layers small).
 SMALL_SHAPES = [(16, 8), (3, 3, 4, 4), (37,), (1,), (0,), (300, 7), (8,)]
 SHAPES = SMALL_SHAPES + [(64, 3, 7, 7), (4097,), (256, 513)]
@@ -111,3 +116,93 @@ def assert_matches(params, ref_params, opt, ref_opt, *, rtol, atol):
         for key in ref_state:
             torch.testing.assert_close(state[key].float(), ref_state[key].float(), rtol=rtol, atol=atol,
                                        msg=lambda m: f"state {key!r} of parameter {i}: {m}")
+
+
+def bf16_bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a bfloat16 tensor, as int64 (negative for negative values)."""
+    return t.contiguous().view(torch.int16).to(torch.int64)
+
+
+def bf16_ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bfloat16 values lie between a and b, element-wise (+0 and -0 are the same point)."""
+    def ordered(t):
+        bits = bf16_bits(t)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+    return (ordered(a) - ordered(b)).abs()
+
+
+def assert_bf16_states_agree(state, ref_state, *, max_fraction):
+    """bfloat16 state of two backends: equal, except a fraction of at most ``max_fraction`` of the elements one ulp
+    apart (where the float32 values before a stochastic rounding differed by an ulp and rounded the other way)."""
+    total = differ = 0
+    for s, r in zip(state, ref_state):
+        distance = bf16_ulp_distance(s, r)
+        if distance.numel():
+            assert distance.max().item() <= 1, f"elements {distance.max().item()} ulps apart"
+        total += distance.numel()
+        differ += int((distance > 0).sum())
+    assert differ <= max_fraction * total, f"{differ} of {total} elements differ"
+    return differ, total
+
+
+def bf16_lockstep(case: Case, backend: str, options: dict, *, dtype=torch.float32, shapes=SMALL_SHAPES, steps=5,
+                  device="cpu", tol=1e-6, max_fraction=1e-3) -> tuple[int, int]:
+    """bfloat16 state (docs/algorithms.md, section 9): ``backend`` and the reference stepped side by side, each step
+    from the same state (the reference's copied into the backend's after each comparison; over free-running steps
+    a one-ulp difference of a momentum would be carried into later, smaller values).
+
+    A backend's float32 value before a store is the reference's up to float32 arithmetic error e (tests/stepwise.py:
+    at most F32 times the layer's largest magnitude entering it, state before and after); each rounds to bfloat16,
+    moving by less than an ulp. So per element |s - s_ref| <= ulp(max(|s|, |s_ref|)) + F32 * max(|s_ref| + |s_before|)
+    (the second term matters only where a value cancels to far below the layer's), and most elements are equal: at
+    most ``max_fraction`` of them differ over the run (a float32 ulp of difference flips a stochastic rounding with
+    probability 2**-16). The step counts are equal, and the weights within ``tol * (1 + |w_ref|)`` where the state
+    elements are equal (with Kahan compensation: param + comp, plus an ulp of the bfloat16 comp, which a float32 ulp
+    of difference can round the other way). Returns (differing, total)."""
+    from stepwise import F32, ulp
+
+    params = make_params(shapes, dtype, device)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    opt = case.cls(params, backend=backend, **case.kwargs, **options)
+    ref = case.cls(ref_params, backend="reference", **case.kwargs, **options)
+    differ = total = 0
+    for step in range(steps):
+        set_grads(params, step)
+        set_grads(ref_params, step)
+        before = [{key: value.clone() for key, value in ref.state[r].items()} for r in ref_params]
+        opt.step()
+        ref.step()
+        for i, (p, r) in enumerate(zip(params, ref_params)):
+            state, ref_state = opt.state[p], ref.state[r]
+            assert state.keys() == ref_state.keys()
+            assert torch.equal(state["step"], ref_state["step"])
+            agree = torch.ones(p.shape, dtype=torch.bool, device=p.device)
+            for key in case.cls._state_keys:
+                s, s_ref = state[key], ref_state[key]
+                assert s.dtype == torch.bfloat16, key
+                distance = bf16_ulp_distance(s, s_ref)
+                agree &= distance == 0
+                differ, total = differ + int((distance > 0).sum()), total + distance.numel()
+                if not s.numel():
+                    continue
+                s64, ref64 = s.double(), s_ref.double()
+                old = before[i].get(key, torch.zeros_like(s)).double()
+                allowed = ulp(torch.maximum(s64.abs(), ref64.abs()), torch.bfloat16) + \
+                    F32 * (ref64.abs() + old.abs()).max()
+                worst = ((s64 - ref64).abs() / allowed).max().item()
+                assert worst <= 1, f"step {step} layer {i} {key}: {worst:.3g} times the allowed difference"
+            weight, ref_weight = p.detach().double(), r.detach().double()
+            allowed = tol * (1 + ref_weight.abs())
+            if "kahan_comp" in ref_state:  # the pair holds the weight to an ulp of its bfloat16 compensation
+                comp, ref_comp = state["kahan_comp"].double(), ref_state["kahan_comp"].double()
+                weight, ref_weight = weight + comp, ref_weight + ref_comp
+                allowed = allowed + ulp(torch.maximum(comp.abs(), ref_comp.abs()), torch.bfloat16)
+            bad = ((weight - ref_weight).abs() > allowed) & agree
+            assert not bad.any(), f"step {step} layer {i}: weights {weight[bad][:4].tolist()} against " \
+                                  f"{ref_weight[bad][:4].tolist()}"
+            with torch.no_grad():  # the next step starts from the reference's state
+                p.copy_(r)
+                for key, value in ref_state.items():
+                    state[key].copy_(value)
+    assert differ <= max_fraction * total, f"{differ} of {total} state elements differ"
+    return differ, total

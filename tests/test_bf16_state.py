@@ -16,7 +16,8 @@ import math
 import pytest
 import torch
 
-from cases import SMALL_SHAPES, make_params, set_grads
+from cases import (BF16_CASES, SHAPES, SMALL_SHAPES, bf16_bits as _bits, bf16_lockstep, make_params,
+                   set_grads)
 from tvlars_fused import LAMB, LARS, TVLARS, _rounding
 from tvlars_fused._types import Bucket, LambHyper, LarsHyper
 
@@ -27,31 +28,6 @@ OPTIMIZERS = {
     "lamb": (LAMB, dict(lr=1e-2)),
 }
 STATE_KEYS = {"tvlars": ("momentum_buffer",), "lars": ("momentum_buffer",), "lamb": ("exp_avg", "exp_avg_sq")}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.int16).to(torch.int64)
-
-
-def bf16_ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many bfloat16 values lie between a and b, element-wise (+0 and -0 are the same point)."""
-    def ordered(t):
-        bits = _bits(t)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-    return (ordered(a) - ordered(b)).abs()
-
-
-def assert_bf16_states_agree(state, ref_state, *, max_fraction):
-    """bfloat16 state of two backends: equal, except a fraction of at most ``max_fraction`` of the elements one ulp
-    apart (where the float32 values before a stochastic rounding differed by an ulp and rounded the other way)."""
-    total = differ = 0
-    for s, r in zip(state, ref_state):
-        distance = bf16_ulp_distance(s, r)
-        assert distance.max().item() <= 1 if distance.numel() else True, distance.max()
-        total += distance.numel()
-        differ += int((distance > 0).sum())
-    assert differ <= max_fraction * total, f"{differ} of {total} elements differ"
-    return differ, total
 
 
 def _lowbias32(x: int) -> int:
@@ -154,28 +130,15 @@ def test_state_is_bfloat16_and_a_run_is_bit_reproducible(name):
     assert opt.state_dict()["param_groups"][0]["seed"] == 5
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-@pytest.mark.parametrize("options", [dict(state_dtype=BF16), dict(state_dtype=BF16, rounding="nearest"),
-                                     dict(state_dtype=BF16, kahan=True)], ids=["stochastic", "nearest", "kahan"])
-def test_foreach_matches_the_reference(name, options):
-    """The foreach backend follows the same steps in multi-tensor ops. Its float32 values can differ from the
-    reference's by an ulp (other operation order, as for float32 state), so a stochastic store can round the other
-    way on about 2**-16 of the elements per step: the states agree but for a rare one-ulp difference, and the
-    weights to float32 accuracy (plus, where a state element differs, lr times a bfloat16 ulp of it)."""
-    dtype = BF16 if options.get("kahan") else torch.float32
-    ref, ref_opt = _train(name, dtype=dtype, **options)
-    got, opt = _train(name, "foreach", dtype=dtype, **options)
-    for key in STATE_KEYS[name]:
-        assert_bf16_states_agree([opt.state[p][key] for p in got], [ref_opt.state[r][key] for r in ref],
-                                 max_fraction=1e-3)
-    if options.get("kahan"):  # the weight is param + comp; param itself is its nearest bfloat16
-        assert_bf16_states_agree(got, ref, max_fraction=1e-3)
-    for p, r in zip(got, ref):
-        weight, ref_weight = p.float(), r.float()
-        if options.get("kahan"):
-            weight, ref_weight = weight + opt.state[p]["kahan_comp"].float(), ref_weight + ref_opt.state[r][
-                "kahan_comp"].float()
-        torch.testing.assert_close(weight, ref_weight, rtol=1e-6, atol=1e-6)  # test_parity.py's float32 tolerance
+@pytest.mark.parametrize("case", BF16_CASES, ids=repr)
+@pytest.mark.parametrize("storage", ["stochastic", "nearest", "kahan"])
+def test_foreach_matches_the_reference(case, storage):
+    """The foreach backend follows the same steps in multi-tensor ops; its float32 values can differ from the
+    reference's by an ulp (other operation order, as for float32 state), so a rounding can rarely go the other way
+    (cases.bf16_lockstep)."""
+    options = dict(state_dtype=BF16, rounding="nearest" if storage == "nearest" else "stochastic",
+                   kahan=storage == "kahan", seed=4)
+    bf16_lockstep(case, "foreach", options, dtype=BF16 if storage == "kahan" else torch.float32, shapes=SHAPES)
 
 
 def test_the_step_continues_with_the_stored_moments():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cases import CASES, SHAPES, SMALL_SHAPES, assert_matches, backend_or_skip, make_params, run, set_grads
+from cases import (BF16_CASES, CASES, SHAPES, SMALL_SHAPES, assert_matches, backend_or_skip, bf16_lockstep, make_params,
+                   run, set_grads)
 from test_parity import LOW_PRECISION
 from test_spec_cases import HAND_CASES, _lamb_expected, numpy_expected
 from tvlars_fused import LAMB, TVLARS, available_backends
@@ -132,3 +133,22 @@ def test_case_table_matches_independent_numpy_reading(case, backend):
     for i, (p, e) in enumerate(zip(params, numpy_expected(case, steps))):
         np.testing.assert_allclose(p.detach().double().cpu().numpy(), e, rtol=1e-5, atol=1e-6,
                                    err_msg=f"layer {i} {tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("storage", ["stochastic", "nearest", "kahan"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("case", BF16_CASES, ids=repr)
+def test_bf16_state_matches_reference(case, backend, storage):
+    """bfloat16 state (docs/algorithms.md, section 9) through the kernels, 5 steps side by side with the reference on
+    the same GPU (cases.bf16_lockstep, the float32 contract for the weights), the kernels used, not foreach; and two
+    free-running runs of 5 steps give identical bits."""
+    backend_or_skip(backend, "cuda")
+    options = dict(state_dtype=torch.bfloat16, rounding="nearest" if storage == "nearest" else "stochastic",
+                   kahan=storage == "kahan", seed=7)
+    dtype = torch.bfloat16 if storage == "kahan" else torch.float32
+    bf16_lockstep(case, backend, options, dtype=dtype, shapes=GPU_SHAPES, device="cuda", tol=FLOAT32_TOL)
+    kwargs = dict(dtype=dtype, shapes=GPU_SHAPES, steps=5, device="cuda", optimizer_kwargs=options)
+    params, opt = run(case, backend, **kwargs)
+    assert all(chosen["backend"] == backend for chosen in opt.chosen_backends)
+    again, again_opt = run(case, backend, **kwargs)
+    assert_matches(params, again, opt, again_opt, rtol=0, atol=0)
