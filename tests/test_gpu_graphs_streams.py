@@ -119,6 +119,41 @@ def test_whole_iteration_graph_replays_like_eager_steps_and_recaptures_after_loa
     replay(capture(), range(13, 23))
 
 
+@pytest.mark.parametrize("storage", [dict(state_dtype=torch.bfloat16), dict(state_dtype=torch.bfloat16, kahan=True)],
+                         ids=["bf16-state", "kahan"])
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=OPTIMIZER_IDS)
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_a_captured_step_draws_new_rounding_bits_at_every_replay(backend, cls, kwargs, storage):
+    """Stochastic rounding's bits come from the step count, device data: a captured step replayed 6 times (new
+    gradients copied into the captured ones) stores exactly what 6 eager steps of a twin store. A graph that baked in
+    the capture's bits would round about half of the elements the other way."""
+    backend_or_skip(backend, "cuda")
+    dtype = torch.bfloat16 if storage.get("kahan") else torch.float32
+    params, twin = make_params(SHAPES, dtype, "cuda"), make_params(SHAPES, dtype, "cuda")
+    options = {**kwargs, **storage, "lr": torch.tensor(kwargs["lr"], device="cuda"), "seed": 3}
+    opt, twin_opt = cls(params, backend=backend, **options), cls(twin, backend=backend, **options)
+    for ps in (params, twin):
+        set_grads(ps, 0)
+    opt.step()  # warm-up: state exists before the capture
+    twin_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(1, 7):
+        set_grads(twin, step)
+        for p, q in zip(params, twin):
+            p.grad.copy_(q.grad)
+        graph.replay()
+        twin_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, twin):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == twin_opt.state[q].keys()
+        for key, value in twin_opt.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+    assert opt.state[params[0]]["step"].item() == 7
+
+
 # ----------------------------------------------------------------------------- streams
 SLEEP_CYCLES = 20_000_000  # about 10 ms at the H200's clock: longer than a step takes to be launched
 
