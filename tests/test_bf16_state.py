@@ -334,3 +334,35 @@ def test_channels_last_state_draws_bits_in_memory_order():
     expected = torch.empty_like(flat, dtype=BF16)
     _rounding.store(expected, flat, stochastic=True, seed=1, layer_id=2, stream=0, step=torch.tensor(4.0))
     assert torch.equal(dest.permute(0, 2, 3, 1).reshape(-1), expected)
+
+
+def test_a_compiled_step_draws_the_eager_bits_and_never_recompiles():
+    """Under torch.compile the step count that feeds the hash is a tensor: each step draws new bits without a
+    recompilation, and the stored state is the eager step's (Inductor's float32 arithmetic may differ by an ulp:
+    within cases.bf16_ulp_distance of one, rarely)."""
+    import torch._dynamo
+
+    from cases import assert_bf16_states_agree
+
+    torch._dynamo.reset()
+    name = "lamb"  # both state streams; tracing costs about 10 s per layer here, so three layers
+    cls, kwargs = OPTIMIZERS[name]
+    shapes = [(16, 8), (37,), (3, 3, 4, 4)]
+    params, twin = make_params(shapes), make_params(shapes)
+    opt = cls(params, backend="foreach", state_dtype=BF16, seed=2, **kwargs)
+    twin_opt = cls(twin, backend="foreach", state_dtype=BF16, seed=2, **kwargs)
+    compiled = torch.compile(opt.step)
+    for step in range(5):
+        set_grads(params, step)
+        set_grads(twin, step)
+        if step == 2:  # traced for the first step (state created) and a steady one; never again
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled()
+        else:
+            compiled()
+        twin_opt.step()
+    for key in STATE_KEYS[name]:
+        assert_bf16_states_agree([opt.state[p][key] for p in params], [twin_opt.state[q][key] for q in twin],
+                                 max_fraction=1e-3)
+    for p, q in zip(params, twin):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
