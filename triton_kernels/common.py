@@ -20,14 +20,21 @@ float64 (``exp_rn``), square roots are ``sqrt_rn`` or float64.
 
 Squares are summed in float64: a float32 square overflows for |x| > 1.8e19 and is flushed to zero below
 1e-19 on a GPU (whose float32 sqrt also flushes sums below 2**-126); float64 sqrt rounds correctly.
+
+bfloat16 state and Kahan-compensated bfloat16 weights (docs/algorithms.md, section 9): the state's dtype
+(``STATE_DTYPE``), its rounding (``STOCHASTIC``) and the compensation (``KAHAN``) are compile-time flags, the seed
+a runtime scalar. The stochastic rounding's random bits are the counter-based hash of the contract, in uint32
+arithmetic (``mix32``, ``rounding_key``, ``rounding_base``, ``rounding_bits``: the functions of
+``csrc/optimizer_math.h`` and ``tvlars_fused/_rounding.py``); a bfloat16 store returns the value stored, which
+the step continues with. Every float32 -> bfloat16 rounding is done on the bits (``to_param_dtype`` says why).
 """
 
 import triton
 import triton.language as tl
 
-from .._layer_table import (COL_FIRST_CHUNK, COL_FLAGS, COL_GRAD, COL_MASTER, COL_NUM_CHUNKS, COL_NUMEL,
-                            COL_PARAM, COL_STATE0, COL_STATE1, COL_STEP, FLAG_ALIGNED16, FLAG_NO_ADAPT,
-                            FLAG_NO_DECAY, NUM_COLS)
+from .._layer_table import (COL_COMP, COL_ELEMENT_OFFSET, COL_FIRST_CHUNK, COL_FLAGS, COL_GRAD, COL_LAYER_ID,
+                            COL_MASTER, COL_NUM_CHUNKS, COL_NUMEL, COL_PARAM, COL_STATE0, COL_STATE1, COL_STEP,
+                            FLAG_ALIGNED16, FLAG_NO_ADAPT, FLAG_NO_DECAY, NUM_COLS)
 
 # Globals a @triton.jit function reads must be constexpr.
 NUM_COLS_C = tl.constexpr(NUM_COLS)
@@ -41,6 +48,9 @@ COL_NUMEL_C = tl.constexpr(COL_NUMEL)
 COL_FIRST_CHUNK_C = tl.constexpr(COL_FIRST_CHUNK)
 COL_NUM_CHUNKS_C = tl.constexpr(COL_NUM_CHUNKS)
 COL_FLAGS_C = tl.constexpr(COL_FLAGS)
+COL_COMP_C = tl.constexpr(COL_COMP)
+COL_LAYER_ID_C = tl.constexpr(COL_LAYER_ID)
+COL_ELEMENT_OFFSET_C = tl.constexpr(COL_ELEMENT_OFFSET)
 FLAG_NO_DECAY_C = tl.constexpr(FLAG_NO_DECAY)
 FLAG_NO_ADAPT_C = tl.constexpr(FLAG_NO_ADAPT)
 FLAG_ALIGNED16_C = tl.constexpr(FLAG_ALIGNED16)
@@ -49,6 +59,13 @@ FLAG_ALIGNED16_C = tl.constexpr(FLAG_ALIGNED16)
 # relative), exp(x) - 1 above it, where |exp(x) - 1| >= 0.63 keeps the cancellation within a few float32 ulps.
 EXPM1_SERIES_LIMIT = tl.constexpr(1.0)
 EXPM1_SERIES_DEGREE = tl.constexpr(11)
+
+# The hash's constants (tvlars_fused/_rounding.py): lowbias32's multipliers and the golden ratio's, for an index's
+# high word; bfloat16's quiet NaN, as torch and csrc/optimizer_math.h store a NaN.
+MIX1_C = tl.constexpr(0x7FEB352D)
+MIX2_C = tl.constexpr(0x846CA68B)
+GOLDEN32_C = tl.constexpr(0x9E3779B9)
+BF16_NAN_C = tl.constexpr(0x7FC0)
 
 
 @triton.jit
@@ -213,3 +230,126 @@ def to_param_dtype(x, PARAM_DTYPE: tl.constexpr):
         return tl.where(x != x, quiet_nan, nearest_even).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(PARAM_DTYPE)
+
+
+# ----------------------------------------------------------------------------- bfloat16 state, Kahan weights
+@triton.jit
+def mix32(x):
+    """lowbias32, the bijective 32-bit hash, on uint32 values (every operation wraps modulo 2**32; ``>>`` of an
+    unsigned value is a logical shift)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), MIX1_C, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), MIX2_C, tl.uint32)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def rounding_key(seed, row_ptr, STREAM: tl.constexpr):
+    """``mix32(seed ^ mix32(2 * layer + stream))`` for the layer of ``row_ptr`` (its COL_LAYER_ID) and the state
+    tensor STREAM (0: momentum buffer or exp_avg, 1: exp_avg_sq); ``seed`` arrives as an int32 holding the bits
+    of the uint32 seed."""
+    layer_id = tl.load(row_ptr + COL_LAYER_ID_C)
+    return mix32(tl.cast(seed, tl.uint32, bitcast=True) ^ mix32((2 * layer_id + STREAM).to(tl.uint32)))
+
+
+@triton.jit
+def rounding_base(seed, row_ptr, t, STREAM: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """The per-(layer, step, stream) part of the hash, ``mix32(key ^ t)`` with t the layer's new step count
+    (float32, an integer value), once per program; 0 (unused) without stochastic rounding."""
+    if STOCHASTIC:
+        return mix32(rounding_key(seed, row_ptr, STREAM) ^ tl.cast(t, tl.uint32))
+    else:
+        return 0
+
+
+@triton.jit
+def element_offset(row_ptr, STOCHASTIC: tl.constexpr):
+    """The index in the whole layer of the row's first element (a shard's offset; COL_ELEMENT_OFFSET), which the
+    random bits of an element are drawn for; 0 (unused) without stochastic rounding."""
+    if STOCHASTIC:
+        return tl.load(row_ptr + COL_ELEMENT_OFFSET_C)
+    else:
+        return 0
+
+
+@triton.jit
+def rounding_bits(base, index):
+    """The 16 random bits of the elements ``index`` (int64, indices in the whole layer):
+    ``mix32((base ^ lo32(i)) + hi32(i) * 0x9E3779B9) >> 16``, as uint32."""
+    lo = index.to(tl.uint32)  # truncation: the low word
+    hi = (index >> 32).to(tl.uint32)
+    return mix32((base ^ lo) + hi * tl.full((), GOLDEN32_C, tl.uint32)) >> 16
+
+
+@triton.jit
+def bf16_nearest_bits(x):
+    """float32 -> the pattern (uint32 in [0, 2**16)) of its nearest bfloat16, ties to even; NaN -> 0x7FC0."""
+    bits = x.to(tl.uint32, bitcast=True)
+    nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, tl.full((), BF16_NAN_C, tl.uint32), nearest_even)
+
+
+@triton.jit
+def bf16_stochastic_bits(x, random_bits):
+    """float32 -> the pattern of a bfloat16 neighbour, ``(bits(x) + r) >> 16``: away from zero with probability
+    (the dropped 16 bits) / 2**16, so the mean stored is x; NaN -> 0x7FC0 (a NaN's bits plus r could carry into
+    the sign)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return tl.where(x != x, tl.full((), BF16_NAN_C, tl.uint32), (bits + random_bits) >> 16)
+
+
+@triton.jit
+def bf16_from_bits(bits):
+    """The bfloat16 values of patterns held as uint32 in [0, 2**16)."""
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def bf16_bits_to_float(bits):
+    """The float32 value (exact) of bfloat16 patterns held as uint32."""
+    return (bits << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rounded_state(x, base, index, STATE_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """A new state value x (float32) as stored: (the value to store, in STATE_DTYPE; its float32 value, which the
+    step continues with). bfloat16 state rounds stochastically with the bits of ``base`` for the elements
+    ``index`` (in the whole layer), or to nearest; float32 state is x itself."""
+    if STATE_DTYPE == tl.bfloat16:
+        if STOCHASTIC:
+            bits = bf16_stochastic_bits(x, rounding_bits(base, index))
+        else:
+            bits = bf16_nearest_bits(x)
+        return bf16_from_bits(bits), bf16_bits_to_float(bits)
+    else:
+        return x, x
+
+
+@triton.jit
+def load_weight(param_ptr, master_ptr, comp_ptr, index, mask, HAS_MASTER: tl.constexpr, KAHAN: tl.constexpr):
+    """The weight a step reads, in float32: the master weight, the parameter plus its Kahan compensation (exact),
+    or the parameter."""
+    if HAS_MASTER:
+        return load(master_ptr + index, mask)
+    else:
+        w = load(param_ptr + index, mask).to(tl.float32)
+        if KAHAN:
+            w = w + load(comp_ptr + index, mask).to(tl.float32)
+        return w
+
+
+@triton.jit
+def store_weight(param_ptr, master_ptr, comp_ptr, index, mask, w, PARAM_DTYPE: tl.constexpr,
+                 HAS_MASTER: tl.constexpr, KAHAN: tl.constexpr):
+    """Stores the new float32 weight: into the master and the parameter (its one rounding), or with KAHAN as
+    param = nearest(w) and comp = nearest(w - param) (w - param is exact in float32)."""
+    if HAS_MASTER:
+        tl.store(master_ptr + index, w, mask=mask)
+    if KAHAN:
+        param_bits = bf16_nearest_bits(w)
+        tl.store(param_ptr + index, bf16_from_bits(param_bits), mask=mask)
+        tl.store(comp_ptr + index, bf16_from_bits(bf16_nearest_bits(w - bf16_bits_to_float(param_bits))),
+                 mask=mask)
+    else:
+        tl.store(param_ptr + index, to_param_dtype(w, PARAM_DTYPE), mask=mask)  # the one rounding

@@ -23,15 +23,22 @@ between the passes, and pass 2 reads the whole-layer sums from it instead of red
 layers (pass 1 works on the local shards, the host all-reduces the sums over the ranks), and for layers so
 large that every program re-reading their partials would cost more than the launch (``_triton_backend``).
 
+bfloat16 state (``STATE_DTYPE``): pass 1 stores the new moments rounded (stochastically with streams 0 and 1 of the
+layer, t and the element's index in the whole layer, or to nearest) and forms u, and so ||u||, from the stored
+values, which pass 2 reads back: u's norm and the update come from the same stored moments, as in the reference.
+``KAHAN``: both passes read the weight as parameter + compensation, and pass 2 stores the new weight split in two
+(common.store_weight).
+
 ``found_inf`` non-zero empties every loop and masks every persistent store of both passes.
 """
 
 import triton
 import triton.language as tl
 
-from .common import (COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STATE1_C, COL_STEP_C, bounded,
-                     chunk_span, full_tiles_end, is_adapted, is_aligned, layer_decay, load, one_minus_pow, square64,
-                     table_pointer, to_param_dtype, whole_layer_sums)
+from .common import (COL_COMP_C, COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STATE1_C, COL_STEP_C,
+                     bounded, chunk_span, element_offset, full_tiles_end, is_adapted, is_aligned, layer_decay, load,
+                     load_weight, one_minus_pow, rounded_state, rounding_base, square64, store_weight, table_pointer,
+                     whole_layer_sums)
 
 
 @triton.jit
@@ -55,59 +62,69 @@ def lamb_update_direction(m, v, w, inv_correction1, inv_correction2, eps, decay,
 
 
 @triton.jit
-def lamb_moments_tile(grad_ptr, m_ptr, v_ptr, weight_ptr, index, mask, inv_grad_scale, clip_coef, beta1, beta2,
-                      first_moment_factor, one_minus_beta2, inv_correction1, inv_correction2, eps, decay, w_sq, u_sq,
+def lamb_moments_tile(grad_ptr, m_ptr, v_ptr, param_ptr, master_ptr, comp_ptr, index, mask, inv_grad_scale,
+                      clip_coef, beta1, beta2, first_moment_factor, one_minus_beta2, inv_correction1, inv_correction2,
+                      eps, decay, base1, base2, first_element, w_sq, u_sq, HAS_MASTER: tl.constexpr,
+                      KAHAN: tl.constexpr, STATE_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
                       HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr, DECOUPLED_DECAY: tl.constexpr):
     g = load(grad_ptr + index, mask).to(tl.float32)
     if HAS_GRAD_SCALE:
         g = g * inv_grad_scale
     if HAS_CLIP_COEF:
         g = g * clip_coef
-    m = beta1 * load(m_ptr + index, mask) + first_moment_factor * g
-    v = beta2 * load(v_ptr + index, mask) + one_minus_beta2 * g * g
-    tl.store(m_ptr + index, m, mask=mask)
-    tl.store(v_ptr + index, v, mask=mask)
-    w = load(weight_ptr + index, mask).to(tl.float32)
+    m = beta1 * load(m_ptr + index, mask).to(tl.float32) + first_moment_factor * g
+    v = beta2 * load(v_ptr + index, mask).to(tl.float32) + one_minus_beta2 * g * g
+    # u (and so ||u||) is formed from the moments as stored, which pass 2 reads back.
+    stored_m, m = rounded_state(m, base1, first_element + index, STATE_DTYPE, STOCHASTIC)
+    stored_v, v = rounded_state(v, base2, first_element + index, STATE_DTYPE, STOCHASTIC)
+    tl.store(m_ptr + index, stored_m, mask=mask)
+    tl.store(v_ptr + index, stored_v, mask=mask)
+    w = load_weight(param_ptr, master_ptr, comp_ptr, index, mask, HAS_MASTER, KAHAN)
     u = lamb_update_direction(m, v, w, inv_correction1, inv_correction2, eps, decay, DECOUPLED_DECAY)
     return w_sq + square64(w, mask), u_sq + square64(u, mask)
 
 
 @triton.jit
 def lamb_moments_chunk(row_ptr, start, end, inv_grad_scale, clip_coef, beta1, beta2, first_moment_factor,
-                       one_minus_beta2, inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE: tl.constexpr,
-                       HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_CLIP_COEF: tl.constexpr,
-                       DECOUPLED_DECAY: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+                       one_minus_beta2, inv_correction1, inv_correction2, eps, decay, base1, base2,
+                       PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, KAHAN: tl.constexpr,
+                       STATE_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                       HAS_CLIP_COEF: tl.constexpr, DECOUPLED_DECAY: tl.constexpr, ALIGNED: tl.constexpr,
+                       BLOCK: tl.constexpr):
     """Stores the chunk's new moments and returns its float64 sums of w^2 and u^2, with 16-byte aligned
     pointers when ALIGNED."""
     grad_ptr = table_pointer(row_ptr, COL_GRAD_C, PARAM_DTYPE, ALIGNED)
-    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32, ALIGNED)
-    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32, ALIGNED)
-    if HAS_MASTER:
-        weight_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)
-    else:
-        weight_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
+    m_ptr = table_pointer(row_ptr, COL_STATE0_C, STATE_DTYPE, ALIGNED)
+    v_ptr = table_pointer(row_ptr, COL_STATE1_C, STATE_DTYPE, ALIGNED)
+    param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
+    master_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)  # 0 (never read) without masters
+    comp_ptr = table_pointer(row_ptr, COL_COMP_C, tl.bfloat16, ALIGNED)  # 0 (never read) without KAHAN
+    first_element = element_offset(row_ptr, STOCHASTIC)
     w_sq = tl.zeros([BLOCK], dtype=tl.float64)
     u_sq = tl.zeros([BLOCK], dtype=tl.float64)
     tail = full_tiles_end(start, end, BLOCK)
     for offset in range(start, tail, BLOCK):
-        w_sq, u_sq = lamb_moments_tile(grad_ptr, m_ptr, v_ptr, weight_ptr, offset + tl.arange(0, BLOCK), None,
-                                       inv_grad_scale, clip_coef, beta1, beta2, first_moment_factor, one_minus_beta2,
-                                       inv_correction1, inv_correction2, eps, decay, w_sq, u_sq, HAS_GRAD_SCALE,
-                                       HAS_CLIP_COEF, DECOUPLED_DECAY)
+        w_sq, u_sq = lamb_moments_tile(grad_ptr, m_ptr, v_ptr, param_ptr, master_ptr, comp_ptr,
+                                       offset + tl.arange(0, BLOCK), None, inv_grad_scale, clip_coef, beta1, beta2,
+                                       first_moment_factor, one_minus_beta2, inv_correction1, inv_correction2, eps,
+                                       decay, base1, base2, first_element, w_sq, u_sq, HAS_MASTER, KAHAN,
+                                       STATE_DTYPE, STOCHASTIC, HAS_GRAD_SCALE, HAS_CLIP_COEF, DECOUPLED_DECAY)
     if tail < end:
         index = tail + tl.arange(0, BLOCK)
-        w_sq, u_sq = lamb_moments_tile(grad_ptr, m_ptr, v_ptr, weight_ptr, index, index < end, inv_grad_scale,
-                                       clip_coef, beta1, beta2, first_moment_factor, one_minus_beta2, inv_correction1,
-                                       inv_correction2, eps, decay, w_sq, u_sq, HAS_GRAD_SCALE, HAS_CLIP_COEF,
-                                       DECOUPLED_DECAY)
+        w_sq, u_sq = lamb_moments_tile(grad_ptr, m_ptr, v_ptr, param_ptr, master_ptr, comp_ptr, index,
+                                       index < end, inv_grad_scale, clip_coef, beta1, beta2, first_moment_factor,
+                                       one_minus_beta2, inv_correction1, inv_correction2, eps, decay, base1, base2,
+                                       first_element, w_sq, u_sq, HAS_MASTER, KAHAN, STATE_DTYPE, STOCHASTIC,
+                                       HAS_GRAD_SCALE, HAS_CLIP_COEF, DECOUPLED_DECAY)
     return tl.sum(w_sq, axis=0), tl.sum(u_sq, axis=0)
 
 
-@triton.jit(do_not_specialize=["num_chunks"])
+@triton.jit(do_not_specialize=["num_chunks", "seed"])
 def lamb_moments_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr, grad_scale_ptr, found_inf_ptr,
-                        clip_coef_ptr, num_chunks, chunk_size, beta1, beta2, first_moment_factor, one_minus_beta2,
-                        log_beta1, log_beta2, eps, weight_decay,
-                        PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                        clip_coef_ptr, num_chunks, chunk_size, seed, beta1, beta2, first_moment_factor,
+                        one_minus_beta2, log_beta1, log_beta2, eps, weight_decay,
+                        PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, KAHAN: tl.constexpr,
+                        STATE_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
                         HAS_CLIP_COEF: tl.constexpr, BIAS_CORRECTION: tl.constexpr, DECOUPLED_DECAY: tl.constexpr,
                         ALL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     # 1 - beta (and first_moment_factor, 1 - beta1 or 1 without grad averaging) come from float64 on the host: in
@@ -125,70 +142,71 @@ def lamb_moments_kernel(layers_ptr, chunk_layer_ptr, partials_ptr, new_steps_ptr
     clip_coef = 1.0
     if HAS_CLIP_COEF:
         clip_coef = tl.load(clip_coef_ptr)
+    base1 = rounding_base(seed, row_ptr, t, 0, STOCHASTIC)  # exp_avg is stream 0, exp_avg_sq stream 1
+    base2 = rounding_base(seed, row_ptr, t, 1, STOCHASTIC)
 
     if ALL_ALIGNED:
         w_sq, u_sq = lamb_moments_chunk(row_ptr, start, end, inv_grad_scale, clip_coef, beta1, beta2,
                                         first_moment_factor, one_minus_beta2, inv_correction1, inv_correction2, eps,
-                                        decay, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP_COEF,
-                                        DECOUPLED_DECAY, True, BLOCK)
+                                        decay, base1, base2, PARAM_DTYPE, HAS_MASTER, KAHAN, STATE_DTYPE,
+                                        STOCHASTIC, HAS_GRAD_SCALE, HAS_CLIP_COEF, DECOUPLED_DECAY, True, BLOCK)
     elif is_aligned(row_ptr):
         w_sq, u_sq = lamb_moments_chunk(row_ptr, start, end, inv_grad_scale, clip_coef, beta1, beta2,
                                         first_moment_factor, one_minus_beta2, inv_correction1, inv_correction2, eps,
-                                        decay, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP_COEF,
-                                        DECOUPLED_DECAY, True, BLOCK)
+                                        decay, base1, base2, PARAM_DTYPE, HAS_MASTER, KAHAN, STATE_DTYPE,
+                                        STOCHASTIC, HAS_GRAD_SCALE, HAS_CLIP_COEF, DECOUPLED_DECAY, True, BLOCK)
     else:
         w_sq, u_sq = lamb_moments_chunk(row_ptr, start, end, inv_grad_scale, clip_coef, beta1, beta2,
                                         first_moment_factor, one_minus_beta2, inv_correction1, inv_correction2, eps,
-                                        decay, PARAM_DTYPE, HAS_MASTER, HAS_GRAD_SCALE, HAS_CLIP_COEF,
-                                        DECOUPLED_DECAY, False, BLOCK)
+                                        decay, base1, base2, PARAM_DTYPE, HAS_MASTER, KAHAN, STATE_DTYPE,
+                                        STOCHASTIC, HAS_GRAD_SCALE, HAS_CLIP_COEF, DECOUPLED_DECAY, False, BLOCK)
     chunk = tl.program_id(0)
     tl.store(partials_ptr + chunk, w_sq)
     tl.store(partials_ptr + num_chunks + chunk, u_sq)
 
 
 @triton.jit
-def lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, index, mask, scale, shrink, inv_correction1,
+def lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, comp_ptr, index, mask, scale, shrink, inv_correction1,
                      inv_correction2, eps, decay, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                     DECOUPLED_DECAY: tl.constexpr):
-    if HAS_MASTER:
-        w = load(master_ptr + index, mask)
-    else:
-        w = load(param_ptr + index, mask).to(tl.float32)
-    m = load(m_ptr + index, mask)
-    v = load(v_ptr + index, mask)
+                     KAHAN: tl.constexpr, DECOUPLED_DECAY: tl.constexpr):
+    w = load_weight(param_ptr, master_ptr, comp_ptr, index, mask, HAS_MASTER, KAHAN)
+    m = load(m_ptr + index, mask).to(tl.float32)
+    v = load(v_ptr + index, mask).to(tl.float32)
     u = lamb_update_direction(m, v, w, inv_correction1, inv_correction2, eps, decay, DECOUPLED_DECAY)
     if DECOUPLED_DECAY:
         w = shrink * w  # (1 - lr * beta') * w first, as timm
-    w = w - scale * u
-    if HAS_MASTER:
-        tl.store(master_ptr + index, w, mask=mask)
-    tl.store(param_ptr + index, to_param_dtype(w, PARAM_DTYPE), mask=mask)  # the one rounding
+    store_weight(param_ptr, master_ptr, comp_ptr, index, mask, w - scale * u, PARAM_DTYPE, HAS_MASTER, KAHAN)
 
 
 @triton.jit
 def lamb_update_chunk(row_ptr, start, end, scale, shrink, inv_correction1, inv_correction2, eps, decay,
-                      PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, DECOUPLED_DECAY: tl.constexpr,
-                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """Applies the step to the chunk's master and parameter, with 16-byte aligned pointers when ALIGNED."""
+                      PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, KAHAN: tl.constexpr,
+                      STATE_DTYPE: tl.constexpr, DECOUPLED_DECAY: tl.constexpr, ALIGNED: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """Applies the step to the chunk's master and parameter (and compensation), with 16-byte aligned pointers
+    when ALIGNED."""
     param_ptr = table_pointer(row_ptr, COL_PARAM_C, PARAM_DTYPE, ALIGNED)
-    m_ptr = table_pointer(row_ptr, COL_STATE0_C, tl.float32, ALIGNED)
-    v_ptr = table_pointer(row_ptr, COL_STATE1_C, tl.float32, ALIGNED)
+    m_ptr = table_pointer(row_ptr, COL_STATE0_C, STATE_DTYPE, ALIGNED)
+    v_ptr = table_pointer(row_ptr, COL_STATE1_C, STATE_DTYPE, ALIGNED)
     master_ptr = table_pointer(row_ptr, COL_MASTER_C, tl.float32, ALIGNED)  # 0 (never read) without masters
+    comp_ptr = table_pointer(row_ptr, COL_COMP_C, tl.bfloat16, ALIGNED)  # 0 (never read) without KAHAN
     tail = full_tiles_end(start, end, BLOCK)
     for offset in range(start, tail, BLOCK):
-        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, offset + tl.arange(0, BLOCK), None, scale, shrink,
-                         inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER, DECOUPLED_DECAY)
+        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, comp_ptr, offset + tl.arange(0, BLOCK), None, scale,
+                         shrink, inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER, KAHAN,
+                         DECOUPLED_DECAY)
     if tail < end:
         index = tail + tl.arange(0, BLOCK)
-        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, index, index < end, scale, shrink, inv_correction1,
-                         inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER, DECOUPLED_DECAY)
+        lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, comp_ptr, index, index < end, scale, shrink,
+                         inv_correction1, inv_correction2, eps, decay, PARAM_DTYPE, HAS_MASTER, KAHAN,
+                         DECOUPLED_DECAY)
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
 def lamb_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, found_inf_ptr, lr_ptr,
                        num_chunks, chunk_size, lr, log_beta1, log_beta2, eps, weight_decay, norm_clip,
                        min_trust_ratio, max_trust_ratio, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
-                       LR_ON_DEVICE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, DECOUPLED_DECAY: tl.constexpr,
+                       KAHAN: tl.constexpr, STATE_DTYPE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, BIAS_CORRECTION: tl.constexpr, DECOUPLED_DECAY: tl.constexpr,
                        ADAPT: tl.constexpr, ALL_ALIGNED: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
                        LAYER_SUMS: tl.constexpr):
     row_ptr, layer, start, end, first = chunk_span(layers_ptr, chunk_layer_ptr, chunk_size, BLOCK)
@@ -220,11 +238,11 @@ def lamb_update_kernel(layers_ptr, chunk_layer_ptr, sums_ptr, new_steps_ptr, fou
 
     if ALL_ALIGNED:
         lamb_update_chunk(row_ptr, start, end, scale, shrink, inv_correction1, inv_correction2, eps, decay,
-                          PARAM_DTYPE, HAS_MASTER, DECOUPLED_DECAY, True, BLOCK)
+                          PARAM_DTYPE, HAS_MASTER, KAHAN, STATE_DTYPE, DECOUPLED_DECAY, True, BLOCK)
     elif is_aligned(row_ptr):
         lamb_update_chunk(row_ptr, start, end, scale, shrink, inv_correction1, inv_correction2, eps, decay,
-                          PARAM_DTYPE, HAS_MASTER, DECOUPLED_DECAY, True, BLOCK)
+                          PARAM_DTYPE, HAS_MASTER, KAHAN, STATE_DTYPE, DECOUPLED_DECAY, True, BLOCK)
     else:
         lamb_update_chunk(row_ptr, start, end, scale, shrink, inv_correction1, inv_correction2, eps, decay,
-                          PARAM_DTYPE, HAS_MASTER, DECOUPLED_DECAY, False, BLOCK)
+                          PARAM_DTYPE, HAS_MASTER, KAHAN, STATE_DTYPE, DECOUPLED_DECAY, False, BLOCK)
     tl.store(table_pointer(row_ptr, COL_STEP_C, tl.float32, False), t, mask=first & ~skip)

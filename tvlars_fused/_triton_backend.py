@@ -27,6 +27,12 @@ shards, ``layer_sums_kernel`` (each layer's partials reduced in a fixed order to
 ``found_inf`` is set (the host never reads it, and every rank must join the collective); the kernels write
 nothing persistent then. Every rank's table must cover the same layers, so that each issues the same
 collectives: FSDP2's local shards are contiguous, so they always are.
+
+bfloat16 state and Kahan-compensated bfloat16 weights (docs/algorithms.md, section 9) are compile-time flags of
+the kernels (the state's dtype, stochastic or nearest rounding, the compensation); the seed is a runtime argument,
+and the hash's other inputs come from the device: the layer's number and first element's index from the table,
+its step count from the step. A sharded layer's element offset in the table makes its shard draw the bits the
+unsharded layer would.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from .triton_kernels.lars import lars_norms_kernel, lars_update_kernel
 
 # Sharded buckets are stepped here (split around bucket.reduce_sums), not sent to foreach by the optimizer.
 supports_sharded = True
+# bfloat16 state and Kahan compensation are stepped by the kernels, not sent to foreach by the optimizer.
+supports_bf16_storage = True
 
 _PARAM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # This backend's device tensors in a table's workspace (which also holds other entries, host tensors among them).
@@ -86,7 +94,8 @@ def launch_sizes(bucket: Bucket) -> LaunchSizes:
     Pass 2 re-reduces a layer's partials in each of its programs, so a layer of n elements split into chunks of
     c costs PARTIAL_BYTES * (n / c)**2 bytes of re-reads against at least 18 * n bytes of element traffic (the
     leanest step, bfloat16 LARS: ``element_bytes``). Chunks grow like sqrt(n) of the largest layer: with
-    c >= 5 * sqrt(n) the re-reads stay below 16 / (25 * 18) = 3.6 % of the step for n up to about 1.7e8, where
+    c >= 5 * sqrt(n) the re-reads stay below 16 / (25 * 18) = 3.6 % of the step (4.6 % for the 14 bytes of bfloat16
+LARS with bfloat16 state) for n up to about 1.7e8, where
     c reaches its largest, 2**16 elements (larger chunks would leave too few programs to fill the GPU); long
     before that, from about 2**26 elements, ``reduction_traffic`` takes a launch in between. Only the chunk varies
     between buckets, and it is not compiled in. The interpreter runs one tile as one numpy operation, so there a
@@ -107,16 +116,20 @@ def launch_sizes(bucket: Bucket) -> LaunchSizes:
 
 def element_bytes(bucket: Bucket) -> int:
     """Bytes both passes move per element, reads and writes (the master, when there is one, is the weight
-    read; the parameter is then only written):
+    read; the parameter is then only written; with a Kahan compensation the weight is parameter + compensation,
+    read and written):
     LARS: pass 1 reads w, g; pass 2 reads w, g, buf and writes buf, w (and the parameter).
     LAMB: pass 1 reads g, m, v, w and writes m, v; pass 2 reads w, m, v and writes w (and the parameter).
-    float32 LARS 28, bfloat16 LARS 18, float32 LAMB 40, bfloat16 LAMB 32."""
+    float32 LARS 28, bfloat16 LARS 18, float32 LAMB 40, bfloat16 LAMB 32; with bfloat16 state float32 LARS 24,
+    bfloat16 LARS 14 (20 with Kahan), float32 LAMB 28, bfloat16 LAMB 20 (26 with Kahan)."""
     param = bucket.params[0].element_size()
-    weight = 4 if bucket.masters is not None else param
-    written_param = param if bucket.masters is not None else 0
+    state = bucket.states[0][0].element_size() if bucket.states[0] else 4
+    comp = 2 if getattr(bucket, "comps", None) is not None else 0
+    weight = 4 if bucket.masters is not None else param + comp
+    written = 4 + param if bucket.masters is not None else param + comp
     if len(bucket.states) == 1:
-        return (weight + param) + (weight + param + 4 + 4 + weight + written_param)
-    return (param + 8 + weight + 8) + (weight + 8 + weight + written_param)
+        return (weight + param) + (weight + param + 2 * state + written)
+    return (param + 4 * state + weight) + (weight + 2 * state + written)
 
 
 @dataclass(frozen=True)
@@ -222,6 +235,22 @@ def _norm_clip(norm_clip: float | None) -> float:
     return math.inf if norm_clip is None else float(norm_clip)
 
 
+def _storage_flags(bucket: Bucket, hp: LarsHyper | LambHyper) -> tuple[dict, dict]:
+    """The kernels' storage flags for a bucket, (those of every kernel that reads the weight, those of the kernel
+    that stores the state): the Kahan compensation; the state's dtype and whether its stores round
+    stochastically (a float32-state bucket compiles no hash)."""
+    bf16_state = bucket.state_dtype == torch.bfloat16
+    return (dict(KAHAN=bucket.comps is not None),
+            dict(STATE_DTYPE=tl.bfloat16 if bf16_state else tl.float32,
+                 STOCHASTIC=bf16_state and hp.stochastic_rounding))
+
+
+def _seed_bits(seed: int) -> int:
+    """The uint32 seed as the int32 with its bits: every seed passes as the same kernel argument type (Triton
+    types a Python int by its value, and would compile an int64 variant for seeds from 2**31)."""
+    return seed - (1 << 32) if seed >= 1 << 31 else seed
+
+
 def _trust_ratio_bounds(hp: LarsHyper | LambHyper) -> tuple[float, float]:
     """[min_trust_ratio, max_trust_ratio] as kernel floats, -inf and inf where absent."""
     return (-math.inf if hp.min_trust_ratio is None else float(hp.min_trust_ratio),
@@ -243,9 +272,10 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
     ws = _workspace(table, layer_sums)
     device, partials, new_steps, zero = covered.device, ws["partials"], ws["new_steps"], ws["zero"]
     lr_on_device = isinstance(hp.lr, Tensor)
+    weight_flags, state_flags = _storage_flags(covered, hp)
     flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
                  HAS_GRAD_SCALE=grad_scale is not None, SUM_OF_NORMS=hp.sum_of_norms, ADAPT=hp.adapt,
-                 ALL_ALIGNED=table.aligned16, BLOCK=sizes.block, num_warps=sizes.num_warps)
+                 ALL_ALIGNED=table.aligned16, BLOCK=sizes.block, num_warps=sizes.num_warps, **weight_flags)
     # Python floats throughout: an int hyper-parameter (weight_decay=0) would change the kernel signature.
     momentum, weight_decay, eta, eps, lmbda, alpha, delay, gamma_min = map(float, (
         hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min))
@@ -258,10 +288,10 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
         lars_update_kernel[grid](
             table.layers, table.chunk_layer, sums, new_steps, scale, _device_scalar(found_inf, device, zero),
             _device_scalar(hp.lr if lr_on_device else None, device, zero), table.num_chunks, sizes.chunk,
-            0.0 if lr_on_device else float(hp.lr), momentum, weight_decay, eta, eps, _norm_clip(hp.norm_clip),
-            lmbda, alpha, delay, gamma_min, *_trust_ratio_bounds(hp), 1.0 - float(hp.dampening),
-            LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi, TRUST_CLIP=hp.trust_clip,
-            RBLOCK=sizes.reduce_block, LAYER_SUMS=layer_sums, **flags)
+            _seed_bits(hp.seed), 0.0 if lr_on_device else float(hp.lr), momentum, weight_decay, eta, eps,
+            _norm_clip(hp.norm_clip), lmbda, alpha, delay, gamma_min, *_trust_ratio_bounds(hp),
+            1.0 - float(hp.dampening), LR_ON_DEVICE=lr_on_device, NESTEROV=hp.nesterov, USE_PHI=hp.use_phi,
+            TRUST_CLIP=hp.trust_clip, RBLOCK=sizes.reduce_block, LAYER_SUMS=layer_sums, **state_flags, **flags)
 
 
 @torch.compiler.disable
@@ -279,21 +309,22 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     lr_on_device = isinstance(hp.lr, Tensor)
     log_beta1, log_beta2 = hp.log_beta1, hp.log_beta2
     beta1, beta2, eps, weight_decay = map(float, (hp.beta1, hp.beta2, hp.eps, hp.weight_decay))
+    weight_flags, state_flags = _storage_flags(covered, hp)
     flags = dict(PARAM_DTYPE=getattr(tl, _PARAM_DTYPES[covered.dtype]), HAS_MASTER=covered.masters is not None,
                  BIAS_CORRECTION=hp.bias_correction, DECOUPLED_DECAY=hp.decoupled_decay, ALL_ALIGNED=table.aligned16,
-                 BLOCK=sizes.block, num_warps=sizes.num_warps)
+                 BLOCK=sizes.block, num_warps=sizes.num_warps, **weight_flags)
     grid = (table.num_chunks,)
     with _launch_context(table, ws, device):
         found = _device_scalar(found_inf, device, zero)
         lamb_moments_kernel[grid](
             table.layers, table.chunk_layer, partials, new_steps, _device_scalar(grad_scale, device, zero), found,
-            _device_scalar(hp.clip_coef, device, zero), table.num_chunks, sizes.chunk, beta1, beta2,
-            float(hp.first_moment_factor), 1.0 - beta2, log_beta1, log_beta2, eps, weight_decay,
-            HAS_GRAD_SCALE=grad_scale is not None, HAS_CLIP_COEF=hp.clip_coef is not None, **flags)
+            _device_scalar(hp.clip_coef, device, zero), table.num_chunks, sizes.chunk, _seed_bits(hp.seed), beta1,
+            beta2, float(hp.first_moment_factor), 1.0 - beta2, log_beta1, log_beta2, eps, weight_decay,
+            HAS_GRAD_SCALE=grad_scale is not None, HAS_CLIP_COEF=hp.clip_coef is not None, **state_flags, **flags)
         sums = _pass2_sums(covered, table, ws, sizes, layer_sums)
         lamb_update_kernel[grid](
             table.layers, table.chunk_layer, sums, new_steps, found,
             _device_scalar(hp.lr if lr_on_device else None, device, zero), table.num_chunks, sizes.chunk,
             0.0 if lr_on_device else float(hp.lr), log_beta1, log_beta2, eps, weight_decay,
             _norm_clip(hp.norm_clip), *_trust_ratio_bounds(hp), LR_ON_DEVICE=lr_on_device, ADAPT=hp.adapt,
-            RBLOCK=sizes.reduce_block, LAYER_SUMS=layer_sums, **flags)
+            RBLOCK=sizes.reduce_block, LAYER_SUMS=layer_sums, STATE_DTYPE=state_flags["STATE_DTYPE"], **flags)
