@@ -14,6 +14,12 @@ batch size and seed, and writes to ``--out``:
 - ``curves.png``: test accuracy and training loss against epochs, and phi(t) of each TVLARS setting beside
   LARS's warm-up factor.
 
+``--state-dtype bfloat16`` keeps TVLARS's, LARS's and LAMB's state (momentum buffer, LAMB's moments) in bfloat16,
+stored by stochastic rounding (``--rounding nearest``: to nearest, the control); each run passes its seed as the
+optimizer's ``seed``, so seeds draw independent rounding streams. SGD (the baseline) is unaffected.
+``--compare DIR DIR ...`` reads finished runs' ``results.json`` and prints one table of their final accuracies side
+by side (for state-dtype comparisons).
+
 Learning rates scale **linearly** with the batch size for TVLARS, LARS and SGD (``lr = base * B / 256``, as
 in the authors' code and Goyal et al.) and with its **square root** for LAMB (``base * sqrt(B / 256)``, as in
 You et al. 2020). The schedules follow the authors' code: LARS, LAMB and SGD warm up linearly for
@@ -229,15 +235,23 @@ def lr_factor(spec: OptSpec, step: int, total_steps: int, warmup_steps: int) -> 
     return cosine + FINAL_LR_FRACTION * (1 - cosine)
 
 
-def make_optimizer(spec: OptSpec, model: nn.Module, lr: float, steps_per_epoch: int, backend: str):
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def make_optimizer(spec: OptSpec, model: nn.Module, lr: float, steps_per_epoch: int, backend: str, *,
+                   state_dtype: torch.dtype = torch.float32, rounding: str = "stochastic", seed: int = 0):
+    """``state_dtype``, ``rounding`` and ``seed`` (the stochastic rounding stream's) go to TVLARS, LARS and LAMB;
+    torch's SGD (the baseline) keeps its float32 state."""
     params = model.parameters()
+    storage = dict(backend=backend, state_dtype=state_dtype, rounding=rounding, seed=seed)
     if spec.kind == "tvlars":
         return TVLARS(params, lr=lr, weight_decay=WEIGHT_DECAY["tvlars"], eta=spec.eta, lmbda=spec.lmbda,
-                      gamma_min=spec.gamma_min, delay=spec.delay_epochs * steps_per_epoch, backend=backend)
+                      gamma_min=spec.gamma_min, delay=spec.delay_epochs * steps_per_epoch, **storage)
     if spec.kind == "lars":
-        return LARS(params, lr=lr, weight_decay=WEIGHT_DECAY["lars"], eta=spec.eta, backend=backend)
+        return LARS(params, lr=lr, weight_decay=WEIGHT_DECAY["lars"], eta=spec.eta, **storage)
     if spec.kind == "lamb":
-        return LAMB(params, lr=lr, weight_decay=WEIGHT_DECAY["lamb"], backend=backend)
+        return LAMB(params, lr=lr, weight_decay=WEIGHT_DECAY["lamb"], **storage)
     if spec.kind == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY["sgd"])
     raise ValueError(f"unknown optimizer kind {spec.kind!r}")
@@ -265,6 +279,9 @@ class RunResult:
     test_acc: list = field(default_factory=list)     # percent
     lr: list = field(default_factory=list)           # the lr of each epoch's last step
     step_loss: list = field(default_factory=list)    # every step (only when asked: the backend test)
+    state_dtype: str = "float32"  # of TVLARS's, LARS's and LAMB's state (SGD's is always float32)
+    rounding: str = "stochastic"  # how bfloat16 state is stored
+    stepped_by: list = field(default_factory=list)  # optimizer.chosen_backends' backend names (ours only)
     diverged_at_step: int | None = None
     wall_s: float = 0.0
     step_s: float = 0.0       # inside optimizer.step
@@ -301,13 +318,15 @@ def evaluate(model: nn.Module, data: Data, dtype: torch.dtype, batch: int = 1000
 def train_run(data: Data, spec: OptSpec, batch_size: int, seed: int, epochs: int, *, backend: str = "auto",
               widths=(8, 16, 32), blocks: int = 1, warmup_epochs: float = 5, lr_scale: float = 1.0,
               dtype: torch.dtype = torch.float32, max_steps: int | None = None, record_steps: bool = False,
-              evaluate_every_epoch: bool = True, in_backward: bool = False, progress=None) -> RunResult:
+              evaluate_every_epoch: bool = True, in_backward: bool = False, progress=None,
+              state_dtype: torch.dtype = torch.float32, rounding: str = "stochastic") -> RunResult:
     """One training run. The model's initial weights and the batch order depend only on ``seed`` (and the
     dtype), so two backends given the same arguments see the same model and batches.
 
     ``max_steps`` stops early (the backend test); ``record_steps`` keeps every step's loss. ``in_backward``: TVLARS,
     LARS and LAMB step inside backward (``step_in_backward()``; the same run, bit for bit), and the step time counts
-    only what ``optimizer.step()`` has left."""
+    only what ``optimizer.step()`` has left. ``state_dtype`` and ``rounding`` set TVLARS's, LARS's and LAMB's state
+    storage; their stochastic rounding stream's seed is ``seed``, so that seeds give independent streams."""
     device = data.x_train.device
     n = len(data.y_train)
     if batch_size > n:
@@ -317,11 +336,17 @@ def train_run(data: Data, spec: OptSpec, batch_size: int, seed: int, epochs: int
     torch.manual_seed(seed)
     model = ResNet(data.in_channels, data.num_classes, widths, blocks).to(device=device, dtype=dtype)
     lr = peak_lr(spec.kind, batch_size, lr_scale)
-    optimizer = make_optimizer(spec, model, lr, steps_per_epoch, backend)
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (it is also the optimizer's rounding seed), got {seed}")
+    optimizer = make_optimizer(spec, model, lr, steps_per_epoch, backend, state_dtype=state_dtype,
+                               rounding=rounding, seed=seed)
     if in_backward and spec.kind != "sgd":  # torch's SGD has no step inside backward
         optimizer.step_in_backward()
     order = torch.Generator().manual_seed(seed)
     result = RunResult(spec.label, spec.kind, asdict(spec), batch_size, seed, lr, steps_per_epoch)
+    if spec.kind != "sgd":
+        result.state_dtype, result.rounding = str(state_dtype).removeprefix("torch."), rounding
+        result.stepped_by = sorted({bucket["backend"] for bucket in optimizer.chosen_backends})
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     start = time.perf_counter()
     step = 0
@@ -467,6 +492,62 @@ def plot(runs: list[RunResult], specs: list[OptSpec], epochs: int, warmup_epochs
     plt.close(fig)
 
 
+def _state_text(state_dtype: str, rounding: str) -> str:
+    if state_dtype == "float32":
+        return "float32 (SGD's: float32)"
+    return f"{state_dtype}, stored by {rounding} rounding, each run's seed its stream's seed (SGD's: float32)"
+
+
+def _short_state(state_dtype: str, rounding: str) -> str:
+    return state_dtype if state_dtype == "float32" else f"{state_dtype} {rounding}"
+
+
+def compare(folders: list[str], out: Path) -> int:
+    """One Markdown table of the final test accuracy (mean ± sample standard deviation over seeds) of each
+    (batch size, optimizer setting) in finished runs' folders, one column per folder, then each other folder's
+    difference from the first, paired by seed (a seed fixes the initial weights and the batch order, so the pair
+    differs only by what the folders differ in): the mean of the per-seed differences ± its standard error."""
+    loaded = []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            print(f"error: --compare: {path} not found (a folder written by this script)", file=sys.stderr)
+            return 2
+        loaded.append(json.loads(path.read_text()))
+    names = [_short_state(d["meta"].get("state_dtype", "float32"), d["meta"].get("rounding", "stochastic"))
+             for d in loaded]
+    accs: list[dict[tuple, dict[int, float]]] = []  # (batch, label) -> {seed: final accuracy}
+    for d in loaded:
+        table: dict[tuple, dict[int, float]] = {}
+        for r in d["runs"]:
+            table.setdefault((r["batch_size"], r["label"]), {})[r["seed"]] = r["final_acc"]
+        accs.append(table)
+    keys = list(dict.fromkeys(k for table in accs for k in table))
+    header = ["batch", "optimizer", *(f"{n} ({f})" for n, f in zip(names, folders))]
+    header += [f"{n} - {names[0]}" for n in names[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in keys:
+        cells = [str(key[0]), key[1]]
+        cells += [_mean_spread(list(t[key].values())) + f" (n={len(t[key])})" if key in t else "n/a" for t in accs]
+        first = accs[0].get(key, {})
+        for t in accs[1:]:
+            other = t.get(key, {})
+            diffs = [other[seed] - first[seed] for seed in first if seed in other]
+            if len(diffs) < 2:
+                cells.append("n/a")
+                continue
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+            cells.append(f"{statistics.fmean(diffs):+.1f} ± {se:.1f} (n={len(diffs)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = ("Final test accuracy %, mean ± sample standard deviation over seeds (n runs); the difference columns: "
+            "the mean of the per-seed differences (same seed: same initial weights and batch order) ± its standard "
+            "error, over the n seeds both folders ran.\n\n" + "\n".join(lines) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(text)
+    print(text)
+    return 0
+
+
 def _git_state() -> tuple[str, list[str]]:
     """The commit the run starts from, and the tracked files that differ from it (they ran as they were)."""
     def git(*args):
@@ -515,8 +596,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--in-backward", action="store_true",
                    help="TVLARS, LARS and LAMB step inside backward (optimizer.step_in_backward(): each bucket of "
                         "layers as soon as its gradients are ready; the same results, bit for bit)")
+    p.add_argument("--state-dtype", default="float32", choices=list(STATE_DTYPES),
+                   help="dtype of TVLARS's, LARS's and LAMB's state (momentum buffer, LAMB's moments; SGD's stays "
+                        "float32); each run's seed is the optimizer's rounding seed (default float32)")
+    p.add_argument("--rounding", default=None, choices=ROUNDINGS,
+                   help="how bfloat16 state is stored (default stochastic; only with --state-dtype bfloat16)")
+    p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
+                   help="train nothing: print (and write to --out/compare.md) one table of the final test accuracy "
+                        "of finished runs in these folders (their results.json), side by side")
     p.add_argument("--out", default="examples/out", help="output folder (default examples/out)")
     args = p.parse_args(argv)
+    if args.rounding is not None and args.state_dtype != "bfloat16":
+        p.error("--rounding: only bfloat16 state is rounded (add --state-dtype bfloat16)")
+    args.rounding = args.rounding or "stochastic"
+    if any(seed < 0 or seed >= 2**32 for seed in args.seeds):
+        p.error(f"--seeds: each seed is also the optimizer's rounding seed, an int in [0, 2**32): {args.seeds}")
     small = args.data == "digits"
     args.epochs = args.epochs or (20 if small else 100)
     args.batch_sizes = args.batch_sizes or ([128, 512] if small else [1024, 4096, 16384])
@@ -527,6 +621,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args.compare, Path(args.out))
     try:  # fail before any training when the data or the backend cannot be had
         data = load_data(args.data, args.root, args.device)
     except DataError as exc:
@@ -560,6 +656,7 @@ def main(argv=None) -> int:
         "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "seeds": args.seeds,
         "batch_sizes": args.batch_sizes, "base_lr_at_batch_256": BASE_LR, "sqrt_scaled": list(SQRT_SCALED),
         "weight_decay": WEIGHT_DECAY, "lr_scale": args.lr_scale, "in_backward": args.in_backward,
+        "state_dtype": args.state_dtype, "rounding": args.rounding, "stepped_by": [],
     }
     runs: list[RunResult] = []
     start = time.perf_counter()
@@ -567,7 +664,9 @@ def main(argv=None) -> int:
         bar = ProgressBar(f"[{k:2d}/{len(jobs)}] b={batch} seed={seed} {spec.label:<44}")
         runs.append(train_run(data, spec, batch, seed, args.epochs, backend=args.backend, widths=args.widths,
                               blocks=args.blocks, warmup_epochs=args.warmup_epochs, lr_scale=args.lr_scale,
-                              in_backward=args.in_backward, progress=bar))
+                              in_backward=args.in_backward, progress=bar,
+                              state_dtype=STATE_DTYPES[args.state_dtype], rounding=args.rounding))
+        meta["stepped_by"] = sorted({b for r in runs for b in r.stepped_by})
         meta["total_wall_s"] = round(time.perf_counter() - start, 1)
         meta["load_average_at_end"] = os.getloadavg()[0]  # other work on the machine slows every run
         runs_json = [{**asdict(r), "final_acc": r.final_acc, "best_acc": r.best_acc} for r in runs]
@@ -576,7 +675,8 @@ def main(argv=None) -> int:
     dirty = f" (plus uncommitted changes in {', '.join(changed)})" if changed else ""
     header = (f"Command: `{meta['command']}`  \nCommit: {commit}{dirty}, {meta['date_utc']} UTC  \n"
               f"Machine: {meta['machine']}, torch {meta['torch']} ({meta['torch_threads']} threads), "
-              f"device {args.device}, backend {args.backend}  \n"
+              f"device {args.device}, backend {args.backend} (stepped by: {', '.join(meta['stepped_by']) or 'n/a'})  \n"
+              f"Optimizer state of TVLARS, LARS and LAMB: {_state_text(args.state_dtype, args.rounding)}  \n"
               f"Data: {args.data} ({meta['train_size']} train / {meta['test_size']} test), "
               f"{args.epochs} epochs, seeds {args.seeds}; total wall time {meta['total_wall_s']} s "
               f"(1-minute load average {meta['load_average_at_start']:.1f} at the start, "

@@ -40,6 +40,7 @@ with a tiny batch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import functools
 import importlib.util
 import subprocess
@@ -223,3 +224,63 @@ def test_cifar_without_torchvision_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision now raises ImportError
     with pytest.raises(lb.DataError, match="needs torchvision"):
         lb.load_data("cifar10", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------- bfloat16 state
+@pytest.mark.parametrize("kind", ["tvlars", "lars", "lamb"])
+def test_state_dtype_rounding_and_the_runs_seed_reach_the_optimizer(kind, monkeypatch):
+    """--state-dtype/--rounding reach TVLARS, LARS and LAMB, the run's seed is the rounding stream's seed (so seeds
+    draw independent streams), and the state they keep is bfloat16."""
+    made, original = [], lb.make_optimizer
+
+    def recording(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(lb, "make_optimizer", recording)
+    spec = SPEC if kind == "tvlars" else lb.OptSpec(kind, warmup=True)
+    run = lb.train_run(_data(64, "cpu"), spec, 32, seed=7, epochs=1, widths=WIDTHS, max_steps=2,
+                       evaluate_every_epoch=False, state_dtype=torch.bfloat16, rounding="nearest")
+    optimizer, = made
+    group = optimizer.param_groups[0]
+    assert (group["state_dtype"], group["rounding"], group["seed"]) == (torch.bfloat16, "nearest", 7)
+    states = [t for s in optimizer.state.values() for k, t in s.items() if k in ("momentum_buffer", "exp_avg",
+                                                                                 "exp_avg_sq")]
+    assert states and all(t.dtype == torch.bfloat16 for t in states)
+    assert (run.state_dtype, run.rounding) == ("bfloat16", "nearest")
+    assert run.stepped_by == sorted({b["backend"] for b in optimizer.chosen_backends}) and run.stepped_by
+
+
+def test_sgd_baseline_keeps_float32_state():
+    model = torch.nn.Linear(3, 2)
+    optimizer = lb.make_optimizer(lb.OptSpec("sgd"), model, 0.1, 1, "auto", state_dtype=torch.bfloat16, seed=3)
+    assert isinstance(optimizer, torch.optim.SGD)
+    run = lb.train_run(_data(64, "cpu"), lb.OptSpec("sgd"), 32, seed=1, epochs=1, widths=WIDTHS, max_steps=1,
+                       evaluate_every_epoch=False, state_dtype=torch.bfloat16)
+    assert (run.state_dtype, run.stepped_by) == ("float32", [])
+
+
+def test_state_flags_on_the_command_line(tmp_path):
+    args = lb.parse_args(["--state-dtype", "bfloat16", "--rounding", "nearest"])
+    assert (args.state_dtype, args.rounding) == ("bfloat16", "nearest")
+    assert lb.parse_args(["--state-dtype", "bfloat16"]).rounding == "stochastic"
+    assert (lb.parse_args([]).state_dtype, lb.parse_args([]).rounding) == ("float32", "stochastic")
+    for bad in (["--rounding", "nearest"], ["--state-dtype", "float16"], ["--seeds", "-1"]):
+        with pytest.raises(SystemExit):
+            lb.parse_args(bad)
+
+
+def test_compare_tables_final_accuracies_and_their_difference(tmp_path, capsys):
+    def write(folder, state_dtype, accs):
+        runs = [dict(batch_size=128, label="LARS warm-up", seed=seed, final_acc=a) for seed, a in enumerate(accs)]
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps(
+            {"meta": {"state_dtype": state_dtype, "rounding": "stochastic"}, "runs": runs}))
+
+    write("a", "float32", [90.0, 92.0, 94.0])   # mean 92, sd 2
+    write("b", "bfloat16", [95.0, 95.0, 98.0])  # mean 96, sd sqrt(3); per seed +5, +3, +4: sd 1, se 1/sqrt(3)
+    assert lb.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
+    row = (tmp_path / "c" / "compare.md").read_text().splitlines()[-1]
+    assert row == "| 128 | LARS warm-up | 92.0 ± 2.0 (n=3) | 96.0 ± 1.7 (n=3) | +4.0 ± 0.6 (n=3) |", row
+    assert lb.main(["--compare", str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
+    assert "results.json not found" in capsys.readouterr().err
