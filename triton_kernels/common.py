@@ -312,6 +312,16 @@ def bf16_bits_to_float(bits):
 
 
 @triton.jit
+def widen(x):
+    """A loaded element in float32. bfloat16 is widened on the bits (exact, a shift): the Triton interpreter's
+    conversion gets subnormal bfloat16 values wrong (2e-39 becomes 4.4e-39, 1e-40 zero)."""
+    if x.dtype == tl.bfloat16:
+        return bf16_bits_to_float(x.to(tl.uint16, bitcast=True).to(tl.uint32))
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def rounded_state(x, base, index, STATE_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
     """A new state value x (float32) as stored: (the value to store, in STATE_DTYPE; its float32 value, which the
     step continues with). bfloat16 state rounds stochastically with the bits of ``base`` for the elements
@@ -333,9 +343,9 @@ def load_weight(param_ptr, master_ptr, comp_ptr, index, mask, HAS_MASTER: tl.con
     if HAS_MASTER:
         return load(master_ptr + index, mask)
     else:
-        w = load(param_ptr + index, mask).to(tl.float32)
+        w = widen(load(param_ptr + index, mask))
         if KAHAN:
-            w = w + load(comp_ptr + index, mask).to(tl.float32)
+            w = w + widen(load(comp_ptr + index, mask))
         return w
 
 

@@ -38,7 +38,7 @@ import triton.language as tl
 from .common import (COL_COMP_C, COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STATE1_C, COL_STEP_C,
                      bounded, chunk_span, element_offset, full_tiles_end, is_adapted, is_aligned, layer_decay, load,
                      load_weight, one_minus_pow, rounded_state, rounding_base, square64, store_weight, table_pointer,
-                     whole_layer_sums)
+                     whole_layer_sums, widen)
 
 
 @triton.jit
@@ -72,8 +72,8 @@ def lamb_moments_tile(grad_ptr, m_ptr, v_ptr, param_ptr, master_ptr, comp_ptr, i
         g = g * inv_grad_scale
     if HAS_CLIP_COEF:
         g = g * clip_coef
-    m = beta1 * load(m_ptr + index, mask).to(tl.float32) + first_moment_factor * g
-    v = beta2 * load(v_ptr + index, mask).to(tl.float32) + one_minus_beta2 * g * g
+    m = beta1 * widen(load(m_ptr + index, mask)) + first_moment_factor * g
+    v = beta2 * widen(load(v_ptr + index, mask)) + one_minus_beta2 * g * g
     # u (and so ||u||) is formed from the moments as stored, which pass 2 reads back.
     stored_m, m = rounded_state(m, base1, first_element + index, STATE_DTYPE, STOCHASTIC)
     stored_v, v = rounded_state(v, base2, first_element + index, STATE_DTYPE, STOCHASTIC)
@@ -170,8 +170,8 @@ def lamb_update_tile(param_ptr, m_ptr, v_ptr, master_ptr, comp_ptr, index, mask,
                      inv_correction2, eps, decay, PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
                      KAHAN: tl.constexpr, DECOUPLED_DECAY: tl.constexpr):
     w = load_weight(param_ptr, master_ptr, comp_ptr, index, mask, HAS_MASTER, KAHAN)
-    m = load(m_ptr + index, mask).to(tl.float32)
-    v = load(v_ptr + index, mask).to(tl.float32)
+    m = widen(load(m_ptr + index, mask))
+    v = widen(load(v_ptr + index, mask))
     u = lamb_update_direction(m, v, w, inv_correction1, inv_correction2, eps, decay, DECOUPLED_DECAY)
     if DECOUPLED_DECAY:
         w = shrink * w  # (1 - lr * beta') * w first, as timm

@@ -33,7 +33,7 @@ import triton.language as tl
 from .common import (COL_COMP_C, COL_GRAD_C, COL_MASTER_C, COL_PARAM_C, COL_STATE0_C, COL_STEP_C, bounded,
                      chunk_span, element_offset, full_tiles_end, is_adapted, is_aligned, layer_decay, load,
                      load_weight, phi, rounded_state, rounding_base, square64, store_weight, table_pointer,
-                     whole_layer_sums)
+                     whole_layer_sums, widen)
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def lars_update_tile(param_ptr, grad_ptr, buf_ptr, master_ptr, comp_ptr, index, 
         g = g * inv_grad_scale
     u = q * (g + decay * w)
     # The first step stores u undamped, whatever the buffer held (torch.optim.SGD); a select, not 0 * buf.
-    buf = tl.where(first_step, u, momentum * load(buf_ptr + index, mask).to(tl.float32) + one_minus_dampening * u)
+    buf = tl.where(first_step, u, momentum * widen(load(buf_ptr + index, mask)) + one_minus_dampening * u)
     # The step continues with the buffer as stored (rounded when it is bfloat16).
     stored, buf = rounded_state(buf, base, first_element + index, STATE_DTYPE, STOCHASTIC)
     tl.store(buf_ptr + index, stored, mask=mask)
