@@ -34,6 +34,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"on cuda: {','.join(DEFAULT_SETS['cuda'])})")
     parser.add_argument("--dtype", type=_csv, default=["float32"],
                         help="comma-separated parameter dtypes: float32, bfloat16, float16 (default: float32)")
+    parser.add_argument("--state-dtypes", type=_csv, default=["float32"],
+                        help="comma-separated dtypes of our optimizers' state: float32, bfloat16; each of our backends "
+                             "runs once per state dtype, in the same rounds (default: float32)")
+    parser.add_argument("--rounding", type=_csv, default=["stochastic"],
+                        help="comma-separated: how bfloat16 state is stored, stochastic and/or nearest; each one a "
+                             "contender (default: stochastic)")
+    parser.add_argument("--kahan", type=_csv, default=["off"],
+                        help="comma-separated off and/or on: on adds contenders with a bfloat16 Kahan compensation "
+                             "of the weights (bfloat16 parameters only; skipped with the reason for others) "
+                             "(default: off)")
+    parser.add_argument("--bytes-table", action="store_true",
+                        help="print the byte model's bytes per parameter for every configuration and exit")
     parser.add_argument("--grads", type=_csv, default=["same"],
                         help="comma-separated: same (the gradient tensors stay from step to step) and/or new (new "
                              "gradient tensors before every step, as after zero_grad(set_to_none=True) and "
@@ -76,6 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in args.dtype:
         if not isinstance(getattr(torch, name, None), torch.dtype) or not getattr(torch, name).is_floating_point:
             parser.error(f"--dtype: {name} is not a floating-point torch dtype")
+    for option, chosen, known in (("--state-dtypes", args.state_dtypes, ("float32", "bfloat16")),
+                                  ("--rounding", args.rounding, ("stochastic", "nearest")),
+                                  ("--kahan", args.kahan, ("off", "on"))):
+        unknown = [name for name in chosen if name not in known]
+        if unknown or not chosen:
+            parser.error(f"{option}: {', '.join(unknown) or 'empty'} (known: {', '.join(known)})")
+    args.storages = harness.storages(args.state_dtypes, args.rounding, [k == "on" for k in args.kahan])
     if args.steps < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--steps and --threads must be >= 1, --warmup >= 0")
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -85,6 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.bytes_table:
+        print(report.bytes_table())
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.training:
@@ -95,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     meta = harness.environment(args.device)
     meta.update(dtypes=args.dtype, grads=args.grads, steps=args.steps, warmup=args.warmup,
                 argv=sys.argv[1:] if argv is None else argv)
+    if args.storages != [harness.FLOAT32_STATE]:
+        meta.update(state_dtypes=args.state_dtypes, rounding=args.rounding, kahan=args.kahan,
+                    rounding_seed=harness.STORAGE_SEED)
     json_path = args.out / "results.json"
     config = harness.RunConfig(
         device=args.device, sets=[all_sets()[name] for name in args.sets], optimizers=args.optimizers,
         contenders=args.backends, dtypes=[getattr(torch, name) for name in args.dtype], warmup=args.warmup,
         steps=args.steps, compile_sets=set(args.compile_sets), time_budget_s=args.time_budget,
-        grads=tuple(args.grads),
+        grads=tuple(args.grads), storages=tuple(args.storages),
         # Written after every case, so a run killed by an outer timeout still leaves its numbers.
         on_case=lambda partial: report.write_json(json_path, partial, {**meta, "partial": True}),
     )

@@ -51,6 +51,52 @@ Step = Callable[[], object]
 
 
 @dataclass(frozen=True)
+class Storage:
+    """How our optimizers keep their state and weights (docs/algorithms.md, section 9): the state's dtype, how
+    bfloat16 state is rounded, and a Kahan compensation of bfloat16 weights. The default is float32 state."""
+
+    state_dtype: torch.dtype = torch.float32
+    rounding: str = "stochastic"  # only bfloat16 state is rounded
+    kahan: bool = False
+
+    @property
+    def suffix(self) -> str:
+        """What a contender's name gains: '' (float32 state), '+bf16', '+bf16-nearest', '+kahan', '+bf16+kahan'."""
+        text = ""
+        if self.state_dtype == torch.bfloat16:
+            text += "+bf16" + ("-nearest" if self.rounding == "nearest" else "")
+        return text + ("+kahan" if self.kahan else "")
+
+    @property
+    def options(self) -> dict:
+        return dict(state_dtype=self.state_dtype, rounding=self.rounding, kahan=self.kahan, seed=STORAGE_SEED)
+
+    def fits(self, dtype: torch.dtype) -> str | None:
+        """Why this storage cannot step parameters of ``dtype`` (None when it can)."""
+        if self.kahan and dtype != torch.bfloat16:
+            return "kahan=True needs bfloat16 parameters"
+        if self.state_dtype == torch.bfloat16 and dtype == torch.float64:
+            return "bfloat16 state is refused for float64 parameters"
+        return None
+
+
+FLOAT32_STATE = Storage()
+STORAGE_SEED = 1234  # the stochastic rounding stream's seed: any fixed value (the bits cost the same)
+
+
+def storages(state_dtypes: list[str], roundings: list[str], kahan: list[bool]) -> list[Storage]:
+    """The storage variants of a run, float32 state first when asked: each state dtype, bfloat16 state with each
+    rounding, each with and without Kahan as asked (Kahan variants run on bfloat16 parameters only)."""
+    out = []
+    for name in state_dtypes:
+        state_dtype = getattr(torch, name)
+        for rounding in (roundings if state_dtype == torch.bfloat16 else ["stochastic"]):
+            for with_kahan in kahan:
+                out.append(Storage(state_dtype, rounding, with_kahan))
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
 class Contender:
     """One implementation of a step for some optimizers. ``build(optimizer, params) -> step`` or raises;
     ``why_not(optimizer, device)`` says why it cannot run here (None when it can)."""
@@ -61,18 +107,38 @@ class Contender:
     build: Callable[[str, list], Step]
     why_not: Callable[[str, torch.device], str | None]
     algorithm: str | None = None  # the byte model's row when it is not the table row's (the torch floors)
+    storage: Storage = FLOAT32_STATE  # ours: how the state is kept
+    backend: str | None = None  # ours: the backend asked for (the name without the storage suffix)
 
 
-def _ours(backend: str) -> Contender:
+def _ours(backend: str, storage: Storage = FLOAT32_STATE) -> Contender:
     def build(optimizer, params):
-        return OUR_CLASSES[optimizer](params, backend=backend, **HYPER[optimizer]).step
+        extra = storage.options if storage != FLOAT32_STATE else {}  # the default run builds what it always built
+        return OUR_CLASSES[optimizer](params, backend=backend, **HYPER[optimizer], **extra).step
 
     def why_not(optimizer, device):
         if backend == "triton" and device.type == "cpu":
             return "Triton runs on the CPU only in its interpreter: a correctness tool, not worth timing"
         return tvlars_fused.available_backends(device)[backend]
 
-    return Contender(backend, "ours", OPTIMIZERS, build, why_not)
+    return Contender(backend + storage.suffix, "ours", OPTIMIZERS, build, why_not, storage=storage, backend=backend)
+
+
+def with_storage(contender: Contender, storage: Storage) -> Contender:
+    """``contender`` (one of our backends) keeping its state as ``storage`` says (itself for float32 state)."""
+    if storage == contender.storage:
+        return contender
+    return _ours(contender.backend or contender.name, storage)
+
+
+def stepped_by(step: Step) -> str | None:
+    """Which backend(s) stepped the buckets of the optimizer whose step this is (optimizer.chosen_backends), e.g.
+    "cpp", or "foreach" where a fused backend hands the bucket over; None for others' optimizers."""
+    owner = getattr(step, "__self__", None)
+    chosen = getattr(owner, "chosen_backends", None)
+    if not isinstance(chosen, list):
+        return None
+    return ",".join(sorted({bucket["backend"] for bucket in chosen}))
 
 
 def _eager_loop() -> Contender:
@@ -333,18 +399,28 @@ class RunConfig:
     time_budget_s: float  # cases not started by then are skipped, so a run always ends with results
     on_case: Callable[[dict], None] = lambda run: None  # called after each group of cases (incremental output)
     grads: tuple[str, ...] = ("same",)  # from GRADS
+    # How our backends keep their state: each of ours runs once per storage, in the same rounds (the others once).
+    storages: tuple[Storage, ...] = (FLOAT32_STATE,)
 
 
 def _groups(config: RunConfig):
     """(set, dtype, grads, optimizer, contenders) in run order; the optimizer's torch floor is always one of
-    the contenders, whether --backends names it or not."""
+    the contenders, whether --backends names it or not. Each of our backends comes once per storage of the
+    config (float32 state as ``cpp``, others as ``cpp+bf16`` and so on), right after one another."""
     table = contenders()
     for param_set in config.sets:
         for dtype in config.dtypes:
             for grads in config.grads:
                 for optimizer in config.optimizers:
                     wanted = {*config.contenders, floor_name(optimizer, config.device)}
-                    group = [c for name, c in table.items() if name in wanted and optimizer in c.optimizers]
+                    group = []
+                    for name, c in table.items():
+                        if name not in wanted or optimizer not in c.optimizers:
+                            continue
+                        if c.kind != "ours":
+                            group.append(c)
+                            continue
+                        group += [with_storage(c, storage) for storage in config.storages]
                     yield param_set, dtype, grads, optimizer, group
 
 
@@ -371,7 +447,7 @@ def run(config: RunConfig) -> dict:
             current_key = (param_set.name, dtype)
         runnable = []
         for contender in group:
-            reason = contender.why_not(optimizer, device)
+            reason = contender.why_not(optimizer, device) or contender.storage.fits(dtype)
             if reason is None and contender.kind == "compiled" and param_set.name not in config.compile_sets:
                 reason = "torch.compile runs only on --compile-sets (each compile takes tens of seconds)"
             if reason is None and time.monotonic() - started > config.time_budget_s:
@@ -436,6 +512,7 @@ def _measure_group(param_set, dtype, grads, optimizer, group, params, config: Ru
     steps: dict[str, Step] = {}
     entries: dict[str, Contender] = {}
     first_step_s: dict[str, float] = {}
+    backends_used: dict[str, str | None] = {}
     for contender in group:
         try:
             if contender.kind == "compiled":
@@ -446,6 +523,7 @@ def _measure_group(param_set, dtype, grads, optimizer, group, params, config: Ru
             step()  # allocates the state (and compiles, for foreach+compile)
             _sync(device)
             first_step_s[contender.name] = time.perf_counter() - build_start
+            backends_used[contender.name] = stepped_by(step)
             for _ in range(config.warmup):
                 before_step()
                 step()
@@ -477,13 +555,20 @@ def _measure_group(param_set, dtype, grads, optimizer, group, params, config: Ru
     records = {}
     for name, step in steps.items():
         algorithm = entries[name].algorithm or optimizer
+        storage = entries[name].storage
+        byte_args = (dict(state_dtype=storage.state_dtype, kahan=storage.kahan)
+                     if entries[name].kind == "ours" else {})
         records[name] = dict(
             kind=entries[name].kind, algorithm=algorithm,
+            backend=entries[name].backend, stepped_by=backends_used[name],
+            state_dtype=str(storage.state_dtype).removeprefix("torch.") if entries[name].kind == "ours" else None,
+            rounding=storage.rounding if storage.state_dtype == torch.bfloat16 else None,
+            kahan=storage.kahan if entries[name].kind == "ours" else None,
             median_ms=statistics.median(times[name]) * 1e3, min_ms=min(times[name]) * 1e3,
             max_ms=max(times[name]) * 1e3, steps=len(times[name]), round_ms=[t * 1e3 for t in times[name]],
             first_step_s=first_step_s[name],
-            bytes_per_step=byte_model.bytes_per_step(algorithm, dtype, param_set.numel),
-            footprint_bytes=byte_model.footprint_bytes(algorithm, dtype, param_set.numel),
+            bytes_per_step=byte_model.bytes_per_step(algorithm, dtype, param_set.numel, **byte_args),
+            footprint_bytes=byte_model.footprint_bytes(algorithm, dtype, param_set.numel, **byte_args),
             device_ops_per_step=device_ops_per_step(step, device),
             extra_memory_bytes=extra_memory_per_step(step, device),
         )
@@ -533,27 +618,37 @@ def add_ratios(results: list[dict], cache_bytes: int | None) -> None:
         foreach = paired_ratio(rounds.get((*group, "foreach")), r["round_ms"])
         floor_rounds = rounds.get((*group, r["floor"]))
         floor = paired_ratio(r["round_ms"], floor_rounds) if floor_rounds else None
+        # Another storage of ours against the same backend with float32 state, in the same rounds.
+        plain_rounds = rounds.get((*group, r.get("backend"))) if r.get("backend") != r["contender"] else None
+        plain = paired_ratio(r["round_ms"], plain_rounds) if plain_rounds else None
         seconds = r["median_ms"] / 1e3
         r["speedup_vs_eager"] = eager[0] if eager else None
         r["speedup_vs_foreach"] = foreach[0] if foreach else None
         r["ratio_to_floor"] = floor[0] if floor else None
         r["ratio_to_floor_quartiles"] = list(floor[1:]) if floor else None
+        r["ratio_to_float32_state"] = plain[0] if plain else None
+        r["ratio_to_float32_state_quartiles"] = list(plain[1:]) if plain else None
         r["achieved_GBps"] = r["bytes_per_step"] / seconds / 1e9 if seconds > 0 else math.inf
         r["fraction_of_yardstick"] = r["achieved_GBps"] / r["yardstick_GBps"] if seconds > 0 else None
         r["share_note"] = share_note(r["fraction_of_yardstick"], r["footprint_bytes"], cache_bytes)
 
 
 def headline(results: list[dict]) -> list[dict]:
-    """Per (set, dtype, grads, optimizer): the fastest of our backends, with its ratios to the eager loop and to
-    the torch floor."""
+    """Per (set, dtype, grads, optimizer) and per storage of our state: the fastest of our backends, with its
+    ratios to the eager loop and to the torch floor (and, for bfloat16 state or Kahan, to the same backend with
+    float32 state)."""
     best: dict[tuple, dict] = {}
     for r in results:
-        key = (r["set"], r["dtype"], r["grads"], r["optimizer"])
+        key = (r["set"], r["dtype"], r["grads"], r["optimizer"], r.get("state_dtype"), r.get("rounding"),
+               r.get("kahan"))
         if r["kind"] == "ours" and (key not in best or r["median_ms"] < best[key]["median_ms"]):
             best[key] = r
     return [dict(set=r["set"], dtype=r["dtype"], grads=r["grads"], optimizer=r["optimizer"], backend=r["contender"],
                  median_ms=r["median_ms"], speedup_vs_eager=r["speedup_vs_eager"], floor=r["floor"],
-                 ratio_to_floor=r["ratio_to_floor"], ratio_to_floor_quartiles=r["ratio_to_floor_quartiles"])
+                 ratio_to_floor=r["ratio_to_floor"], ratio_to_floor_quartiles=r["ratio_to_floor_quartiles"],
+                 state_dtype=r.get("state_dtype"), rounding=r.get("rounding"), kahan=r.get("kahan"),
+                 stepped_by=r.get("stepped_by"), ratio_to_float32_state=r.get("ratio_to_float32_state"),
+                 ratio_to_float32_state_quartiles=r.get("ratio_to_float32_state_quartiles"))
             for r in best.values()]
 
 

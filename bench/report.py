@@ -15,6 +15,8 @@ COLUMNS = (  # header, record key, format
     ("x eager", "speedup_vs_eager", "{:.2f}"),
     ("x foreach", "speedup_vs_foreach", "{:.2f}"),
     ("/ floor", "ratio_to_floor", "{:.2f}"),
+    ("/ f32 state", "ratio_to_float32_state", "{:.2f}"),
+    ("stepped by", "stepped_by", "{}"),
     ("GB/s", "achieved_GBps", "{:.1f}"),
     ("of yardstick", "fraction_of_yardstick", "{:.0%}"),
     ("dev ops", "device_ops_per_step", "{}"),
@@ -24,6 +26,10 @@ LEGEND = ("x eager = eager-loop time / this time; x foreach = foreach time / thi
           "the torch floor's time (fused SGD with momentum for tvlars and lars, fused AdamW for lamb), with its "
           "quartiles in brackets; of yardstick = GB/s of the byte model / GB/s of the yardstick in the same rounds. "
           "Each ratio is the median over the interleaved rounds of the ratio within a round.")
+STORAGE_LEGEND = ("+bf16 = our state in bfloat16, stored by stochastic rounding (+bf16-nearest: to nearest), +kahan "
+                  "= a bfloat16 Kahan compensation of bfloat16 weights; / f32 state = this time / the same backend's "
+                  "time with float32 state, with its quartiles; stepped by = the backend optimizer.chosen_backends "
+                  "names for the buckets (a fused backend without a kernel for the storage hands it to foreach).")
 
 
 def _cell(record: dict, key: str, fmt: str) -> str:
@@ -36,14 +42,37 @@ def _cell(record: dict, key: str, fmt: str) -> str:
         return f"{value / 2**20:.1f}"
     if key == "ratio_to_floor":
         return _floor_ratio(value, record.get("ratio_to_floor_quartiles"))
+    if key == "ratio_to_float32_state":
+        return _floor_ratio(value, record.get("ratio_to_float32_state_quartiles"))
     if key == "fraction_of_yardstick" and record.get("share_note"):
         return f"{fmt.format(value)} ({record['share_note']})"
     return fmt.format(value)
 
 
 def _columns(results: list[dict]) -> list[tuple[str, str, str]]:
-    """The columns with a value somewhere in the run (dev ops and extra MB are GPU-only)."""
-    return [col for col in COLUMNS if col[1] == "contender" or any(r.get(col[1]) is not None for r in results)]
+    """The columns with a value somewhere in the run (dev ops and extra MB are GPU-only; / f32 state with another
+    storage of our state); stepped by where a run has another storage or a backend handed a bucket on."""
+    shown = [col for col in COLUMNS if col[1] not in ("contender", "stepped_by")
+             and any(r.get(col[1]) is not None for r in results)]
+    handed_on = any(r.get("stepped_by") not in (None, r.get("backend")) for r in results)
+    if handed_on or _has_storages(results):
+        shown.append(next(col for col in COLUMNS if col[1] == "stepped_by"))
+    return [COLUMNS[0], *sorted(shown, key=COLUMNS.index)]
+
+
+def _has_storages(records: list[dict]) -> bool:
+    """Whether some record keeps our state otherwise than in float32."""
+    return any(r.get("state_dtype") not in (None, "float32") or r.get("kahan") for r in records)
+
+
+def storage_label(r: dict) -> str:
+    """'' for float32 state (and others' optimizers), else e.g. ' bf16-state', ' bf16-state-nearest', ' kahan'."""
+    parts = []
+    if r.get("state_dtype") == "bfloat16":
+        parts.append("bf16-state" + ("-nearest" if r.get("rounding") == "nearest" else ""))
+    if r.get("kahan"):
+        parts.append("kahan")
+    return "".join(" " + part for part in parts)
 
 
 def _groups(results: list[dict]) -> dict[tuple, list[dict]]:
@@ -59,12 +88,16 @@ def _case(r: dict) -> str:
 
 def _heading(records: list[dict]) -> str:
     r = records[0]
-    bpp = byte_model.bytes_per_param(r["optimizer"], _dtype(r["dtype"]))
+    bpp = f"{byte_model.bytes_per_param(r['optimizer'], _dtype(r['dtype']))} B/param"
+    for state_dtype, kahan in dict.fromkeys((x.get("state_dtype"), bool(x.get("kahan"))) for x in records
+                                            if x["kind"] == "ours" and _has_storages([x])):
+        other = byte_model.bytes_per_param(r["optimizer"], _dtype(r["dtype"]), _dtype(state_dtype), kahan=kahan)
+        bpp += f", {other} with {state_dtype} state{' and kahan' if kahan else ''}"
     grads = ", new gradient tensors before every step" if r["grads"] == "new" else ""
     floor = f"; floor {r['floor']}" if r["floor"] else "; no torch floor runs here"
     params = f"{r['numel'] / 1e6:.2f} M" if r["numel"] >= 10**5 else str(r["numel"])
     return (f"{r['set']} ({r['num_tensors']} tensors, {params} params), {r['dtype']}{grads}, "
-            f"{r['optimizer']} ({bpp} B/param){floor}; yardstick {r['yardstick_GBps']:.1f} GB/s")
+            f"{r['optimizer']} ({bpp}){floor}; yardstick {r['yardstick_GBps']:.1f} GB/s")
 
 
 def _ratio(value: float | None) -> str:
@@ -85,11 +118,18 @@ def _dtype(name: str):
 
 
 def headline_lines(run: dict) -> list[str]:
-    """One line per (set, dtype, grads, optimizer): the fastest of our backends and its two ratios."""
+    """One line per (set, dtype, grads, optimizer) and storage: the fastest of our backends and its ratios."""
     lines = ["headline: the fastest of our backends per case, against the eager loop and the torch floor"]
     for h in run["headline"]:
-        lines.append(f"  {_case(h)}: {h['backend']} {h['median_ms']:.3f} ms, x eager {_ratio(h['speedup_vs_eager'])}, "
-                     f"/ floor ({h['floor']}) {_floor_ratio(h['ratio_to_floor'], h.get('ratio_to_floor_quartiles'))}")
+        line = (f"  {_case(h)}{storage_label(h)}: {h['backend']} {h['median_ms']:.3f} ms, "
+                f"x eager {_ratio(h['speedup_vs_eager'])}, "
+                f"/ floor ({h['floor']}) {_floor_ratio(h['ratio_to_floor'], h.get('ratio_to_floor_quartiles'))}")
+        if h.get("ratio_to_float32_state") is not None:
+            line += (", / f32 state "
+                     + _floor_ratio(h["ratio_to_float32_state"], h.get("ratio_to_float32_state_quartiles")))
+        if h.get("stepped_by") not in (None, h["backend"].split("+")[0]):
+            line += f" (stepped by {h['stepped_by']})"
+        lines.append(line)
     return lines
 
 
@@ -132,22 +172,53 @@ def markdown(run: dict, meta: dict) -> str:
            f"- yardstick: {run['yardstick']['description']}, timed in every round; byte model: bench/byte_model.py",
            f"- {LEGEND}",
            "- backends: " + ", ".join(f"{k}: {'yes' if v is None else v}" for k, v in meta["backends"].items())]
+    storages = _has_storages(run["results"])
+    if "state_dtypes" in meta:
+        out.append(f"- our state: {', '.join(meta['state_dtypes'])}; bfloat16 state rounded: "
+                   f"{', '.join(meta['rounding'])} (seed {meta['rounding_seed']}); kahan: {', '.join(meta['kahan'])}")
+    if storages:
+        out.append(f"- {STORAGE_LEGEND}")
     if run.get("headline"):
+        extra = " / f32 state | stepped by |" if storages else ""
         out += ["", "## Headline", "",
-                "| case | fastest of ours | median ms | x eager | floor | / floor |", "|---|---|---|---|---|---|"]
-        out += [f"| {_case(h)} | {h['backend']} | {h['median_ms']:.3f} | {_ratio(h['speedup_vs_eager'])} | "
-                f"{h['floor']} | {_floor_ratio(h['ratio_to_floor'], h.get('ratio_to_floor_quartiles'))} |"
-                for h in run["headline"]]
+                "| case | fastest of ours | median ms | x eager | floor | / floor |" + extra,
+                "|---|---|---|---|---|---|" + ("---|---|" if storages else "")]
+        for h in run["headline"]:
+            row = (f"| {_case(h)}{storage_label(h)} | {h['backend']} | {h['median_ms']:.3f} | "
+                   f"{_ratio(h['speedup_vs_eager'])} | {h['floor']} | "
+                   f"{_floor_ratio(h['ratio_to_floor'], h.get('ratio_to_floor_quartiles'))} |")
+            if storages:
+                row += (f" {_floor_ratio(h.get('ratio_to_float32_state'), h.get('ratio_to_float32_state_quartiles'))}"
+                        f" | {h.get('stepped_by') or 'n/a'} |")
+            out.append(row)
     for records in _groups(run["results"]).values():
         out += ["", f"## {_heading(records)}", "",
                 "| " + " | ".join(header for header, _, _ in columns) + " |",
                 "|" + "---|" * len(columns)]
         out += ["| " + " | ".join(_cell(r, key, fmt) for _, key, fmt in columns) + " |" for r in records]
+    if storages or any(d != "float32" for d in meta.get("dtypes", ["float32"])):
+        out += ["", bytes_table()]
     if run["skipped"]:
         out += ["", "## Skipped", ""]
         out += [f"- {s['set']} {s['dtype']} {s['grads']} {s['optimizer']} {s['contender']}: {s['reason']}"
                 for s in run["skipped"]]
     return "\n".join(out) + "\n"
+
+
+def bytes_table() -> str:
+    """The byte model's bytes per parameter (and footprint) for every configuration, as Markdown."""
+    rows = byte_model.configurations()
+    names = {"lars": "LARS, TVLARS", "lamb": "LAMB", "sgd": "torch SGD momentum (floor)",
+             "adamw": "torch AdamW (floor)"}
+    out = ["## Bytes per parameter (bench/byte_model.py)", "",
+           "Bytes one step moves per parameter element (reads + writes, both passes), and its footprint: the "
+           "distinct bytes it touches (weights, masters or compensations, gradients, state). master = float32 master "
+           "weights (4 bytes read, 4 + p written); kahan = a bfloat16 compensation (2 bytes read and written with "
+           "the weight); torch's floors keep their state in the parameter dtype.", "",
+           "| parameters | state | weights | optimizer | bytes/param | footprint |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['param_dtype']} | {r['state_dtype']} | {r['weights']} | {names[r['optimizer']]} | "
+            f"{r['bytes_per_param']} | {r['footprint_per_param']} |" for r in rows]
+    return "\n".join(out)
 
 
 def write_json(path: Path, run: dict, meta: dict) -> None:
