@@ -381,8 +381,7 @@ def _two_rank_step(ranks, lamb):
         _step(bucket, lamb)
 
 
-@pytest.mark.parametrize("kahan", [False, True], ids=["params", "kahan"])
-@pytest.mark.parametrize("lamb", [False, True], ids=["lars", "lamb"])
+@pytest.mark.parametrize("lamb, kahan", [(False, False), (True, True)], ids=["lars-params", "lamb-kahan"])
 def test_shards_draw_the_bits_of_the_whole_layer(lamb, kahan, many_chunks):
     """Two ranks' shards stepped around an all-reduce store what the unsharded layer stores: the element offsets
     give each shard's elements the whole layer's indices in the stream (only the float64 sums' order of addition
@@ -418,8 +417,7 @@ def _misaligned(t):
     return view.copy_(t)
 
 
-@pytest.mark.parametrize("kahan", [False, True], ids=["params", "kahan"])
-@pytest.mark.parametrize("lamb", [False, True], ids=["lars", "lamb"])
+@pytest.mark.parametrize("lamb, kahan", [(False, True), (True, False)], ids=["lars-kahan", "lamb-params"])
 def test_misaligned_bfloat16_columns_store_the_bits_of_the_vector_path(lamb, kahan, many_chunks):
     """A layer whose bfloat16 state (or compensation) sits at an address 2 bytes past a multiple of 16 takes the
     scalar path (on a GPU a vector access there would fault), and stores the bits the aligned layers' path does."""
