@@ -187,30 +187,85 @@ inline int team_size(const CpuTable& tab) {
   return static_cast<int>(std::clamp<int64_t>(elements / kElementsPerThread, 1, at::get_num_threads()));
 }
 
-template <typename weight_t>
-inline const weight_t* weights_of(const int64_t* row) {
-  return column_ptr<const weight_t>(row, row[COL_MASTER] != 0 ? COL_MASTER : COL_PARAM);
+// A layer's weights as the step reads and writes them (WeightSource, step_inputs.h): the parameter, its float32
+// master, or a bfloat16 parameter and its bfloat16 Kahan compensation (raw bits).
+// The float32 weight the step reads: the master, param + comp (exact, docs/algorithms.md section 9), or the param.
+template <typename scalar_t, int kSource>
+inline float load_weight(const scalar_t* __restrict__ param, const float* __restrict__ master,
+                         const uint16_t* __restrict__ comp, int64_t i) {
+  if constexpr (kSource == kMasterWeights) {
+    return master[i];
+  } else if constexpr (kSource == kKahanWeights) {
+    static_assert(std::is_same_v<scalar_t, c10::BFloat16>, "Kahan compensation is for bfloat16 params");
+    return bf16_bits_to_float(param[i].x) + bf16_bits_to_float(comp[i]);
+  } else {
+    return static_cast<float>(param[i]);
+  }
 }
 
-// Stores the new weight: into the master copy when there is one, and (rounded once) into the parameter.
-template <typename scalar_t, bool kHasMaster>
-inline void store_weight(scalar_t* __restrict__ param, float* __restrict__ master, int64_t i, float w) {
-  if (kHasMaster) master[i] = w;
-  param[i] = static_cast<scalar_t>(w);
+// Stores the new weight: into the master copy when there is one and (rounded once) into the parameter; with a
+// Kahan compensation, as the parameter's nearest bfloat16 and the nearest bfloat16 of the rest.
+template <typename scalar_t, int kSource>
+inline void store_weight(scalar_t* __restrict__ param, float* __restrict__ master, uint16_t* __restrict__ comp,
+                         int64_t i, float w) {
+  if constexpr (kSource == kKahanWeights) {
+    const KahanSplit split = kahan_split(w);
+    param[i].x = split.param;
+    comp[i] = split.comp;
+  } else {
+    if constexpr (kSource == kMasterWeights) master[i] = w;
+    param[i] = static_cast<scalar_t>(w);
+  }
+}
+
+// Bytes of weight a pass reads per element.
+template <typename scalar_t, int kSource>
+constexpr int64_t kWeightBytes = kSource == kMasterWeights ? 4 : kSource == kKahanWeights ? 4 : sizeof(scalar_t);
+
+// State elements: float32, or bfloat16 as raw bits (kBf16State), loaded as float32.
+template <bool kBf16State>
+using state_t = std::conditional_t<kBf16State, uint16_t, float>;
+
+inline float load_state(const float* __restrict__ s, int64_t i) {
+  return s[i];
+}
+
+inline float load_state(const uint16_t* __restrict__ s, int64_t i) {
+  return bf16_bits_to_float(s[i]);
+}
+
+// Stores a state element and returns what was stored, which the step continues with: x itself in float32; in
+// bfloat16, x rounded stochastically from the stream (`base`, element index offset + i) or to nearest.
+inline float store_state(float* __restrict__ s, int64_t i, float x, const StateRounding&, uint32_t) {
+  s[i] = x;
+  return x;
+}
+
+inline float store_state(uint16_t* __restrict__ s, int64_t i, float x, const StateRounding& r, uint32_t base) {
+  const uint16_t bits = bf16_store_bits(x, r.stochastic, base, r.offset + i);
+  s[i] = bits;
+  return bf16_bits_to_float(bits);
+}
+
+// How this step stores a layer's bfloat16 state: its stream bases for the new step count t.
+inline StateRounding row_rounding(const int64_t* row, bool stochastic, uint32_t seed, float t) {
+  return state_rounding(stochastic, seed, row[COL_LAYER_ID], row[COL_ELEMENT_OFFSET], t);
 }
 
 // ---------------------------------------------------------------- LARS family
 
-template <typename scalar_t, typename weight_t, bool kScaled>
+template <typename scalar_t, int kSource, bool kScaled>
 TVLARS_CPU_CLONES void lars_chunk_partials(const int64_t* row, ElementRange r, float grad_scale, const LarsHyper h,
                                            double* out) {
-  const weight_t* __restrict__ w = weights_of<weight_t>(row);
+  const scalar_t* __restrict__ param = column_ptr<const scalar_t>(row, COL_PARAM);
+  const float* __restrict__ master = column_ptr<const float>(row, COL_MASTER);
+  const uint16_t* __restrict__ comp = column_ptr<const uint16_t>(row, COL_COMP);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   const bool no_decay = row[COL_FLAGS] & FLAG_NO_DECAY;
   double w_sq[kLanes] = {};
   double denom_sq[kLanes] = {};
   auto accumulate = [&](int64_t i, int j) {
-    const float wi = static_cast<float>(w[i]);
+    const float wi = load_weight<scalar_t, kSource>(param, master, comp, i);
     const float gi = step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, 1.0f);
     const float term = lars_denominator_term(gi, lars_decayed_grad(gi, wi, h.weight_decay, no_decay), h.sum_of_norms);
     w_sq[j] += square(wi);
@@ -226,34 +281,34 @@ TVLARS_CPU_CLONES void lars_chunk_partials(const int64_t* row, ElementRange r, f
   out[1] = ordered_sum(denom_sq);
 }
 
-template <typename scalar_t, bool kHasMaster, bool kScaled>
+// The buffer is stored first (rounded, for bfloat16 state) and the weight's update uses the stored buffer.
+template <typename scalar_t, int kSource, bool kBf16State, bool kScaled>
 TVLARS_CPU_CLONES void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, float lr, float q,
-                                        bool first, const LarsHyper h) {
-  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
+                                        bool first, const StateRounding rounding, const LarsHyper h) {
   scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
   float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
-  const weight_t* __restrict__ w_in = weights_of<weight_t>(row);
+  uint16_t* __restrict__ comp = column_ptr<uint16_t>(row, COL_COMP);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
-  float* __restrict__ buf = column_ptr<float>(row, COL_STATE0);
+  state_t<kBf16State>* __restrict__ buf = column_ptr<state_t<kBf16State>>(row, COL_STATE0);
   const bool no_decay = row[COL_FLAGS] & FLAG_NO_DECAY;
 #pragma omp simd
   for (int64_t i = r.begin; i < r.end; ++i) {
-    float w = static_cast<float>(w_in[i]);
+    const float w = load_weight<scalar_t, kSource>(param, master, comp, i);
     const float d = lars_decayed_grad(step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, 1.0f), w,
                                       h.weight_decay, no_decay);
-    float b = buf[i];
-    lars_apply(h, lr, q, d, first, w, b);
-    buf[i] = b;
-    store_weight<scalar_t, kHasMaster>(param, master, i, w);
+    const float u = q * d;
+    const float b = store_state(buf, i, lars_momentum(h, u, first, load_state(buf, i)), rounding, rounding.base0);
+    store_weight<scalar_t, kSource>(param, master, comp, i, lars_new_weight(h, lr, u, b, w));
   }
 }
 
-template <typename scalar_t, bool kHasMaster, bool kScaled>
+template <typename scalar_t, int kSource, bool kBf16State, bool kScaled>
 void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float lr) {
-  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   // Pass 1 reads the weight and the gradient; layers without a trust ratio skip it.
   auto bytes_of = [&](const int64_t* row) -> int64_t {
-    return layer_adapted(h.adapt, row[COL_FLAGS]) ? row[COL_NUMEL] * int64_t{sizeof(weight_t) + sizeof(scalar_t)} : 0;
+    return layer_adapted(h.adapt, row[COL_FLAGS])
+               ? row[COL_NUMEL] * (kWeightBytes<scalar_t, kSource> + int64_t{sizeof(scalar_t)})
+               : 0;
   };
   auto sums = [&](int64_t c) {
     const int64_t* row = tab.row_of_chunk(c);
@@ -262,7 +317,7 @@ void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float l
       out[0] = out[1] = 0.0;
       return;
     }
-    lars_chunk_partials<scalar_t, weight_t, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, h, out);
+    lars_chunk_partials<scalar_t, kSource, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, h, out);
   };
   auto ratio = [&](double w_sq, double denom_sq, float t, int64_t flags) {
     return lars_trust_ratio(h, w_sq, denom_sq, t, lr, layer_decay(h.weight_decay, flags),
@@ -271,9 +326,10 @@ void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float l
   auto apply = [&](int64_t c) {
     const int64_t layer = tab.chunk_layer[c];
     const int64_t* row = tab.row(layer);
-    lars_chunk_apply<scalar_t, kHasMaster, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr,
-                                                    static_cast<float>(tab.layer_results[2 * layer]),
-                                                    tab.layer_results[2 * layer + 1] == 1.0, h);
+    const float t = static_cast<float>(tab.layer_results[2 * layer + 1]);  // the new step count
+    lars_chunk_apply<scalar_t, kSource, kBf16State, kScaled>(
+        row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr, static_cast<float>(tab.layer_results[2 * layer]),
+        t == 1.0f, row_rounding(row, h.stochastic_rounding, h.seed, t), h);
   };
 #pragma omp parallel num_threads(team_size(tab))
   step_groups(tab, bytes_of, sums, ratio, apply);
@@ -291,23 +347,27 @@ inline BiasCorrections bias_corrections(const LambHyper& h, float t) {
   return {bias_correction(t, h.log_beta1), bias_correction(t, h.log_beta2)};
 }
 
-// Updates the moments of one chunk and sums w^2 and u^2 over it.
-template <typename scalar_t, typename weight_t, bool kScaled>
+// Updates and stores the moments of one chunk (rounded, for bfloat16 state), and sums w^2 and u^2 over it, u formed
+// from the stored moments.
+template <typename scalar_t, int kSource, bool kBf16State, bool kScaled>
 TVLARS_CPU_CLONES void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, float grad_mult,
-                                          BiasCorrections bc, const LambHyper h, double* out) {
-  const weight_t* __restrict__ w = weights_of<weight_t>(row);
+                                          BiasCorrections bc, const StateRounding rounding, const LambHyper h,
+                                          double* out) {
+  const scalar_t* __restrict__ param = column_ptr<const scalar_t>(row, COL_PARAM);
+  const float* __restrict__ master = column_ptr<const float>(row, COL_MASTER);
+  const uint16_t* __restrict__ comp = column_ptr<const uint16_t>(row, COL_COMP);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
-  float* __restrict__ m = column_ptr<float>(row, COL_STATE0);
-  float* __restrict__ v = column_ptr<float>(row, COL_STATE1);
+  state_t<kBf16State>* __restrict__ m = column_ptr<state_t<kBf16State>>(row, COL_STATE0);
+  state_t<kBf16State>* __restrict__ v = column_ptr<state_t<kBf16State>>(row, COL_STATE1);
   const float decay = lamb_update_decay(h, layer_decay(h.weight_decay, row[COL_FLAGS]));
   double w_sq[kLanes] = {};
   double u_sq[kLanes] = {};
   auto accumulate = [&](int64_t i, int j) {
-    const float wi = static_cast<float>(w[i]);
-    float mi = m[i], vi = v[i];
+    const float wi = load_weight<scalar_t, kSource>(param, master, comp, i);
+    float mi = load_state(m, i), vi = load_state(v, i);
     lamb_moments(h, step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, grad_mult), mi, vi);
-    m[i] = mi;
-    v[i] = vi;
+    mi = store_state(m, i, mi, rounding, rounding.base0);
+    vi = store_state(v, i, vi, rounding, rounding.base1);
     const float u = lamb_update(mi, vi, wi, bc.first, bc.second, h.eps, decay);
     w_sq[j] += square(wi);
     u_sq[j] += square(u);
@@ -324,36 +384,36 @@ TVLARS_CPU_CLONES void lamb_chunk_moments(const int64_t* row, ElementRange r, fl
 
 // Recomputes u from the stored moments (bit-identical to pass 1's) and applies w = keep*w - lr*q*u (keep: the
 // decoupled decay's 1 - lr*beta', else 1).
-template <typename scalar_t, bool kHasMaster>
+template <typename scalar_t, int kSource, bool kBf16State>
 TVLARS_CPU_CLONES void lamb_chunk_apply(const int64_t* row, ElementRange r, BiasCorrections bc, float lr_q,
                                         float keep, const LambHyper h) {
-  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
   float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
-  const weight_t* __restrict__ w_in = weights_of<weight_t>(row);
-  const float* __restrict__ m = column_ptr<const float>(row, COL_STATE0);
-  const float* __restrict__ v = column_ptr<const float>(row, COL_STATE1);
+  uint16_t* __restrict__ comp = column_ptr<uint16_t>(row, COL_COMP);
+  const state_t<kBf16State>* __restrict__ m = column_ptr<const state_t<kBf16State>>(row, COL_STATE0);
+  const state_t<kBf16State>* __restrict__ v = column_ptr<const state_t<kBf16State>>(row, COL_STATE1);
   const float decay = lamb_update_decay(h, layer_decay(h.weight_decay, row[COL_FLAGS]));
 #pragma omp simd
   for (int64_t i = r.begin; i < r.end; ++i) {
-    const float w = static_cast<float>(w_in[i]);
-    const float u = lamb_update(m[i], v[i], w, bc.first, bc.second, h.eps, decay);
-    store_weight<scalar_t, kHasMaster>(param, master, i, lamb_apply(keep, w, lr_q, u));
+    const float w = load_weight<scalar_t, kSource>(param, master, comp, i);
+    const float u = lamb_update(load_state(m, i), load_state(v, i), w, bc.first, bc.second, h.eps, decay);
+    store_weight<scalar_t, kSource>(param, master, comp, i, lamb_apply(keep, w, lr_q, u));
   }
 }
 
-template <typename scalar_t, bool kHasMaster, bool kScaled>
+template <typename scalar_t, int kSource, bool kBf16State, bool kScaled>
 void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float grad_mult, float lr) {
-  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
   // Pass 1 reads the weight, the gradient and both moments.
   auto bytes_of = [](const int64_t* row) -> int64_t {
-    return row[COL_NUMEL] * int64_t{sizeof(weight_t) + sizeof(scalar_t) + 2 * sizeof(float)};
+    return row[COL_NUMEL] * (kWeightBytes<scalar_t, kSource> + int64_t{sizeof(scalar_t)} +
+                             2 * int64_t{sizeof(state_t<kBf16State>)});
   };
   auto sums = [&](int64_t c) {
     const int64_t* row = tab.row_of_chunk(c);
     const float t = *column_ptr<const float>(row, COL_STEP) + 1.0f;  // written back only after the barrier
-    lamb_chunk_moments<scalar_t, weight_t, kScaled>(row, chunk_elements(row, c, tab.chunk_size), grad_scale, grad_mult,
-                                           bias_corrections(h, t), h, tab.chunk_partials + 2 * c);
+    lamb_chunk_moments<scalar_t, kSource, kBf16State, kScaled>(
+        row, chunk_elements(row, c, tab.chunk_size), grad_scale, grad_mult, bias_corrections(h, t),
+        row_rounding(row, h.stochastic_rounding, h.seed, t), h, tab.chunk_partials + 2 * c);
   };
   auto ratio = [&](double w_sq, double u_sq, float, int64_t flags) {
     return lamb_trust_ratio(h, w_sq, u_sq, lr, layer_decay(h.weight_decay, flags), layer_adapted(h.adapt, flags));
@@ -364,7 +424,7 @@ void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float g
     const float lr_q = lr * static_cast<float>(tab.layer_results[2 * layer]);
     const BiasCorrections bc = bias_corrections(h, static_cast<float>(tab.layer_results[2 * layer + 1]));
     const float keep = lamb_weight_keep(h, lr, layer_decay(h.weight_decay, row[COL_FLAGS]));
-    lamb_chunk_apply<scalar_t, kHasMaster>(row, chunk_elements(row, c, tab.chunk_size), bc, lr_q, keep, h);
+    lamb_chunk_apply<scalar_t, kSource, kBf16State>(row, chunk_elements(row, c, tab.chunk_size), bc, lr_q, keep, h);
   };
 #pragma omp parallel num_threads(team_size(tab))
   step_groups(tab, bytes_of, sums, ratio, apply);
@@ -388,11 +448,12 @@ void lars_run_cpu(const StepArgs& a, const LarsHyper& h) {
   const CpuTable tab = cpu_table(a);
   const float scale = scalar_or(a.grad_scale, 1.0f);
   const float lr_now = scalar_or(a.lr, h.lr);
-  dispatch_dtype(a.dtype, a.has_master, [&](auto scalar, auto has_master) {
+  dispatch_step(a, [&](auto scalar, auto source, auto bf16_state) {
     using scalar_t = decltype(scalar);
-    constexpr bool kHasMaster = decltype(has_master)::value;
-    scale != 1.0f ? lars_cpu<scalar_t, kHasMaster, true>(tab, h, scale, lr_now)
-                  : lars_cpu<scalar_t, kHasMaster, false>(tab, h, scale, lr_now);
+    constexpr int kSource = decltype(source)::value;
+    constexpr bool kBf16State = decltype(bf16_state)::value;
+    scale != 1.0f ? lars_cpu<scalar_t, kSource, kBf16State, true>(tab, h, scale, lr_now)
+                  : lars_cpu<scalar_t, kSource, kBf16State, false>(tab, h, scale, lr_now);
   });
 }
 
@@ -402,11 +463,12 @@ void lamb_run_cpu(const StepArgs& a, const LambHyper& h) {
   const float scale = scalar_or(a.grad_scale, 1.0f);
   const float mult = scalar_or(a.clip_coef, 1.0f);
   const float lr_now = scalar_or(a.lr, h.lr);
-  dispatch_dtype(a.dtype, a.has_master, [&](auto scalar, auto has_master) {
+  dispatch_step(a, [&](auto scalar, auto source, auto bf16_state) {
     using scalar_t = decltype(scalar);
-    constexpr bool kHasMaster = decltype(has_master)::value;
-    scale != 1.0f || mult != 1.0f ? lamb_cpu<scalar_t, kHasMaster, true>(tab, h, scale, mult, lr_now)
-                                  : lamb_cpu<scalar_t, kHasMaster, false>(tab, h, scale, mult, lr_now);
+    constexpr int kSource = decltype(source)::value;
+    constexpr bool kBf16State = decltype(bf16_state)::value;
+    scale != 1.0f || mult != 1.0f ? lamb_cpu<scalar_t, kSource, kBf16State, true>(tab, h, scale, mult, lr_now)
+                                  : lamb_cpu<scalar_t, kSource, kBf16State, false>(tab, h, scale, mult, lr_now);
   });
 }
 

@@ -19,6 +19,12 @@
 // (8 bfloat16/float16 or 4 float32 elements), kPerThread elements per thread per iteration, all loads of an
 // iteration in flight before its stores. Layers whose tensors are not all 16-byte aligned (views into flat
 // buffers) take a coalesced element-by-element path, chosen per layer. tests/test_cuda_ptx.py checks the PTX.
+//
+// bfloat16 state and Kahan-compensated bfloat16 weights (docs/algorithms.md, section 9): the kernels are
+// instantiated per parameter dtype, weight source (the parameter, its float32 master, or the parameter plus its
+// bfloat16 compensation) and state dtype. bfloat16 state moves in 16-byte packs like bfloat16 parameters; each new
+// state value is rounded in registers (stochastically from the counter-based stream, or to nearest) and the step
+// continues with the rounded value, which its store then converts exactly.
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -63,13 +69,19 @@ constexpr int kMaskedPerThread = 4;
 template <typename T>
 constexpr int kPackElems = 16 / sizeof(T);
 
+// Consecutive elements of one group of a thread's vector tile: a 16-byte pack of the narrowest tensor the step moves
+// (8 when the parameters or the state are 16-bit), so that every tensor moves in whole 16-byte packs (float32 ones
+// in two).
+template <typename scalar_t, bool kBf16State>
+constexpr int kGroupElems = sizeof(scalar_t) == 2 || kBf16State ? 8 : 4;
+
 struct DeviceTable {
   const int64_t* rows;  // 16-byte aligned (checked on the host)
   const int32_t* chunk_layer;
   int64_t num_layers;
   int64_t num_chunks;
   int64_t chunk_size;
-  bool chunk_packs;        // chunk_size is a multiple of the parameter dtype's pack: every chunk starts on one
+  bool chunk_packs;        // chunk_size is a multiple of kGroupElems: every chunk starts on a group
   double* chunk_partials;  // [num_chunks][2]
   double* layer_results;   // [num_layers][2]: trust ratio, new step count
   int64_t phase;           // StepPhase
@@ -110,8 +122,8 @@ __device__ __forceinline__ Row chunk_row(const DeviceTable& tab, int64_t chunk) 
 
 // 16-byte accesses need every tensor of the layer 16-byte aligned (and chunks starting on a pack).
 __device__ __forceinline__ bool packable(const DeviceTable& tab, const Row& row) {
-  const int64_t bits =
-      row.col[COL_PARAM] | row.col[COL_GRAD] | row.col[COL_STATE0] | row.col[COL_STATE1] | row.col[COL_MASTER];
+  const int64_t bits = row.col[COL_PARAM] | row.col[COL_GRAD] | row.col[COL_STATE0] | row.col[COL_STATE1] |
+                       row.col[COL_MASTER] | row.col[COL_COMP];
   return tab.chunk_packs && (bits & 15) == 0;
 }
 
@@ -233,9 +245,8 @@ __device__ __forceinline__ void store(T* p, const S& s, const Values<S>& in) {
 // Calls tile(slots) until the chunk's elements are covered: whole tiles of 16-byte packs when `vec`, then
 // element by element (consecutive threads on consecutive elements, so still coalesced) for the chunk's last,
 // partial tile, or for the whole chunk of a layer that is not packable.
-template <typename scalar_t, typename Tile>
+template <int kElems, typename Tile>
 __device__ __forceinline__ void for_each_tile(ElementRange r, bool vec, Tile&& tile) {
-  constexpr int kElems = kPackElems<scalar_t>;
   int64_t i = r.begin;
   if (vec) {
     for (; i + kTile <= r.end; i += kTile) {
@@ -316,11 +327,12 @@ __device__ __forceinline__ int64_t reversed_chunk(const DeviceTable& tab, int64_
   return tab.num_chunks - 1 - k;
 }
 
-// The tensor the step reads the weights from: the float32 master when there is one, else the parameter.
-template <bool kHasMaster>
-constexpr int kWeightCol = kHasMaster ? COL_MASTER : COL_PARAM;
+// The tensor the step reads the weights from: the float32 master when there is one, else the parameter (with a Kahan
+// compensation, the parameter plus its compensation).
+template <int kSource>
+constexpr int kWeightCol = kSource == kMasterWeights ? COL_MASTER : COL_PARAM;
 
-// ---------------------------------------------------------------- LARS family
+// ---------------------------------------------------------------- weights and state of a tile
 //
 // The tile functions take each tensor as a parameter, __restrict__ where it is written: a store through one
 // cannot change another. (Every access is an ld/st.global intrinsic, kept in program order, so each tile's
@@ -329,12 +341,73 @@ constexpr int kWeightCol = kHasMaster ? COL_MASTER : COL_PARAM;
 // same kernel, so they must never be loaded through the non-coherent read-only path, which a compiler may
 // choose for such pointers (nvcc 13.0 does not here; only gradients take it, explicitly).
 
-template <typename S, typename scalar_t, typename weight_t>
-__device__ __forceinline__ void lars_sums_tile(const S& s, const weight_t* w_in, const scalar_t* __restrict__ g_in,
-                                               const LarsHyper& h, float grad_scale, bool no_decay, double& w_sq,
-                                               double& denom_sq) {
-  Values<S> w, g;
+// A tile's float32 weights: the master or the parameter, plus the Kahan compensation when there is one (the sum is
+// exact in float32, docs/algorithms.md section 9).
+template <int kSource, typename S, typename scalar_t, typename weight_t>
+__device__ __forceinline__ void load_weights(const S& s, const weight_t* w_in, const scalar_t* comp_in, Values<S>& w) {
   load(w_in, s, w);
+  if constexpr (kSource == kKahanWeights) {
+    Values<S> comp;
+    load(comp_in, s, comp);
+#pragma unroll
+    for (int k = 0; k < S::kGroups; ++k) {
+#pragma unroll
+      for (int j = 0; j < S::kElems; ++j) w[k][j] += comp[k][j];
+    }
+  }
+}
+
+// Stores a tile's new weights: into w_io (the master, then rounded into param_out; or the parameter); with a Kahan
+// compensation, as the parameter's nearest bfloat16 and the nearest bfloat16 of the rest (kahan_split: values of
+// the two bfloat16 tensors, so their stores' conversions are exact).
+template <int kSource, typename S, typename scalar_t, typename weight_t>
+__device__ __forceinline__ void store_weights(const S& s, weight_t* __restrict__ w_io, scalar_t* __restrict__ param_out,
+                                              scalar_t* __restrict__ comp_out, Values<S>& w) {
+  if constexpr (kSource == kKahanWeights) {
+    Values<S> comp;
+#pragma unroll
+    for (int k = 0; k < S::kGroups; ++k) {
+#pragma unroll
+      for (int j = 0; j < S::kElems; ++j) {
+        const KahanSplit split = kahan_split(w[k][j]);
+        w[k][j] = bf16_bits_to_float(split.param);
+        comp[k][j] = bf16_bits_to_float(split.comp);
+      }
+    }
+    store(w_io, s, w);
+    store(comp_out, s, comp);
+  } else {
+    store(w_io, s, w);
+    if constexpr (kSource == kMasterWeights) store(param_out, s, w);
+  }
+}
+
+// The value a state element holds once stored, which the step continues with: x itself in float32 state; in
+// bfloat16 state x rounded stochastically from the stream (`base`, the element's index in the whole layer) or to
+// nearest, as a float32 value (its store's conversion to bfloat16 is then exact).
+template <bool kBf16State, typename S>
+__device__ __forceinline__ float stored_state(float x, const StateRounding& r, uint32_t base, const S& s, int k,
+                                              int j) {
+  if constexpr (kBf16State) {
+    return bf16_stored_value(x, r.stochastic, base, r.offset + s.at(k, j));
+  } else {
+    return x;
+  }
+}
+
+// How this step stores the layer's bfloat16 state: its streams' bases for the new step count t.
+__device__ __forceinline__ StateRounding row_rounding(const Row& row, bool stochastic, uint32_t seed, float t) {
+  return state_rounding(stochastic, seed, row.col[COL_LAYER_ID], row.col[COL_ELEMENT_OFFSET], t);
+}
+
+// ---------------------------------------------------------------- LARS family
+
+template <int kSource, typename S, typename scalar_t, typename weight_t>
+__device__ __forceinline__ void lars_sums_tile(const S& s, const weight_t* w_in, const scalar_t* comp_in,
+                                               const scalar_t* __restrict__ g_in, const LarsHyper& h,
+                                               float grad_scale, bool no_decay, double& w_sq, double& denom_sq) {
+  Values<S> w, g;
+  load_weights<kSource>(s, w_in, comp_in, w);
   load<true>(g_in, s, g);
 #pragma unroll
   for (int k = 0; k < S::kGroups; ++k) {
@@ -350,14 +423,17 @@ __device__ __forceinline__ void lars_sums_tile(const S& s, const weight_t* w_in,
   }
 }
 
-// w_io: the master weights (then param_out receives the rounded copy) or the parameter itself.
-template <bool kHasMaster, typename S, typename scalar_t, typename weight_t>
+// w_io: the master weights (then param_out receives the rounded copy) or the parameter itself (with comp_io its
+// Kahan compensation). The buffer is stored first (rounded, for bfloat16 state), and the weight's update uses the
+// stored buffer.
+template <int kSource, bool kBf16State, typename S, typename scalar_t, typename weight_t, typename state_t>
 __device__ __forceinline__ void lars_apply_tile(const S& s, weight_t* __restrict__ w_io,
-                                                scalar_t* __restrict__ param_out, const scalar_t* __restrict__ g_in,
-                                                float* __restrict__ buf_io, const LarsHyper& h, float grad_scale,
-                                                float lr, float q, bool no_decay, bool first) {
+                                                scalar_t* __restrict__ param_out, scalar_t* __restrict__ comp_io,
+                                                const scalar_t* __restrict__ g_in, state_t* __restrict__ buf_io,
+                                                const LarsHyper& h, float grad_scale, float lr, float q,
+                                                bool no_decay, bool first, const StateRounding& rounding) {
   Values<S> w, g, buf;
-  load(w_io, s, w);
+  load_weights<kSource>(s, w_io, comp_io, w);
   load<true>(g_in, s, g);
   load(buf_io, s, buf);
 #pragma unroll
@@ -366,18 +442,20 @@ __device__ __forceinline__ void lars_apply_tile(const S& s, weight_t* __restrict
     for (int j = 0; j < S::kElems; ++j) {
       const float d = lars_decayed_grad(effective_grad(g[k][j], grad_scale, 1.0f), w[k][j], h.weight_decay,
                                         no_decay);
-      lars_apply(h, lr, q, d, first, w[k][j], buf[k][j]);
+      const float u = q * d;
+      buf[k][j] = stored_state<kBf16State>(lars_momentum(h, u, first, buf[k][j]), rounding, rounding.base0, s, k, j);
+      w[k][j] = lars_new_weight(h, lr, u, buf[k][j], w[k][j]);
     }
   }
   store(buf_io, s, buf);
-  store(w_io, s, w);
-  if constexpr (kHasMaster) store(param_out, s, w);
+  store_weights<kSource>(s, w_io, param_out, comp_io, w);
 }
 
-template <typename scalar_t, bool kHasMaster>
+template <typename scalar_t, int kSource, bool kBf16State>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lars_step_kernel(DeviceTable tab, LarsHyper h, DeviceScalars s) {
-  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
+  using weight_t = std::conditional_t<kSource == kMasterWeights, float, scalar_t>;
+  using state_t = std::conditional_t<kBf16State, c10::BFloat16, float>;
   if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;  // every block leaves before any barrier
   cg::grid_group grid = cg::this_grid();
   __shared__ double scratch[2][kWarps];
@@ -388,12 +466,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const Row row = chunk_row(tab, c);
     double w_sq = 0.0, denom_sq = 0.0;
     if (layer_adapted(h.adapt, row.col[COL_FLAGS])) {  // layers without a trust ratio have nothing to sum
-      const weight_t* w_in = column_ptr<const weight_t>(row.col, kWeightCol<kHasMaster>);
+      const weight_t* w_in = column_ptr<const weight_t>(row.col, kWeightCol<kSource>);
+      const scalar_t* comp_in = column_ptr<const scalar_t>(row.col, COL_COMP);
       const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
       const bool no_decay = row.col[COL_FLAGS] & FLAG_NO_DECAY;
-      for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
-        lars_sums_tile(sl, w_in, g_in, h, grad_scale, no_decay, w_sq, denom_sq);
-      });
+      for_each_tile<kGroupElems<scalar_t, kBf16State>>(
+          chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
+            lars_sums_tile<kSource>(sl, w_in, comp_in, g_in, h, grad_scale, no_decay, w_sq, denom_sq);
+          });
     }
     block_sum2(w_sq, denom_sq, scratch);
     if (threadIdx.x == 0) {
@@ -417,15 +497,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const int64_t layer = __ldg(tab.chunk_layer + c);
     const Row row = read_row(tab.rows, layer);
     const float q = static_cast<float>(tab.layer_results[2 * layer]);  // a float32 value, stored exactly
-    const bool first = tab.layer_results[2 * layer + 1] == 1.0;  // the layer's first step: buf = u
+    const float t = static_cast<float>(tab.layer_results[2 * layer + 1]);  // the new step count
+    const bool first = t == 1.0f;  // the layer's first step: buf = u
     const bool no_decay = row.col[COL_FLAGS] & FLAG_NO_DECAY;
-    weight_t* w_io = column_ptr<weight_t>(row.col, kWeightCol<kHasMaster>);
+    const StateRounding rounding = row_rounding(row, h.stochastic_rounding, h.seed, t);
+    weight_t* w_io = column_ptr<weight_t>(row.col, kWeightCol<kSource>);
     scalar_t* param_out = column_ptr<scalar_t>(row.col, COL_PARAM);
+    scalar_t* comp_io = column_ptr<scalar_t>(row.col, COL_COMP);
     const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
-    float* buf_io = column_ptr<float>(row.col, COL_STATE0);
-    for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
-      lars_apply_tile<kHasMaster>(sl, w_io, param_out, g_in, buf_io, h, grad_scale, lr, q, no_decay, first);
-    });
+    state_t* buf_io = column_ptr<state_t>(row.col, COL_STATE0);
+    for_each_tile<kGroupElems<scalar_t, kBf16State>>(
+        chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
+          lars_apply_tile<kSource, kBf16State>(sl, w_io, param_out, comp_io, g_in, buf_io, h, grad_scale, lr, q,
+                                               no_decay, first, rounding);
+        });
   }
 }
 
@@ -441,13 +526,15 @@ __device__ __forceinline__ BiasCorrections bias_corrections(const LambHyper& h, 
   return {bias_correction(t, h.log_beta1), bias_correction(t, h.log_beta2)};
 }
 
-template <typename S, typename scalar_t, typename weight_t>
-__device__ __forceinline__ void lamb_moments_tile(const S& s, const weight_t* w_in, const scalar_t* __restrict__ g_in,
-                                                  float* __restrict__ m_io, float* __restrict__ v_io,
-                                                  const LambHyper& h, float grad_scale, float grad_mult,
-                                                  BiasCorrections bc, float decay, double& w_sq, double& u_sq) {
+// The moments are stored (rounded, for bfloat16 state) and u is formed from the stored values.
+template <int kSource, bool kBf16State, typename S, typename scalar_t, typename weight_t, typename state_t>
+__device__ __forceinline__ void lamb_moments_tile(const S& s, const weight_t* w_in, const scalar_t* comp_in,
+                                                  const scalar_t* __restrict__ g_in, state_t* __restrict__ m_io,
+                                                  state_t* __restrict__ v_io, const LambHyper& h, float grad_scale,
+                                                  float grad_mult, BiasCorrections bc, float decay,
+                                                  const StateRounding& rounding, double& w_sq, double& u_sq) {
   Values<S> w, g, m, v;
-  load(w_in, s, w);
+  load_weights<kSource>(s, w_in, comp_in, w);
   load<true>(g_in, s, g);
   load(m_io, s, m);
   load(v_io, s, v);
@@ -457,6 +544,8 @@ __device__ __forceinline__ void lamb_moments_tile(const S& s, const weight_t* w_
     for (int j = 0; j < S::kElems; ++j) {
       if (!s.valid(k, j)) continue;
       lamb_moments(h, effective_grad(g[k][j], grad_scale, grad_mult), m[k][j], v[k][j]);
+      m[k][j] = stored_state<kBf16State>(m[k][j], rounding, rounding.base0, s, k, j);
+      v[k][j] = stored_state<kBf16State>(v[k][j], rounding, rounding.base1, s, k, j);
       const float u = lamb_update(m[k][j], v[k][j], w[k][j], bc.first, bc.second, h.eps, decay);
       w_sq += square(w[k][j]);
       u_sq += square(u);
@@ -466,13 +555,13 @@ __device__ __forceinline__ void lamb_moments_tile(const S& s, const weight_t* w_
   store(v_io, s, v);
 }
 
-template <bool kHasMaster, typename S, typename scalar_t, typename weight_t>
+template <int kSource, typename S, typename scalar_t, typename weight_t, typename state_t>
 __device__ __forceinline__ void lamb_apply_tile(const S& s, weight_t* __restrict__ w_io,
-                                                scalar_t* __restrict__ param_out, const float* m_in,
-                                                const float* v_in, const LambHyper& h, BiasCorrections bc,
-                                                float decay, float keep, float lr_q) {
+                                                scalar_t* __restrict__ param_out, scalar_t* __restrict__ comp_io,
+                                                const state_t* m_in, const state_t* v_in, const LambHyper& h,
+                                                BiasCorrections bc, float decay, float keep, float lr_q) {
   Values<S> w, m, v;
-  load(w_io, s, w);
+  load_weights<kSource>(s, w_io, comp_io, w);
   load(m_in, s, m);
   load(v_in, s, v);
 #pragma unroll
@@ -483,14 +572,14 @@ __device__ __forceinline__ void lamb_apply_tile(const S& s, weight_t* __restrict
                            lamb_update(m[k][j], v[k][j], w[k][j], bc.first, bc.second, h.eps, decay));
     }
   }
-  store(w_io, s, w);
-  if constexpr (kHasMaster) store(param_out, s, w);
+  store_weights<kSource>(s, w_io, param_out, comp_io, w);
 }
 
-template <typename scalar_t, bool kHasMaster>
+template <typename scalar_t, int kSource, bool kBf16State>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     lamb_step_kernel(DeviceTable tab, LambHyper h, DeviceScalars s) {
-  using weight_t = std::conditional_t<kHasMaster, float, scalar_t>;
+  using weight_t = std::conditional_t<kSource == kMasterWeights, float, scalar_t>;
+  using state_t = std::conditional_t<kBf16State, c10::BFloat16, float>;
   if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;  // every block leaves before any barrier
   cg::grid_group grid = cg::this_grid();
   __shared__ double scratch[2][kWarps];
@@ -502,15 +591,20 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   for (int64_t c = blockIdx.x; c < tab.num_chunks && tab.phase != PHASE_APPLY; c += gridDim.x) {
     const Row row = chunk_row(tab, c);
     const float decay = lamb_update_decay(h, layer_decay(h.weight_decay, row.col[COL_FLAGS]));
-    const BiasCorrections bc = bias_corrections(h, __ldcg(column_ptr<const float>(row.col, COL_STEP)) + 1.0f);
-    const weight_t* w_in = column_ptr<const weight_t>(row.col, kWeightCol<kHasMaster>);
+    const float t = __ldcg(column_ptr<const float>(row.col, COL_STEP)) + 1.0f;
+    const BiasCorrections bc = bias_corrections(h, t);
+    const StateRounding rounding = row_rounding(row, h.stochastic_rounding, h.seed, t);
+    const weight_t* w_in = column_ptr<const weight_t>(row.col, kWeightCol<kSource>);
+    const scalar_t* comp_in = column_ptr<const scalar_t>(row.col, COL_COMP);
     const scalar_t* g_in = column_ptr<const scalar_t>(row.col, COL_GRAD);
-    float* m_io = column_ptr<float>(row.col, COL_STATE0);
-    float* v_io = column_ptr<float>(row.col, COL_STATE1);
+    state_t* m_io = column_ptr<state_t>(row.col, COL_STATE0);
+    state_t* v_io = column_ptr<state_t>(row.col, COL_STATE1);
     double w_sq = 0.0, u_sq = 0.0;
-    for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
-      lamb_moments_tile(sl, w_in, g_in, m_io, v_io, h, grad_scale, grad_mult, bc, decay, w_sq, u_sq);
-    });
+    for_each_tile<kGroupElems<scalar_t, kBf16State>>(
+        chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
+          lamb_moments_tile<kSource, kBf16State>(sl, w_in, comp_in, g_in, m_io, v_io, h, grad_scale, grad_mult, bc,
+                                                 decay, rounding, w_sq, u_sq);
+        });
     block_sum2(w_sq, u_sq, scratch);
     if (threadIdx.x == 0) {
       tab.chunk_partials[2 * c] = w_sq;
@@ -537,13 +631,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const float layer_beta = layer_decay(h.weight_decay, row.col[COL_FLAGS]);
     const float decay = lamb_update_decay(h, layer_beta);
     const float keep = lamb_weight_keep(h, lr, layer_beta);
-    weight_t* w_io = column_ptr<weight_t>(row.col, kWeightCol<kHasMaster>);
+    weight_t* w_io = column_ptr<weight_t>(row.col, kWeightCol<kSource>);
     scalar_t* param_out = column_ptr<scalar_t>(row.col, COL_PARAM);
-    const float* m_in = column_ptr<const float>(row.col, COL_STATE0);
-    const float* v_in = column_ptr<const float>(row.col, COL_STATE1);
-    for_each_tile<scalar_t>(chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
-      lamb_apply_tile<kHasMaster>(sl, w_io, param_out, m_in, v_in, h, bc, decay, keep, lr_q);
-    });
+    scalar_t* comp_io = column_ptr<scalar_t>(row.col, COL_COMP);
+    const state_t* m_in = column_ptr<const state_t>(row.col, COL_STATE0);
+    const state_t* v_in = column_ptr<const state_t>(row.col, COL_STATE1);
+    for_each_tile<kGroupElems<scalar_t, kBf16State>>(
+        chunk_elements(row.col, c, tab.chunk_size), packable(tab, row), [&](const auto& sl) {
+          lamb_apply_tile<kSource>(sl, w_io, param_out, comp_io, m_in, v_in, h, bc, decay, keep, lr_q);
+        });
   }
 }
 
@@ -630,12 +726,13 @@ struct LaunchContext {
   at::Tensor rows;
 };
 
-template <typename scalar_t>
+template <typename scalar_t, bool kBf16State>
 DeviceTable device_table(const StepArgs& args, const at::Tensor& rows) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(rows.data_ptr()) % 16 == 0,
               "tvlars_fused: the layer table `layers` must be 16-byte aligned");
   return {rows.data_ptr<int64_t>(), args.chunk_layer.data_ptr<int32_t>(), args.num_layers, args.num_chunks,
-          args.chunk_size, args.chunk_size % kPackElems<scalar_t> == 0, args.chunk_partials, args.layer_results,
+          args.chunk_size, args.chunk_size % kGroupElems<scalar_t, kBf16State> == 0, args.chunk_partials,
+          args.layer_results,
           args.phase, args.layer_sums};
 }
 
@@ -648,19 +745,23 @@ DeviceScalars device_scalars(const StepArgs& args) {
 // The launches behind both op forms.
 void lars_run_cuda(const StepArgs& args, const LarsHyper& h) {
   const LaunchContext ctx(args);
-  dispatch_dtype(args.dtype, args.has_master, [&](auto scalar, auto has_master) {
+  dispatch_step(args, [&](auto scalar, auto source, auto bf16_state) {
     using scalar_t = decltype(scalar);
-    launch<lars_step_kernel<scalar_t, decltype(has_master)::value>>(
-        device_table<scalar_t>(args, ctx.rows), h, device_scalars(args), args.device.index(), ctx.stream.stream());
+    constexpr bool kBf16State = decltype(bf16_state)::value;
+    launch<lars_step_kernel<scalar_t, decltype(source)::value, kBf16State>>(
+        device_table<scalar_t, kBf16State>(args, ctx.rows), h, device_scalars(args), args.device.index(),
+        ctx.stream.stream());
   });
 }
 
 void lamb_run_cuda(const StepArgs& args, const LambHyper& h) {
   const LaunchContext ctx(args);
-  dispatch_dtype(args.dtype, args.has_master, [&](auto scalar, auto has_master) {
+  dispatch_step(args, [&](auto scalar, auto source, auto bf16_state) {
     using scalar_t = decltype(scalar);
-    launch<lamb_step_kernel<scalar_t, decltype(has_master)::value>>(
-        device_table<scalar_t>(args, ctx.rows), h, device_scalars(args), args.device.index(), ctx.stream.stream());
+    constexpr bool kBf16State = decltype(bf16_state)::value;
+    launch<lamb_step_kernel<scalar_t, decltype(source)::value, kBf16State>>(
+        device_table<scalar_t, kBf16State>(args, ctx.rows), h, device_scalars(args), args.device.index(),
+        ctx.stream.stream());
   });
 }
 

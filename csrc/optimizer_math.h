@@ -41,6 +41,10 @@ struct LarsHyper {
   float alpha;
   float delay;
   float gamma_min;
+  // bfloat16 state (docs/algorithms.md, section 9): stochastic rounding from the stream of `seed`, else to nearest.
+  // Float32 state ignores both.
+  bool stochastic_rounding;
+  uint32_t seed;
 };
 
 struct LambHyper {
@@ -63,6 +67,8 @@ struct LambHyper {
   bool bias_correction;
   bool decoupled_decay;  // w *= 1 - lr*beta' before the step, and no beta'*w in u
   bool adapt;  // false: no layer of the group takes a trust ratio (q = 1)
+  bool stochastic_rounding;  // as LarsHyper's
+  uint32_t seed;
 };
 
 // A computed trust ratio within [min_trust_ratio, max_trust_ratio] (each bound optional), in float64.
@@ -130,11 +136,23 @@ TVLARS_HD float lars_trust_ratio(const LarsHyper& h, double w_sq, double denom_s
 
 // u = q*d; buf = u at the layer's first step (first: t == 1), else mu*buf + (1 - dampening)*u;
 // w -= lr * (nesterov ? u + mu*buf : buf). Updates w and buf in place.
+// The two halves of lars_apply, for a step that stores the buffer between them (bfloat16 state is rounded when
+// stored, and the weight's update uses the stored buffer, docs/algorithms.md section 9):
+// the new buffer from u = q*d and the old one ...
+TVLARS_HD float lars_momentum(const LarsHyper& h, float u, bool first, float buf) {
+  return first ? u : h.momentum * buf + h.one_minus_dampening * u;
+}
+
+// ... and the new weight from u and the stored buffer.
+TVLARS_HD float lars_new_weight(const LarsHyper& h, float lr, float u, float buf, float w) {
+  const float step_dir = h.nesterov ? u + h.momentum * buf : buf;
+  return w - lr * step_dir;
+}
+
 TVLARS_HD void lars_apply(const LarsHyper& h, float lr, float q, float d, bool first, float& w, float& buf) {
   const float u = q * d;
-  buf = first ? u : h.momentum * buf + h.one_minus_dampening * u;
-  const float step_dir = h.nesterov ? u + h.momentum * buf : buf;
-  w = w - lr * step_dir;
+  buf = lars_momentum(h, u, first, buf);
+  w = lars_new_weight(h, lr, u, buf, w);
 }
 
 // ---------------------------------------------------------------- LAMB
@@ -260,6 +278,28 @@ TVLARS_HD float bf16_bits_to_float(uint16_t bits) {
 // The value a bfloat16 state element stores: stochastically rounded or nearest (`stochastic` false or no bits).
 TVLARS_HD uint16_t bf16_store_bits(float x, bool stochastic, uint32_t base, int64_t index) {
   return stochastic ? bf16_stochastic_bits(x, rounding_bits(base, index)) : bf16_nearest_bits(x);
+}
+
+// The float32 value a bfloat16 state element holds once stored (bf16_store_bits): what the step continues with.
+TVLARS_HD float bf16_stored_value(float x, bool stochastic, uint32_t base, int64_t index) {
+  return bf16_bits_to_float(bf16_store_bits(x, stochastic, base, index));
+}
+
+// How a layer's bfloat16 state is stored in one step: stochastically or to nearest, the bases of the two streams'
+// random bits (stream 0: momentum buffer or exp_avg; 1: exp_avg_sq) for the layer's new step count t, and the index
+// in the whole layer of the tensor's first element (the table's element offset). Element i of the local tensor
+// draws rounding_bits(base, offset + i).
+struct StateRounding {
+  bool stochastic;
+  uint32_t base0;
+  uint32_t base1;
+  int64_t offset;
+};
+
+TVLARS_HD StateRounding state_rounding(bool stochastic, uint32_t seed, int64_t layer_id, int64_t element_offset,
+                                       float t) {
+  return {stochastic, rounding_base(rounding_key(seed, layer_id, 0), t),
+          rounding_base(rounding_key(seed, layer_id, 1), t), element_offset};
 }
 
 // Kahan compensation of a bfloat16 weight: the step reads param + comp (exact in float32) and stores the new float32

@@ -31,6 +31,7 @@ struct TensorColumns {
   at::TensorList state1;  // empty for LARS
   at::TensorList masters;  // empty when there are no master weights
   at::TensorList steps;
+  at::TensorList comps;  // Kahan compensations of bfloat16 params; empty when there are none
 };
 
 inline void check_list(const char* op, const char* name, at::TensorList list, int64_t num_layers,
@@ -94,6 +95,8 @@ struct StepArgs {
   int64_t chunk_size;
   at::ScalarType dtype;  // of the parameters and gradients
   bool has_master;
+  at::ScalarType state_dtype;  // of the state tensors: float32, or bfloat16 (docs/algorithms.md section 9)
+  bool has_comp;               // bfloat16 params carry a Kahan compensation (COL_COMP)
   at::Device device;
   double* chunk_partials;  // workspace: [num_chunks][2] sums of squares of each chunk
   double* layer_results;   // workspace after the partials: [num_layers][2] trust ratio, new step count
@@ -115,13 +118,19 @@ inline const float* optional_ptr(const std::optional<at::Tensor>& t) {
 // `device` is where the layers are; `dtype` and `has_master` describe the parameters.
 inline StepArgs check_common(const char* op, const at::Tensor& layers, const at::Tensor& layers_host,
                              const at::Tensor& chunk_layer, const at::Tensor& workspace, at::ScalarType dtype,
-                             bool has_master, const at::Device& device, int64_t chunk_size,
+                             bool has_master, at::ScalarType state_dtype, bool has_comp, const at::Device& device,
+                             int64_t chunk_size,
                              const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                              const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                              const std::optional<at::Tensor>& layer_sums, int64_t phase) {
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
               ": params must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(!has_master || dtype != at::kFloat, op, ": master weights are for bfloat16/float16 params only");
+  TORCH_CHECK(state_dtype == at::kFloat || state_dtype == at::kBFloat16, op,
+              ": state_dtype must be float32 or bfloat16, got ", state_dtype);
+  TORCH_CHECK(!has_comp || (dtype == at::kBFloat16 && !has_master), op,
+              ": a Kahan compensation (comps) is for bfloat16 params without master weights, got ", dtype,
+              " params", has_master ? " with master weights" : "");
   TORCH_CHECK(layers_host.device().is_cpu() && layers_host.scalar_type() == at::kLong && layers_host.dim() == 2 &&
                   layers_host.size(1) == NUM_COLS && layers_host.is_contiguous(),
               op, ": layers_host must be a contiguous CPU int64 tensor of shape [num_layers, ", NUM_COLS, "]");
@@ -149,7 +158,7 @@ inline StepArgs check_common(const char* op, const at::Tensor& layers, const at:
   check_scalar(op, "clip_coef", clip_coef, device);
   double* partials = workspace.data_ptr<double>();
   return StepArgs{layers, layers_host, false, chunk_layer, workspace, num_layers, num_chunks, chunk_size, dtype,
-                  has_master, device, partials, partials + 2 * num_chunks,
+                  has_master, state_dtype, has_comp, device, partials, partials + 2 * num_chunks,
                   check_layer_sums(op, layer_sums, phase, num_layers, device), phase, optional_ptr(lr_tensor),
                   optional_ptr(grad_scale), optional_ptr(found_inf), optional_ptr(clip_coef)};
 }
@@ -159,14 +168,16 @@ inline StepArgs check_common(const char* op, const at::Tensor& layers, const at:
 // one the workspace was sized for.
 inline StepArgs check_table_step(const char* op, const at::Tensor& layers, const at::Tensor& layers_host,
                                  const at::Tensor& chunk_layer, const at::Tensor& workspace, at::ScalarType dtype,
-                                 bool has_master, bool two_states, int64_t chunk_size,
+                                 bool has_master, at::ScalarType state_dtype, bool has_comp, bool two_states,
+                                 int64_t chunk_size,
                                  const std::optional<at::Tensor>& lr_tensor,
                                  const std::optional<at::Tensor>& grad_scale,
                                  const std::optional<at::Tensor>& found_inf,
                                  const std::optional<at::Tensor>& clip_coef,
                                  const std::optional<at::Tensor>& layer_sums, int64_t phase) {
-  StepArgs args = check_common(op, layers, layers_host, chunk_layer, workspace, dtype, has_master, layers.device(),
-                               chunk_size, lr_tensor, grad_scale, found_inf, clip_coef, layer_sums, phase);
+  StepArgs args = check_common(op, layers, layers_host, chunk_layer, workspace, dtype, has_master, state_dtype, has_comp,
+                               layers.device(), chunk_size, lr_tensor, grad_scale, found_inf, clip_coef, layer_sums,
+                               phase);
   const int64_t* rows = layers_host.data_ptr<int64_t>();
   int64_t next_chunk = 0;
   for (int64_t i = 0; i < args.num_layers; ++i) {
@@ -186,6 +197,10 @@ inline StepArgs check_table_step(const char* op, const at::Tensor& layers, const
                 " has a master weight but has_master is false");
     TORCH_CHECK(!has_master || numel == 0 || row[COL_MASTER] != 0, op, ": layer ", i,
                 " has no master weight but has_master is true");
+    TORCH_CHECK(has_comp || row[COL_COMP] == 0, op, ": layer ", i,
+                " has a Kahan compensation but has_comp is false");
+    TORCH_CHECK(!has_comp || numel == 0 || row[COL_COMP] != 0, op, ": layer ", i,
+                " has no Kahan compensation but has_comp is true");
   }
   return args;
 }
@@ -199,7 +214,8 @@ inline std::optional<at::Tensor> rows_for_lists(const at::Tensor& layers_host, c
   };
   const std::pair<int, at::TensorList> columns[] = {{COL_PARAM, cols.params},   {COL_GRAD, cols.grads},
                                                     {COL_STATE0, cols.state0},  {COL_STATE1, cols.state1},
-                                                    {COL_MASTER, cols.masters}, {COL_STEP, cols.steps}};
+                                                    {COL_MASTER, cols.masters}, {COL_STEP, cols.steps},
+                                                    {COL_COMP, cols.comps}};
   bool same = true;
   for (int64_t i = 0; i < num_layers && same; ++i) {
     for (const auto& column : columns) same = same && rows[i * NUM_COLS + column.first] == ptr(column.second, i);
@@ -217,28 +233,30 @@ inline std::optional<at::Tensor> rows_for_lists(const at::Tensor& layers_host, c
 // they point at the lists' tensors, else fresh rows from the lists.
 inline StepArgs check_list_step(const char* op, const at::Tensor& layers, const at::Tensor& layers_host,
                                 const at::Tensor& chunk_layer, const TensorColumns& cols, bool two_states,
-                                const at::Tensor& workspace, int64_t chunk_size,
+                                const at::Tensor& workspace, at::ScalarType state_dtype, int64_t chunk_size,
                                 const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& grad_scale,
                                 const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                                 const std::optional<at::Tensor>& layer_sums, int64_t phase) {
   TORCH_CHECK(!cols.params.empty(), op, ": params is empty");
   const at::Device device = cols.params[0].device();
   const at::ScalarType dtype = cols.params[0].scalar_type();
-  StepArgs args = check_common(op, layers, layers_host, chunk_layer, workspace, dtype, !cols.masters.empty(), device,
-                               chunk_size, lr_tensor, grad_scale, found_inf, clip_coef, layer_sums, phase);
+  StepArgs args = check_common(op, layers, layers_host, chunk_layer, workspace, dtype, !cols.masters.empty(),
+                               state_dtype, !cols.comps.empty(), device, chunk_size, lr_tensor, grad_scale, found_inf,
+                               clip_coef, layer_sums, phase);
   const int64_t num_layers = args.num_layers;
   check_list(op, "params", cols.params, num_layers, layers_host, dtype, device);
   check_list(op, "grads", cols.grads, num_layers, layers_host, dtype, device);
-  check_list(op, "state", cols.state0, num_layers, layers_host, at::kFloat, device);
-  if (two_states) check_list(op, "exp_avg_sqs", cols.state1, num_layers, layers_host, at::kFloat, device);
+  check_list(op, "state", cols.state0, num_layers, layers_host, state_dtype, device);
+  if (two_states) check_list(op, "exp_avg_sqs", cols.state1, num_layers, layers_host, state_dtype, device);
   if (!cols.masters.empty()) check_list(op, "masters", cols.masters, num_layers, layers_host, at::kFloat, device);
+  if (!cols.comps.empty()) check_list(op, "comps", cols.comps, num_layers, layers_host, at::kBFloat16, device);
   TORCH_CHECK(static_cast<int64_t>(cols.steps.size()) == num_layers, op, ": steps has ", cols.steps.size(),
               " tensors but the layer table has ", num_layers, " layers");
   for (int64_t i = 0; i < num_layers; ++i) {
     const at::Tensor& s = cols.steps[i];
     TORCH_CHECK(s.numel() == 1 && s.scalar_type() == at::kFloat && s.device() == device, op, ": steps[", i,
                 "] must be a float32 scalar on ", device);
-    for (at::TensorList list : {cols.grads, cols.state0, cols.state1, cols.masters}) {
+    for (at::TensorList list : {cols.grads, cols.state0, cols.state1, cols.masters, cols.comps}) {
       if (!list.empty() && cols.params[i].numel() > 1) {
         TORCH_CHECK(list[i].strides() == cols.params[i].strides(), op, ": layer ", i,
                     " has tensors of different memory layouts");
@@ -253,25 +271,57 @@ inline StepArgs check_list_step(const char* op, const at::Tensor& layers, const 
   return args;
 }
 
-// Calls fn(scalar_t{}, std::integral_constant<bool, has master weights>{}) for the parameters' dtype.
+// Where a step reads its weights from and writes them to: the parameter itself; the float32 master weight (the
+// parameter receives the rounded copy); or, for bfloat16 parameters, the parameter plus its bfloat16 Kahan
+// compensation (the new weight is split between the two).
+enum WeightSource : int { kParamWeights = 0, kMasterWeights = 1, kKahanWeights = 2 };
+
+template <int kSource>
+using WeightSourceConstant = std::integral_constant<int, kSource>;
+
+// Calls fn(scalar_t{}, WeightSourceConstant<source>{}, std::bool_constant<bfloat16 state>{}) for the step's
+// parameter dtype, weight source and state dtype: 6 (dtype, source) pairs times 2 state dtypes.
 template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, bool has_master, Fn&& fn) {
-  switch (dtype) {
+void dispatch_step(const StepArgs& args, Fn&& fn) {
+  auto with_state = [&](auto scalar, auto source) {
+    if (args.state_dtype == at::kBFloat16) {
+      fn(scalar, source, std::true_type{});
+    } else {
+      fn(scalar, source, std::false_type{});
+    }
+  };
+  switch (args.dtype) {
     case at::kFloat:
-      fn(float{}, std::false_type{});
+      with_state(float{}, WeightSourceConstant<kParamWeights>{});
       break;
     case at::kBFloat16:
-      has_master ? fn(c10::BFloat16{}, std::true_type{}) : fn(c10::BFloat16{}, std::false_type{});
+      if (args.has_master) {
+        with_state(c10::BFloat16{}, WeightSourceConstant<kMasterWeights>{});
+      } else if (args.has_comp) {
+        with_state(c10::BFloat16{}, WeightSourceConstant<kKahanWeights>{});
+      } else {
+        with_state(c10::BFloat16{}, WeightSourceConstant<kParamWeights>{});
+      }
       break;
     case at::kHalf:
-      has_master ? fn(c10::Half{}, std::true_type{}) : fn(c10::Half{}, std::false_type{});
+      if (args.has_master) {
+        with_state(c10::Half{}, WeightSourceConstant<kMasterWeights>{});
+      } else {
+        with_state(c10::Half{}, WeightSourceConstant<kParamWeights>{});
+      }
       break;
     default:
-      TORCH_CHECK(false, "unsupported parameter dtype ", dtype);
+      TORCH_CHECK(false, "unsupported parameter dtype ", args.dtype);
   }
 }
 
 // The optional bounds of a computed trust ratio, checked: min <= max when both are given.
+// The seed of the stochastic-rounding stream: a uint32, passed as an int64 by the schemas.
+inline uint32_t checked_seed(const char* op, int64_t seed) {
+  TORCH_CHECK(seed >= 0 && seed <= int64_t{0xFFFFFFFF}, op, ": seed must be in [0, 2**32), got ", seed);
+  return static_cast<uint32_t>(seed);
+}
+
 inline void check_trust_ratio_bounds(const char* op, std::optional<double> min_trust_ratio,
                                      std::optional<double> max_trust_ratio) {
   TORCH_CHECK(!min_trust_ratio.has_value() || !max_trust_ratio.has_value() || *min_trust_ratio <= *max_trust_ratio,
@@ -283,9 +333,11 @@ inline LarsHyper make_lars_hyper(const char* op, double lr, double momentum, dou
                                  double eps, std::optional<double> norm_clip, bool sum_of_norms, bool nesterov,
                                  bool use_phi, double lmbda, double alpha, double delay, double gamma_min,
                                  double dampening, bool trust_clip, std::optional<double> min_trust_ratio,
-                                 std::optional<double> max_trust_ratio, bool adapt) {
+                                 std::optional<double> max_trust_ratio, bool adapt, bool stochastic, int64_t seed) {
   check_trust_ratio_bounds(op, min_trust_ratio, max_trust_ratio);
   LarsHyper h;
+  h.stochastic_rounding = stochastic;
+  h.seed = checked_seed(op, seed);
   h.lr = static_cast<float>(lr);
   h.momentum = static_cast<float>(momentum);
   h.one_minus_dampening = static_cast<float>(1.0 - dampening);
@@ -313,12 +365,14 @@ inline LarsHyper make_lars_hyper(const char* op, double lr, double momentum, dou
 inline LambHyper make_lamb_hyper(const char* op, double lr, double beta1, double beta2, double eps,
                                  double weight_decay, bool bias_correction, std::optional<double> norm_clip,
                                  bool grad_averaging, bool decoupled_decay, std::optional<double> min_trust_ratio,
-                                 std::optional<double> max_trust_ratio, bool adapt) {
+                                 std::optional<double> max_trust_ratio, bool adapt, bool stochastic, int64_t seed) {
   // beta = 0 is allowed: log(0) = -inf gives a bias correction of -expm1(-inf) = 1, as 1 - 0**t is.
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
   check_trust_ratio_bounds(op, min_trust_ratio, max_trust_ratio);
   LambHyper h;
+  h.stochastic_rounding = stochastic;
+  h.seed = checked_seed(op, seed);
   h.lr = static_cast<float>(lr);
   h.beta1 = static_cast<float>(beta1);
   h.beta2 = static_cast<float>(beta2);

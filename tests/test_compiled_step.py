@@ -127,9 +127,19 @@ def test_a_warm_compiled_step_builds_nothing_and_matches_eager(monkeypatch, cls,
     assert len(tables) == 1 and "cpp_partials" in tables[0].workspace
 
 
+def _changed_values(f, value):
+    """Values of a hyper-parameter field away from its default: bools flipped, ints (the rounding seed, in [0, 2**32))
+    at both ends of their range and beyond float32's exact integers, optional floats None and a number."""
+    if isinstance(value, bool):
+        return [not value]
+    if f.type == "int":
+        return [0, 1, 2**24 + 1, 2**31, 2**32 - 1]
+    return [0.25] if f.type == "float" else [None, 0.25]
+
+
 def test_every_hyper_parameter_crosses_the_op_schema():
     """The traced op takes the hyper-parameters as one list of floats (field order); each field, set away from its
-    default (bools flipped, None and a number both), comes back as it was."""
+    default (bools flipped, None and a number both, ints exactly and as ints), comes back as it was."""
     from dataclasses import fields
 
     from tvlars_fused._compiled_step import _decode, _encode
@@ -138,11 +148,11 @@ def test_every_hyper_parameter_crosses_the_op_schema():
         for f in fields(cls):
             if f.name in ("lr", "clip_coef"):
                 continue
-            value = getattr(base, f.name)
-            for changed in ([not value] if isinstance(value, bool) else [None, 0.25] if f.type != "float" else [0.25]):
+            for changed in _changed_values(f, getattr(base, f.name)):
                 hp = cls(**{**base.__dict__, f.name: changed})
-                assert _decode(cls, _encode(hp), hp.lr, None, **({"clip_coef": None} if cls is LambHyper else {})) \
-                    == hp, f.name
+                decoded = _decode(cls, _encode(hp), hp.lr, None, **({"clip_coef": None} if cls is LambHyper else {}))
+                assert decoded == hp, f.name
+                assert type(getattr(decoded, f.name)) is type(changed), f.name
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in ("tvlars-dampening-bounds-split", "lamb-variants")],

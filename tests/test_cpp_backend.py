@@ -194,21 +194,28 @@ def op_args(bucket, lamb, lists=None, hp=None):
     covered, table, _ = prepare(bucket, _cpp_backend.CHUNK)
     lists = lists or covered
     head = [table.layers, table.layers_host, table.chunk_layer, lists.params, lists.grads, *lists.states,
-            lists.masters or [], lists.steps, _cpp_backend._workspace(table), None, None, None]
-    return head + hyper_args(lamb, hp)
+            lists.masters or [], lists.comps or [], lists.steps, _cpp_backend._workspace(table), None, None, None]
+    return head + hyper_args(lamb, hp) + [covered.state_dtype, *rounding_args(lamb, hp)]
 
 
 def hyper_args(lamb, hp=None):
-    """The ops' trailing arguments, the same in both forms: LAMB's clip_coef (None) and the hyper-parameters from
-    ``hp`` (default: LAMB_HP or TVLARS_HP), then the chunk size."""
+    """The ops' hyper-parameter arguments, the same in both forms: LAMB's clip_coef (None) and the hyper-parameters
+    from ``hp`` (default: LAMB_HP or TVLARS_HP) up to ``adapt``."""
     if lamb:
         h = hp or LAMB_HP
         return [None, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.bias_correction, h.norm_clip,
-                h.grad_averaging, h.decoupled_decay, h.min_trust_ratio, h.max_trust_ratio, h.adapt, _cpp_backend.CHUNK]
+                h.grad_averaging, h.decoupled_decay, h.min_trust_ratio, h.max_trust_ratio, h.adapt]
     h = hp or TVLARS_HP
     return [h.lr, h.momentum, h.weight_decay, h.eta, h.eps, h.norm_clip, h.sum_of_norms, h.nesterov, h.use_phi,
             h.lmbda, h.alpha, h.delay, h.gamma_min, h.dampening, h.trust_clip, h.min_trust_ratio, h.max_trust_ratio,
-            h.adapt, _cpp_backend.CHUNK]
+            h.adapt]
+
+
+def rounding_args(lamb, hp=None):
+    """The ops' last arguments, the same in both forms: stochastic rounding and its seed (for bfloat16 state), then
+    the chunk size (the list form takes the state's dtype before them)."""
+    h = hp or (LAMB_HP if lamb else TVLARS_HP)
+    return [h.stochastic_rounding, h.seed, _cpp_backend.CHUNK]
 
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["lars_step", "lamb_step"])
@@ -233,11 +240,14 @@ def test_op_writes_the_tensors_it_is_given(lamb):
 
 
 @pytest.mark.parametrize("position, value, message", [
-    (11, torch.tensor([1.0, 2.0]), "found_inf must have one element"),
-    (10, torch.tensor(2.0, dtype=torch.float64), "grad_scale must be float32"),
-    (9, torch.zeros(1, dtype=torch.int32), "lr_tensor must be float32"),
-    (8, torch.zeros(3), "workspace must be"),
+    (12, torch.tensor([1.0, 2.0]), "found_inf must have one element"),
+    (11, torch.tensor(2.0, dtype=torch.float64), "grad_scale must be float32"),
+    (10, torch.zeros(1, dtype=torch.int32), "lr_tensor must be float32"),
+    (9, torch.zeros(3), "workspace must be"),
     (-1, 6, "chunk_size must be a positive multiple of 4"),
+    (-2, 2**32, r"lars_step: seed must be in \[0, 2\*\*32\), got 4294967296"),
+    (-2, -1, r"lars_step: seed must be in \[0, 2\*\*32\), got -1"),
+    (-4, torch.float16, "lars_step: state_dtype must be float32 or bfloat16, got Half"),
 ])
 def test_bad_arguments_name_the_parameter(position, value, message):
     bucket = make_bucket(SHAPES)
@@ -416,7 +426,7 @@ def test_split_step_with_found_inf_writes_nothing_but_still_reduces(lamb):
     assert_step_wrote_everything(bucket, before)
     bucket = clone_bucket(before)
     args = op_args(bucket, lamb)
-    args[12 if lamb else 11] = torch.tensor(1.0)  # found_inf (after LAMB's two state lists)
+    args[13 if lamb else 12] = torch.tensor(1.0)  # found_inf (after LAMB's two state lists)
     sums = torch.full((len(SHAPES), 2), 7.0, dtype=torch.float64)
     op = torch.ops.tvlars_fused.lamb_step if lamb else torch.ops.tvlars_fused.lars_step
     op(*args, sums, _cpp_backend.PHASE_SUMS)
@@ -471,8 +481,8 @@ def table_args(bucket, lamb, hp=None):
     """The table-form op's arguments for the bucket (the hyper-parameters as in op_args)."""
     covered, table, _ = prepare(bucket, _cpp_backend.CHUNK)
     head = [table.layers, table.layers_host, table.chunk_layer, _cpp_backend._workspace(table), covered.dtype,
-            covered.masters is not None, None, None, None]
-    return head + hyper_args(lamb, hp)
+            covered.masters is not None, covered.state_dtype, covered.comps is not None, None, None, None]
+    return head + hyper_args(lamb, hp) + rounding_args(lamb, hp)
 
 
 def ops_of(lamb):
@@ -517,10 +527,10 @@ def test_table_form_found_inf_writes_nothing(lamb):
     bucket = make_bucket(SHAPES, lamb=lamb)
     before = clone_bucket(bucket)
     args = table_args(bucket, lamb)
-    args[7], args[8] = torch.tensor(4.0), torch.tensor(1.0)  # grad_scale, found_inf
+    args[9], args[10] = torch.tensor(4.0), torch.tensor(1.0)  # grad_scale, found_inf
     ops_of(lamb)[1](*args)
     assert_buckets_equal(bucket, before)
-    args[8] = torch.tensor(0.0)
+    args[10] = torch.tensor(0.0)
     ops_of(lamb)[1](*args)
     assert_step_wrote_everything(bucket, before)
 
@@ -545,15 +555,19 @@ def table_without_addresses(bucket):
     (lambda b: table_bad(b, 5, True), "lars_step_table: master weights are for bfloat16/float16 params only"),
     (lambda b: table_bad(b, 1, table_args(b, False)[1].int()), "lars_step_table: layers_host must be a contiguous"),
     (lambda b: table_bad(b, 2, table_args(b, False)[2][:-1]), "lars_step_table: chunk_layer has"),
-    (lambda b: table_bad(b, 8, torch.tensor([1.0, 0.0])), "lars_step_table: found_inf must have one element"),
-    (lambda b: table_bad(b, 6, torch.zeros((), dtype=torch.float64)), "lars_step_table: lr_tensor must be float32"),
+    (lambda b: table_bad(b, 10, torch.tensor([1.0, 0.0])), "lars_step_table: found_inf must have one element"),
+    (lambda b: table_bad(b, 8, torch.zeros((), dtype=torch.float64)), "lars_step_table: lr_tensor must be float32"),
+    (lambda b: table_bad(b, 6, torch.float64), "lars_step_table: state_dtype must be float32 or bfloat16"),
+    (lambda b: table_bad(b, 7, True), "lars_step_table: a Kahan compensation .comps. is for bfloat16 params without "
+     "master weights, got Float params"),
+    (lambda b: table_bad(b, -2, 2**32), r"lars_step_table: seed must be in \[0, 2\*\*32\)"),
     (lambda b: table_bad(b, -1, 6), "lars_step_table: chunk_size must be a positive multiple of 4"),
     (lambda b: table_bad(b, -1, 8), r"lars_step_table: layer 0's row does not describe chunks of 8 elements"),
     (lambda b: [table_without_addresses(b).layers] * 2 + table_args(b, False)[2:],
      "lars_step_table: layer 0 has no tensor addresses in the table"),
     (lambda b: table_args(b, False) + [torch.zeros(10, 2), 1], r"lars_step_table: phase 1 needs layer_sums, a "
      r"contiguous float64 tensor of shape \[10, 2\]"),
-    (lambda b: table_args(b, False)[:-4] + [2.0, 1.0, True, _cpp_backend.CHUNK],
+    (lambda b: table_args(b, False)[:-6] + [2.0, 1.0, True, True, 0, _cpp_backend.CHUNK],
      r"lars_step_table: min_trust_ratio \(2\) must not exceed max_trust_ratio \(1\)"),
 ])
 def test_table_form_bad_arguments_name_the_parameter(change, message):

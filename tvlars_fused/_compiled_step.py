@@ -48,14 +48,16 @@ _owners: weakref.WeakValueDictionary[int, Owner] = weakref.WeakValueDictionary()
 _HAND_MADE = Owner(keep_alive=None)  # buckets made by hand (the functional API): kept for the process's life
 
 
-def _runtime_bucket(owner: int, key: str, params, grads, states, steps, no_decay, no_adapt, masters) -> Bucket:
+def _runtime_bucket(owner: int, key: str, params, grads, states, steps, no_decay, no_adapt, masters, comps,
+                    layer_ids, element_offsets) -> Bucket:
     lender = _owners.get(owner)
     if lender is None:
         raise RuntimeError("tvlars_fused: this compiled step belongs to an optimizer that no longer exists")
     return Bucket(params=params, grads=grads, states=states, steps=steps,
                   excluded=[a and b for a, b in zip(no_decay, no_adapt)], no_decay=list(no_decay),
-                  no_adapt=list(no_adapt), masters=masters or None, cache=lender.caches.setdefault(key, {}),
-                  keep_alive=lender.keep_alive)
+                  no_adapt=list(no_adapt), masters=masters or None, comps=comps or None,
+                  layer_ids=list(layer_ids), element_offsets=list(element_offsets),
+                  cache=lender.caches.setdefault(key, {}), keep_alive=lender.keep_alive)
 
 
 def _backend(bucket: Bucket) -> str:
@@ -63,7 +65,8 @@ def _backend(bucket: Bucket) -> str:
 
 
 # The hyper-parameters cross the op's schema as one list of floats, in the dataclass's field order (bools as 0/1, None
-# as NaN: a hyper-parameter is never NaN, the optimizer refuses it), so a new option needs no new op argument.
+# as NaN: a hyper-parameter is never NaN, the optimizer refuses it), so a new option needs no new op argument. Ints
+# (the stochastic-rounding seed, below 2**32) are exact in a float64 and come back as ints.
 _TENSOR_FIELDS = ("lr", "clip_coef")
 
 
@@ -82,30 +85,35 @@ def _decode(cls, values: list[float], lr: float, lr_tensor: Tensor | None, **ten
     for f, value in zip(names, values, strict=True):
         if f.type == "bool":
             kwargs[f.name] = bool(value)
+        elif f.type == "int":
+            kwargs[f.name] = int(value)
         else:
             kwargs[f.name] = None if math.isnan(value) else value
     return cls(**kwargs)
 
 
 @torch.library.custom_op("tvlars_fused::bucket_lars_step", mutates_args=("params", "momentum_buffers", "masters",
-                                                                          "steps"))
+                                                                          "comps", "steps"))
 def _bucket_lars_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
-                      masters: list[Tensor], steps: list[Tensor], no_decay: list[bool], no_adapt: list[bool],
-                      lr: float, lr_tensor: Optional[Tensor], grad_scale: Optional[Tensor],
-                      found_inf: Optional[Tensor], hyper: list[float], owner: int, key: str) -> None:
-    bucket = _runtime_bucket(owner, key, params, grads, [momentum_buffers], steps, no_decay, no_adapt, masters)
+                      masters: list[Tensor], comps: list[Tensor], steps: list[Tensor], no_decay: list[bool],
+                      no_adapt: list[bool], layer_ids: list[int], element_offsets: list[int], lr: float,
+                      lr_tensor: Optional[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                      hyper: list[float], owner: int, key: str) -> None:
+    bucket = _runtime_bucket(owner, key, params, grads, [momentum_buffers], steps, no_decay, no_adapt, masters, comps,
+                             layer_ids, element_offsets)
     hp = _decode(LarsHyper, hyper, lr, lr_tensor)
     _backends.module(_backend(bucket)).lars_step(bucket, hp, grad_scale, found_inf)
 
 
 @torch.library.custom_op("tvlars_fused::bucket_lamb_step", mutates_args=("params", "exp_avgs", "exp_avg_sqs",
-                                                                          "masters", "steps"))
+                                                                          "masters", "comps", "steps"))
 def _bucket_lamb_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                      masters: list[Tensor], steps: list[Tensor], no_decay: list[bool], no_adapt: list[bool],
-                      lr: float, lr_tensor: Optional[Tensor], grad_scale: Optional[Tensor],
-                      found_inf: Optional[Tensor], clip_coef: Optional[Tensor], hyper: list[float], owner: int,
-                      key: str) -> None:
-    bucket = _runtime_bucket(owner, key, params, grads, [exp_avgs, exp_avg_sqs], steps, no_decay, no_adapt, masters)
+                      masters: list[Tensor], comps: list[Tensor], steps: list[Tensor], no_decay: list[bool],
+                      no_adapt: list[bool], layer_ids: list[int], element_offsets: list[int], lr: float,
+                      lr_tensor: Optional[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                      clip_coef: Optional[Tensor], hyper: list[float], owner: int, key: str) -> None:
+    bucket = _runtime_bucket(owner, key, params, grads, [exp_avgs, exp_avg_sqs], steps, no_decay, no_adapt, masters,
+                             comps, layer_ids, element_offsets)
     hp = _decode(LambHyper, hyper, lr, lr_tensor, clip_coef=clip_coef)
     _backends.module(_backend(bucket)).lamb_step(bucket, hp, grad_scale, found_inf)
 
@@ -139,8 +147,9 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None, found_in
         return
     lr, lr_tensor = _lr(hp.lr)
     torch.ops.tvlars_fused.bucket_lars_step(
-        bucket.params, bucket.grads, bucket.states[0], bucket.masters or [], bucket.steps, bucket.no_decay,
-        bucket.no_adapt, lr, lr_tensor, grad_scale, found_inf, _encode(hp), *_owner_and_key(bucket))
+        bucket.params, bucket.grads, bucket.states[0], bucket.masters or [], bucket.comps or [], bucket.steps,
+        bucket.no_decay, bucket.no_adapt, bucket.layer_ids, bucket.element_offsets, lr, lr_tensor, grad_scale,
+        found_inf, _encode(hp), *_owner_and_key(bucket))
 
 
 def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
@@ -151,5 +160,6 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None, found_in
     lr, lr_tensor = _lr(hp.lr)
     exp_avgs, exp_avg_sqs = bucket.states
     torch.ops.tvlars_fused.bucket_lamb_step(
-        bucket.params, bucket.grads, exp_avgs, exp_avg_sqs, bucket.masters or [], bucket.steps, bucket.no_decay,
-        bucket.no_adapt, lr, lr_tensor, grad_scale, found_inf, hp.clip_coef, _encode(hp), *_owner_and_key(bucket))
+        bucket.params, bucket.grads, exp_avgs, exp_avg_sqs, bucket.masters or [], bucket.comps or [], bucket.steps,
+        bucket.no_decay, bucket.no_adapt, bucket.layer_ids, bucket.element_offsets, lr, lr_tensor, grad_scale,
+        found_inf, hp.clip_coef, _encode(hp), *_owner_and_key(bucket))

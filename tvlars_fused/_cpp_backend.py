@@ -67,6 +67,10 @@ def _chunk_size(bucket: Bucket) -> int:
 # The ops' `phase` argument (StepPhase in csrc/step_inputs.h); the ordinary step leaves it at PHASE_FULL.
 PHASE_FULL, PHASE_SUMS, PHASE_APPLY = 0, 1, 2
 supports_sharded = True  # _optimizer._plan gives this backend sharded buckets (else they go to foreach)
+# bfloat16 state and Kahan-compensated bfloat16 weights (docs/algorithms.md, section 9) are stepped by the ops (the
+# state's dtype and the compensation are op arguments, the seed too; each layer's number and element offset are table
+# columns), not sent to foreach by the optimizer.
+supports_bf16_storage = True
 
 
 def _workspace(table: LayerTable) -> Tensor:
@@ -147,6 +151,12 @@ def _device_scalar(value: Tensor | None, name: str, device: torch.device) -> Ten
     return value.to(device=device, dtype=torch.float32).reshape(())
 
 
+def _storage(bucket: Bucket) -> tuple:
+    """The table ops' storage arguments: the parameters' dtype, whether they have float32 master weights, the state's
+    dtype (float32 or bfloat16) and whether they carry a Kahan compensation."""
+    return bucket.dtype, bucket.masters is not None, bucket.state_dtype, bucket.comps is not None
+
+
 def _lr(lr: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
     if isinstance(lr, Tensor):
         return 0.0, _device_scalar(lr, "lr", device)
@@ -174,9 +184,9 @@ def lars_step(bucket: Bucket, hp: LarsHyper, grad_scale: Tensor | None = None,
                _device_scalar(found_inf, "found_inf", device)]
     tail = [lr, hp.momentum, hp.weight_decay, hp.eta, hp.eps, hp.norm_clip, hp.sum_of_norms, hp.nesterov,
             hp.use_phi, hp.lmbda, hp.alpha, hp.delay, hp.gamma_min, hp.dampening, hp.trust_clip, hp.min_trust_ratio,
-            hp.max_trust_ratio, hp.adapt, chunk]
-    _launch_or_fall_back(lambda: _run(_ops.lars_step_table, covered, table, *head, _workspace(table), covered.dtype,
-                                      covered.masters is not None, *scalars, *tail),
+            hp.max_trust_ratio, hp.adapt, hp.stochastic_rounding, hp.seed, chunk]
+    _launch_or_fall_back(lambda: _run(_ops.lars_step_table, covered, table, *head, _workspace(table),
+                                      *_storage(covered), *scalars, *tail),
                          covered, "lars_step", hp, grad_scale, found_inf)
 
 
@@ -200,7 +210,8 @@ def lamb_step(bucket: Bucket, hp: LambHyper, grad_scale: Tensor | None = None,
     scalars = [lr_tensor, _device_scalar(grad_scale, "grad_scale", device),
                _device_scalar(found_inf, "found_inf", device), _device_scalar(hp.clip_coef, "clip_coef", device)]
     tail = [lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, hp.bias_correction, hp.norm_clip, hp.grad_averaging,
-            hp.decoupled_decay, hp.min_trust_ratio, hp.max_trust_ratio, hp.adapt, chunk]
-    _launch_or_fall_back(lambda: _run(_ops.lamb_step_table, covered, table, *head, _workspace(table), covered.dtype,
-                                      covered.masters is not None, *scalars, *tail),
+            hp.decoupled_decay, hp.min_trust_ratio, hp.max_trust_ratio, hp.adapt, hp.stochastic_rounding, hp.seed,
+            chunk]
+    _launch_or_fall_back(lambda: _run(_ops.lamb_step_table, covered, table, *head, _workspace(table),
+                                      *_storage(covered), *scalars, *tail),
                          covered, "lamb_step", hp, grad_scale, found_inf)
