@@ -234,8 +234,12 @@ def test_fsdp2_sharded_run_matches_single_process(backend):
     _spawn(_fsdp_check, list(OPTIMIZERS), backend, 4)
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton"])
 def test_fsdp2_bf16_state_draws_the_unsharded_bits(backend):
+    if backend == "triton":
+        from cases import backend_or_skip
+
+        backend_or_skip(backend)
     _spawn(_fsdp_bf16_state_check, list(OPTIMIZERS), backend, 3)
 
 
