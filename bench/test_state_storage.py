@@ -127,6 +127,10 @@ def test_stepped_by_names_the_backend_that_steps_the_buckets():
     params = harness.make_params(all_sets()["tiny"], torch.float32, torch.device("cpu"))
     assert harness.stepped_by(harness.contenders()["reference"].build("lamb", params)) == "reference"
     assert harness.stepped_by(harness.contenders()["sgd-fused"].build("lars", params)) is None  # torch's
+    cpp = harness.contenders()["cpp"]
+    if cpp.why_not("lars", torch.device("cpu")) is None:  # the cpp kernels step bfloat16 state themselves
+        for storage in (BF16, BF16_NEAREST):
+            assert harness.stepped_by(harness.with_storage(cpp, storage).build("lamb", params)) == "cpp"
 
 
 def _record(contender, round_ms, backend=None, kind="ours", **storage):
