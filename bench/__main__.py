@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = harness.environment(args.device)
     meta.update(dtypes=args.dtype, grads=args.grads, steps=args.steps, warmup=args.warmup,
-                argv=sys.argv[1:] if argv is None else argv)
+                argv=sys.argv[1:] if argv is None else argv,
+                load_average_at_start=os.getloadavg()[0])  # other work on a shared machine slows every contender
     if args.storages != [harness.FLOAT32_STATE]:
         meta.update(state_dtypes=args.state_dtypes, rounding=args.rounding, kahan=args.kahan,
                     rounding_seed=harness.STORAGE_SEED)
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         on_case=lambda partial: report.write_json(json_path, partial, {**meta, "partial": True}),
     )
     run = harness.run(config)
+    meta["load_average_at_end"] = os.getloadavg()[0]
     report.write_json(json_path, run, meta)
     (args.out / "summary.md").write_text(report.markdown(run, meta))
     print(report.text_table(run))

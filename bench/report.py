@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from . import byte_model
@@ -168,7 +169,10 @@ def markdown(run: dict, meta: dict) -> str:
            f"- git commit: {meta['git_commit']}",
            f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}",
            f"- dtype(s): {', '.join(meta['dtypes'])}; gradients: {', '.join(meta['grads'])}; "
-           f"{meta['warmup']} warm-up + {meta['steps']} timed steps; {meta['cpu_threads']} CPU threads",
+           f"{meta['warmup']} warm-up + {meta['steps']} timed steps; {meta['cpu_threads']} CPU threads"
+           + (f"; 1-minute load average {meta['load_average_at_start']:.2f} at the start, "
+              f"{meta['load_average_at_end']:.2f} at the end ({os.cpu_count()} logical cores)"
+              if "load_average_at_end" in meta else ""),
            f"- yardstick: {run['yardstick']['description']}, timed in every round; byte model: bench/byte_model.py",
            f"- {LEGEND}",
            "- backends: " + ", ".join(f"{k}: {'yes' if v is None else v}" for k, v in meta["backends"].items())]
