@@ -503,10 +503,11 @@ def _short_state(state_dtype: str, rounding: str) -> str:
 
 
 def compare(folders: list[str], out: Path) -> int:
-    """One Markdown table of the final test accuracy (mean ± sample standard deviation over seeds) of each
-    (batch size, optimizer setting) in finished runs' folders, one column per folder, then each other folder's
-    difference from the first, paired by seed (a seed fixes the initial weights and the batch order, so the pair
-    differs only by what the folders differ in): the mean of the per-seed differences ± its standard error."""
+    """Markdown tables of finished runs' folders side by side, one column per folder, one row per (batch size,
+    optimizer setting): the final test accuracy and the last epoch's training loss (mean ± sample standard
+    deviation over seeds), then each other folder's difference from the first, paired by seed (a seed fixes the
+    initial weights and the batch order, so the pair differs only by what the folders differ in): the mean of the
+    per-seed differences ± its standard error (for the loss: of the per-seed ratios)."""
     loaded = []
     for folder in folders:
         path = Path(folder) / "results.json"
@@ -514,38 +515,56 @@ def compare(folders: list[str], out: Path) -> int:
             print(f"error: --compare: {path} not found (a folder written by this script)", file=sys.stderr)
             return 2
         loaded.append(json.loads(path.read_text()))
-    names = [_short_state(d["meta"].get("state_dtype", "float32"), d["meta"].get("rounding", "stochastic"))
-             for d in loaded]
-    accs: list[dict[tuple, dict[int, float]]] = []  # (batch, label) -> {seed: final accuracy}
-    for d in loaded:
-        table: dict[tuple, dict[int, float]] = {}
-        for r in d["runs"]:
-            table.setdefault((r["batch_size"], r["label"]), {})[r["seed"]] = r["final_acc"]
-        accs.append(table)
-    keys = list(dict.fromkeys(k for table in accs for k in table))
-    header = ["batch", "optimizer", *(f"{n} ({f})" for n, f in zip(names, folders))]
-    header += [f"{n} - {names[0]}" for n in names[1:]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key in keys:
-        cells = [str(key[0]), key[1]]
-        cells += [_mean_spread(list(t[key].values())) + f" (n={len(t[key])})" if key in t else "n/a" for t in accs]
-        first = accs[0].get(key, {})
-        for t in accs[1:]:
-            other = t.get(key, {})
-            diffs = [other[seed] - first[seed] for seed in first if seed in other]
-            if len(diffs) < 2:
-                cells.append("n/a")
-                continue
-            se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-            cells.append(f"{statistics.fmean(diffs):+.1f} ± {se:.1f} (n={len(diffs)})")
-        lines.append("| " + " | ".join(cells) + " |")
+    names = [Path(folder).name or folder for folder in folders]  # the columns: the folders' own names
+    if len(set(names)) < len(names):
+        names = [str(folder) for folder in folders]
+    described = [f"- `{n}`: {folder}, {_short_state(d['meta'].get('state_dtype', 'float32'), d['meta'].get('rounding', 'stochastic'))}"
+                 f" state, backend {d['meta'].get('backend', '?')} "
+                 f"(stepped by: {', '.join(d['meta'].get('stepped_by', [])) or 'n/a'}), "
+                 f"commit {d['meta'].get('git_commit', '?')}" for n, folder, d in zip(names, folders, loaded)]
+    accuracy = _compare_table(loaded, names, lambda r: r["final_acc"], "{:.1f}", lambda a, b: b - a, "{:+.1f}",
+                              "{:.1f}")
+    loss = _compare_table(loaded, names, lambda r: r["train_loss"][-1], "{:.2g}", lambda a, b: b / a, "x{:.2f}",
+                          "{:.2f}")
     text = ("Final test accuracy %, mean ± sample standard deviation over seeds (n runs); the difference columns: "
             "the mean of the per-seed differences (same seed: same initial weights and batch order) ± its standard "
-            "error, over the n seeds both folders ran.\n\n" + "\n".join(lines) + "\n")
+            "error, over the n seeds both folders ran.\n\n" + "\n".join(described) + "\n\n" + accuracy
+            + "\n\nTraining loss of the last epoch (mean over its steps), mean ± sample standard deviation over seeds; "
+            "the ratio columns: the mean of the per-seed ratios ± its standard error.\n\n" + loss + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(text)
     print(text)
     return 0
+
+
+def _compare_table(loaded: list[dict], names: list[str], value, fmt: str, paired, paired_fmt: str,
+                   se_fmt: str) -> str:
+    """One table of ``value(run)`` per folder (mean ± sd) and ``paired(first, other)`` per seed (mean ± se)."""
+    tables: list[dict[tuple, dict[int, float]]] = []  # (batch, label) -> {seed: value}
+    for d in loaded:
+        table: dict[tuple, dict[int, float]] = {}
+        for r in d["runs"]:
+            table.setdefault((r["batch_size"], r["label"]), {})[r["seed"]] = value(r)
+        tables.append(table)
+    header = ["batch", "optimizer", *names, *(f"{n} vs {names[0]}" for n in names[1:])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key in dict.fromkeys(k for table in tables for k in table):
+        cells = [str(key[0]), key[1]]
+        for t in tables:
+            values = list(t.get(key, {}).values())
+            spread = f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
+            cells.append(f"{fmt.format(statistics.fmean(values))}{spread} (n={len(values)})" if values else "n/a")
+        first = tables[0].get(key, {})
+        for t in tables[1:]:
+            other = t.get(key, {})
+            pairs = [paired(first[seed], other[seed]) for seed in first if seed in other]
+            if len(pairs) < 2:
+                cells.append("n/a")
+                continue
+            se = statistics.stdev(pairs) / math.sqrt(len(pairs))
+            cells.append(f"{paired_fmt.format(statistics.fmean(pairs))} ± {se_fmt.format(se)} (n={len(pairs)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _git_state() -> tuple[str, list[str]]:

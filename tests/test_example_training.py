@@ -272,7 +272,8 @@ def test_state_flags_on_the_command_line(tmp_path):
 
 def test_compare_tables_final_accuracies_and_their_difference(tmp_path, capsys):
     def write(folder, state_dtype, accs):
-        runs = [dict(batch_size=128, label="LARS warm-up", seed=seed, final_acc=a) for seed, a in enumerate(accs)]
+        runs = [dict(batch_size=128, label="LARS warm-up", seed=seed, final_acc=a, train_loss=[1.0, a / 1000])
+                for seed, a in enumerate(accs)]
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "results.json").write_text(json.dumps(
             {"meta": {"state_dtype": state_dtype, "rounding": "stochastic"}, "runs": runs}))
@@ -280,7 +281,11 @@ def test_compare_tables_final_accuracies_and_their_difference(tmp_path, capsys):
     write("a", "float32", [90.0, 92.0, 94.0])   # mean 92, sd 2
     write("b", "bfloat16", [95.0, 95.0, 98.0])  # mean 96, sd sqrt(3); per seed +5, +3, +4: sd 1, se 1/sqrt(3)
     assert lb.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
-    row = (tmp_path / "c" / "compare.md").read_text().splitlines()[-1]
-    assert row == "| 128 | LARS warm-up | 92.0 ± 2.0 (n=3) | 96.0 ± 1.7 (n=3) | +4.0 ± 0.6 (n=3) |", row
+    lines = (tmp_path / "c" / "compare.md").read_text().splitlines()
+    assert "| batch | optimizer | a | b | b vs a |" in lines
+    assert "| 128 | LARS warm-up | 92.0 ± 2.0 (n=3) | 96.0 ± 1.7 (n=3) | +4.0 ± 0.6 (n=3) |" in lines
+    # losses 0.090, 0.092, 0.094 against 0.095, 0.095, 0.098: ratios 1.0556, 1.0326, 1.0426
+    assert lines[-1] == "| 128 | LARS warm-up | 0.092 ± 0.002 (n=3) | 0.096 ± 0.0017 (n=3) | x1.04 ± 0.01 (n=3) |", \
+        lines[-1]
     assert lb.main(["--compare", str(tmp_path / "missing"), "--out", str(tmp_path / "c")]) == 2
     assert "results.json not found" in capsys.readouterr().err
