@@ -20,28 +20,36 @@ LAMB_HP = LambHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01
                     norm_clip=10.0)
 
 
-def _fake_cuda_bucket(lamb, masters):
-    """A bucket of fake CUDA tensors, as dynamo hands the backend while tracing a step of CUDA parameters."""
-    bucket = make_bucket(SMALL_SHAPES, lamb=lamb, dtype=torch.bfloat16 if masters else torch.float32,
+def _fake_cuda_bucket(lamb, masters, kahan=False):
+    """A bucket of fake CUDA tensors, as dynamo hands the backend while tracing a step of CUDA parameters; ``kahan``:
+    bfloat16 parameters with bfloat16 state and Kahan compensations."""
+    bucket = make_bucket(SMALL_SHAPES, lamb=lamb, dtype=torch.bfloat16 if masters or kahan else torch.float32,
                          masters=masters, device="cpu")
+    if kahan:
+        bucket.states = [[t.to(torch.bfloat16) for t in s] for s in bucket.states]
+        bucket.comps = [torch.zeros_like(p) for p in bucket.params]
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     to_cuda = lambda ts: [fake.from_tensor(t).to("cuda") for t in ts]  # noqa: E731
     with fake:
         bucket.params, bucket.grads, bucket.steps = to_cuda(bucket.params), to_cuda(bucket.grads), to_cuda(bucket.steps)
         bucket.states = [to_cuda(s) for s in bucket.states]
         bucket.masters = to_cuda(bucket.masters) if masters else None
+        bucket.comps = to_cuda(bucket.comps) if kahan else None
     return bucket, fake
 
 
-@pytest.mark.parametrize("masters", [False, True], ids=["float32", "bf16-masters"])
+@pytest.mark.parametrize("masters, kahan", [(False, False), (True, False), (False, True)],
+                         ids=["float32", "bf16-masters", "bf16-state-kahan"])
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
-def test_a_traced_cuda_step_is_one_op_and_builds_no_table(monkeypatch, lamb, masters):
+def test_a_traced_cuda_step_is_one_op_and_builds_no_table(monkeypatch, lamb, masters, kahan):
     """The GPU branch of the cuda backend while tracing, driven on the CPU: it used to build a table in the trace and
-    pin its rows (``NYI: aten._pin_memory.default`` under fake tensors), crashing every compiled CUDA step."""
+    pin its rows (``NYI: aten._pin_memory.default`` under fake tensors), crashing every compiled CUDA step. The one op
+    carries the compensations (declared mutated) and the layers' numbers in the rounding stream."""
     backend_or_skip("cpp")
     from tvlars_fused import _cpp_backend as backend
 
-    bucket, fake = _fake_cuda_bucket(lamb, masters)
+    bucket, fake = _fake_cuda_bucket(lamb, masters, kahan)
+    bucket.layer_ids = [10 + i for i in range(len(bucket.params))]
     built = []
     monkeypatch.setattr(_layer_table, "_build", lambda *a, **k: built.append(a))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
@@ -50,6 +58,11 @@ def test_a_traced_cuda_step_is_one_op_and_builds_no_table(monkeypatch, lamb, mas
     class Calls(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             calls.append(str(func.overloadpacket))
+            if "bucket_" in calls[-1]:
+                given = dict(zip((a.name for a in func._schema.arguments), args))
+                assert len(given["comps"]) == (len(bucket.params) if kahan else 0)
+                assert all(c is b for c, b in zip(given["comps"], bucket.comps or []))
+                assert given["layer_ids"] == bucket.layer_ids
             return func(*args, **(kwargs or {}))
 
     with fake:
@@ -171,3 +184,26 @@ def test_a_compiled_step_keeps_the_variants(case):
         eager.step()
     for p, q in zip(compiled_params, eager_params):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls, kwargs", [(TVLARS, dict(lr=0.5)), (LAMB, dict(lr=1e-2))], ids=["tvlars", "lamb"])
+def test_a_compiled_step_with_bf16_state_and_kahan_is_the_eager_step(cls, kwargs):
+    """bfloat16 state (stochastic rounding) and Kahan-compensated bfloat16 weights under torch.compile: the op carries
+    the compensations, the seed (at the top of its range) and each layer's number in the optimizer (a second param
+    group's layers are not numbered from 0), so the compiled step stores what the eager one does, bit for bit."""
+    backend_or_skip("cpp")
+    options = dict(state_dtype=torch.bfloat16, kahan=True, seed=2**32 - 1)
+    compiled_params, eager_params = make_params(SMALL_SHAPES, torch.bfloat16), make_params(SMALL_SHAPES, torch.bfloat16)
+    split = lambda ps: [dict(params=ps[:3]), dict(params=ps[3:])]  # noqa: E731
+    opt = cls(split(compiled_params), backend="cpp", **kwargs, **options)
+    eager = cls(split(eager_params), backend="cpp", **kwargs, **options)
+    step = torch.compile(opt.step)
+    for i in range(3):
+        set_grads(compiled_params, i), set_grads(eager_params, i)
+        step()
+        eager.step()
+    for p, q in zip(compiled_params, eager_params):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == eager.state[q].keys() and "kahan_comp" in opt.state[p]
+        for key, value in opt.state[p].items():
+            assert value.dtype == eager.state[q][key].dtype and torch.equal(value, eager.state[q][key]), key
