@@ -19,6 +19,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "layer_table.h"
 #include "optimizer_math.h"
@@ -52,11 +53,16 @@ constexpr int kLanes = 16;
 #else
 #define TVLARS_CPU_CLONES
 #endif
+#if defined(__GNUC__)
+#define TVLARS_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define TVLARS_ALWAYS_INLINE
+#endif
 
 // The gradient as the step sees it. kScaled is false when the scale and multiplier are both 1: dividing and
 // multiplying by 1 is exact, so skipping them changes no bit and saves a division per element and pass.
 template <bool kScaled>
-inline float step_grad(float g, float grad_scale, float grad_mult) {
+TVLARS_ALWAYS_INLINE inline float step_grad(float g, float grad_scale, float grad_mult) {
   return kScaled ? effective_grad(g, grad_scale, grad_mult) : g;
 }
 
@@ -188,11 +194,13 @@ inline int team_size(const CpuTable& tab) {
 }
 
 // A layer's weights as the step reads and writes them (WeightSource, step_inputs.h): the parameter, its float32
-// master, or a bfloat16 parameter and its bfloat16 Kahan compensation (raw bits).
+// master, or a bfloat16 parameter and its bfloat16 Kahan compensation (raw bits). The element helpers below are
+// always inlined: a call left in an element loop stops it from vectorising.
+//
 // The float32 weight the step reads: the master, param + comp (exact, docs/algorithms.md section 9), or the param.
 template <typename scalar_t, int kSource>
-inline float load_weight(const scalar_t* __restrict__ param, const float* __restrict__ master,
-                         const uint16_t* __restrict__ comp, int64_t i) {
+TVLARS_ALWAYS_INLINE inline float load_weight(const scalar_t* __restrict__ param, const float* __restrict__ master,
+                                              const uint16_t* __restrict__ comp, int64_t i) {
   if constexpr (kSource == kMasterWeights) {
     return master[i];
   } else if constexpr (kSource == kKahanWeights) {
@@ -206,8 +214,8 @@ inline float load_weight(const scalar_t* __restrict__ param, const float* __rest
 // Stores the new weight: into the master copy when there is one and (rounded once) into the parameter; with a
 // Kahan compensation, as the parameter's nearest bfloat16 and the nearest bfloat16 of the rest.
 template <typename scalar_t, int kSource>
-inline void store_weight(scalar_t* __restrict__ param, float* __restrict__ master, uint16_t* __restrict__ comp,
-                         int64_t i, float w) {
+TVLARS_ALWAYS_INLINE inline void store_weight(scalar_t* __restrict__ param, float* __restrict__ master,
+                                              uint16_t* __restrict__ comp, int64_t i, float w) {
   if constexpr (kSource == kKahanWeights) {
     const KahanSplit split = kahan_split(w);
     param[i].x = split.param;
@@ -226,30 +234,47 @@ constexpr int64_t kWeightBytes = kSource == kMasterWeights ? 4 : kSource == kKah
 template <bool kBf16State>
 using state_t = std::conditional_t<kBf16State, uint16_t, float>;
 
-inline float load_state(const float* __restrict__ s, int64_t i) {
+TVLARS_ALWAYS_INLINE inline float load_state(const float* __restrict__ s, int64_t i) {
   return s[i];
 }
 
-inline float load_state(const uint16_t* __restrict__ s, int64_t i) {
+TVLARS_ALWAYS_INLINE inline float load_state(const uint16_t* __restrict__ s, int64_t i) {
   return bf16_bits_to_float(s[i]);
 }
 
 // Stores a state element and returns what was stored, which the step continues with: x itself in float32; in
 // bfloat16, x rounded stochastically from the stream (`base`, element index offset + i) or to nearest.
-inline float store_state(float* __restrict__ s, int64_t i, float x, const StateRounding&, uint32_t) {
+// How this step stores one chunk's bfloat16 state: the layer's StateRounding (its streams' bases for the new step
+// count), and where the chunk lies in the stream in 32-bit words (rounding_bits_after): element i draws the bits of
+// the index offset + i from the low word of offset + begin plus (i - begin), i - begin below the chunk size.
+struct ChunkRounding {
+  bool stochastic;
+  uint32_t base0;
+  uint32_t base1;
+  uint32_t begin;     // the chunk's first local index, low word
+  uint32_t lo0;       // low word of that element's index in the whole layer
+  uint32_t hi0_term;  // its high word times the hash's multiplier
+};
+
+inline ChunkRounding chunk_rounding(const int64_t* row, ElementRange r, bool stochastic, uint32_t seed, float t) {
+  const StateRounding layer = state_rounding(stochastic, seed, row[COL_LAYER_ID], row[COL_ELEMENT_OFFSET], t);
+  const uint64_t first = static_cast<uint64_t>(layer.offset + r.begin);
+  return {stochastic, layer.base0, layer.base1, static_cast<uint32_t>(r.begin), static_cast<uint32_t>(first),
+          static_cast<uint32_t>(first >> 32) * 0x9E3779B9u};
+}
+
+TVLARS_ALWAYS_INLINE inline float store_state(float* __restrict__ s, int64_t i, float x, const ChunkRounding&,
+                                              uint32_t) {
   s[i] = x;
   return x;
 }
 
-inline float store_state(uint16_t* __restrict__ s, int64_t i, float x, const StateRounding& r, uint32_t base) {
-  const uint16_t bits = bf16_store_bits(x, r.stochastic, base, r.offset + i);
-  s[i] = bits;
-  return bf16_bits_to_float(bits);
-}
-
-// How this step stores a layer's bfloat16 state: its stream bases for the new step count t.
-inline StateRounding row_rounding(const int64_t* row, bool stochastic, uint32_t seed, float t) {
-  return state_rounding(stochastic, seed, row[COL_LAYER_ID], row[COL_ELEMENT_OFFSET], t);
+TVLARS_ALWAYS_INLINE inline float store_state(uint16_t* __restrict__ s, int64_t i, float x, const ChunkRounding& r,
+                                              uint32_t base) {
+  const uint32_t d = static_cast<uint32_t>(i) - r.begin;
+  const uint32_t stored = bf16_round_for_store(x, r.stochastic, rounding_bits_after(base, r.lo0, r.hi0_term, d));
+  s[i] = static_cast<uint16_t>(stored >> 16);
+  return float_from_bits(stored);
 }
 
 // ---------------------------------------------------------------- LARS family
@@ -281,25 +306,54 @@ TVLARS_CPU_CLONES void lars_chunk_partials(const int64_t* row, ElementRange r, f
   out[1] = ordered_sum(denom_sq);
 }
 
+// Calls fn(std::bool_constant<a>{}, std::bool_constant<b>{}, std::bool_constant<c>{}): a loop over elements that
+// selects on run-time flags by `?:` vectorises only once GCC unswitches it on them (as a select, its arithmetic
+// could trap), and GCC stops unswitching a loop as large as one that rounds bfloat16 state or splits a Kahan pair.
+// So such loops are unswitched here, one copy per combination, inlined into the caller's target clone.
+template <typename Fn>
+TVLARS_ALWAYS_INLINE inline void with_flags(bool a, bool b, bool c, Fn&& fn) {
+  auto third = [&](auto ka, auto kb) TVLARS_ALWAYS_INLINE {
+    if (c) {
+      fn(ka, kb, std::true_type{});
+    } else {
+      fn(ka, kb, std::false_type{});
+    }
+  };
+  auto second = [&](auto ka) TVLARS_ALWAYS_INLINE {
+    if (b) {
+      third(ka, std::true_type{});
+    } else {
+      third(ka, std::false_type{});
+    }
+  };
+  if (a) {
+    second(std::true_type{});
+  } else {
+    second(std::false_type{});
+  }
+}
+
 // The buffer is stored first (rounded, for bfloat16 state) and the weight's update uses the stored buffer.
 template <typename scalar_t, int kSource, bool kBf16State, bool kScaled>
 TVLARS_CPU_CLONES void lars_chunk_apply(const int64_t* row, ElementRange r, float grad_scale, float lr, float q,
-                                        bool first, const StateRounding rounding, const LarsHyper h) {
+                                        bool first, const ChunkRounding rounding, const LarsHyper h) {
   scalar_t* __restrict__ param = column_ptr<scalar_t>(row, COL_PARAM);
   float* __restrict__ master = column_ptr<float>(row, COL_MASTER);
   uint16_t* __restrict__ comp = column_ptr<uint16_t>(row, COL_COMP);
   const scalar_t* __restrict__ g = column_ptr<const scalar_t>(row, COL_GRAD);
   state_t<kBf16State>* __restrict__ buf = column_ptr<state_t<kBf16State>>(row, COL_STATE0);
   const bool no_decay = row[COL_FLAGS] & FLAG_NO_DECAY;
+  with_flags(first, no_decay, h.nesterov, [&](auto first_k, auto no_decay_k, auto nesterov_k) TVLARS_ALWAYS_INLINE {
 #pragma omp simd
-  for (int64_t i = r.begin; i < r.end; ++i) {
-    const float w = load_weight<scalar_t, kSource>(param, master, comp, i);
-    const float d = lars_decayed_grad(step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, 1.0f), w,
-                                      h.weight_decay, no_decay);
-    const float u = q * d;
-    const float b = store_state(buf, i, lars_momentum(h, u, first, load_state(buf, i)), rounding, rounding.base0);
-    store_weight<scalar_t, kSource>(param, master, comp, i, lars_new_weight(h, lr, u, b, w));
-  }
+    for (int64_t i = r.begin; i < r.end; ++i) {
+      const float w = load_weight<scalar_t, kSource>(param, master, comp, i);
+      const float d = lars_decayed_grad(step_grad<kScaled>(static_cast<float>(g[i]), grad_scale, 1.0f), w,
+                                        h.weight_decay, no_decay_k);
+      const float u = q * d;
+      const float b = store_state(buf, i, lars_momentum(h, u, first_k, load_state(buf, i)), rounding, rounding.base0);
+      store_weight<scalar_t, kSource>(param, master, comp, i, lars_new_weight(h, nesterov_k, lr, u, b, w));
+    }
+  });
 }
 
 template <typename scalar_t, int kSource, bool kBf16State, bool kScaled>
@@ -327,9 +381,10 @@ void lars_cpu(const CpuTable& tab, const LarsHyper& h, float grad_scale, float l
     const int64_t layer = tab.chunk_layer[c];
     const int64_t* row = tab.row(layer);
     const float t = static_cast<float>(tab.layer_results[2 * layer + 1]);  // the new step count
+    const ElementRange r = chunk_elements(row, c, tab.chunk_size);
     lars_chunk_apply<scalar_t, kSource, kBf16State, kScaled>(
-        row, chunk_elements(row, c, tab.chunk_size), grad_scale, lr, static_cast<float>(tab.layer_results[2 * layer]),
-        t == 1.0f, row_rounding(row, h.stochastic_rounding, h.seed, t), h);
+        row, r, grad_scale, lr, static_cast<float>(tab.layer_results[2 * layer]), t == 1.0f,
+        chunk_rounding(row, r, h.stochastic_rounding, h.seed, t), h);
   };
 #pragma omp parallel num_threads(team_size(tab))
   step_groups(tab, bytes_of, sums, ratio, apply);
@@ -351,7 +406,7 @@ inline BiasCorrections bias_corrections(const LambHyper& h, float t) {
 // from the stored moments.
 template <typename scalar_t, int kSource, bool kBf16State, bool kScaled>
 TVLARS_CPU_CLONES void lamb_chunk_moments(const int64_t* row, ElementRange r, float grad_scale, float grad_mult,
-                                          BiasCorrections bc, const StateRounding rounding, const LambHyper h,
+                                          BiasCorrections bc, const ChunkRounding rounding, const LambHyper h,
                                           double* out) {
   const scalar_t* __restrict__ param = column_ptr<const scalar_t>(row, COL_PARAM);
   const float* __restrict__ master = column_ptr<const float>(row, COL_MASTER);
@@ -411,9 +466,10 @@ void lamb_cpu(const CpuTable& tab, const LambHyper& h, float grad_scale, float g
   auto sums = [&](int64_t c) {
     const int64_t* row = tab.row_of_chunk(c);
     const float t = *column_ptr<const float>(row, COL_STEP) + 1.0f;  // written back only after the barrier
-    lamb_chunk_moments<scalar_t, kSource, kBf16State, kScaled>(
-        row, chunk_elements(row, c, tab.chunk_size), grad_scale, grad_mult, bias_corrections(h, t),
-        row_rounding(row, h.stochastic_rounding, h.seed, t), h, tab.chunk_partials + 2 * c);
+    const ElementRange r = chunk_elements(row, c, tab.chunk_size);
+    lamb_chunk_moments<scalar_t, kSource, kBf16State, kScaled>(row, r, grad_scale, grad_mult, bias_corrections(h, t),
+                                                               chunk_rounding(row, r, h.stochastic_rounding, h.seed, t),
+                                                               h, tab.chunk_partials + 2 * c);
   };
   auto ratio = [&](double w_sq, double u_sq, float, int64_t flags) {
     return lamb_trust_ratio(h, w_sq, u_sq, lr, layer_decay(h.weight_decay, flags), layer_adapted(h.adapt, flags));

@@ -444,7 +444,7 @@ __device__ __forceinline__ void lars_apply_tile(const S& s, weight_t* __restrict
                                         no_decay);
       const float u = q * d;
       buf[k][j] = stored_state<kBf16State>(lars_momentum(h, u, first, buf[k][j]), rounding, rounding.base0, s, k, j);
-      w[k][j] = lars_new_weight(h, lr, u, buf[k][j], w[k][j]);
+      w[k][j] = lars_new_weight(h, h.nesterov, lr, u, buf[k][j], w[k][j]);
     }
   }
   store(buf_io, s, buf);

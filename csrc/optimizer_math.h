@@ -13,6 +13,10 @@
 
 #if defined(__CUDACC__)
 #define TVLARS_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Always inlined, as nvcc's __forceinline__: the CPU twin's element loops vectorise only if nothing in them is a
+// call, and GCC's heuristics leave some of these (the rounding, the Kahan split) out-of-line in the larger loops.
+#define TVLARS_HD inline __attribute__((always_inline))
 #else
 #define TVLARS_HD inline
 #endif
@@ -143,16 +147,17 @@ TVLARS_HD float lars_momentum(const LarsHyper& h, float u, bool first, float buf
   return first ? u : h.momentum * buf + h.one_minus_dampening * u;
 }
 
-// ... and the new weight from u and the stored buffer.
-TVLARS_HD float lars_new_weight(const LarsHyper& h, float lr, float u, float buf, float w) {
-  const float step_dir = h.nesterov ? u + h.momentum * buf : buf;
+// ... and the new weight from u and the stored buffer (`nesterov`: h.nesterov, a parameter so that a CPU loop can
+// take it as a compile-time constant).
+TVLARS_HD float lars_new_weight(const LarsHyper& h, bool nesterov, float lr, float u, float buf, float w) {
+  const float step_dir = nesterov ? u + h.momentum * buf : buf;
   return w - lr * step_dir;
 }
 
 TVLARS_HD void lars_apply(const LarsHyper& h, float lr, float q, float d, bool first, float& w, float& buf) {
   const float u = q * d;
   buf = lars_momentum(h, u, first, buf);
-  w = lars_new_weight(h, lr, u, buf, w);
+  w = lars_new_weight(h, h.nesterov, lr, u, buf, w);
 }
 
 // ---------------------------------------------------------------- LAMB
@@ -256,33 +261,69 @@ TVLARS_HD uint32_t rounding_bits(uint32_t base, int64_t index) {
   return mix32((base ^ static_cast<uint32_t>(i)) + static_cast<uint32_t>(i >> 32) * 0x9E3779B9u) >> 16;
 }
 
+// All ones when b, else 0. The roundings below choose with masks instead of `?:`: GCC turns a select whose one side
+// is a constant (NaN's 0x7FC0) into a branch, jump-threads it, and then cannot vectorise the CPU loops that store
+// through them ("control flow in loop"); with masks they vectorise. On the GPU a mask costs what a select does.
+TVLARS_HD uint32_t all_ones_if(bool b) {
+  return 0u - static_cast<uint32_t>(b);
+}
+
+// The float32 bits of float32 bits u rounded to bfloat16 by adding `add` below the kept 16 bits (carrying into them)
+// and clearing them; NaN to 0x7FC0'0000 (bfloat16 0x7FC0, as torch's conversion). No overflow: the largest finite
+// or infinite u plus 0xFFFF stays below 2^32.
+TVLARS_HD uint32_t bf16_round_f32_bits(uint32_t u, uint32_t add) {
+  const uint32_t rounded = (u + add) & 0xFFFF0000u;
+  const uint32_t nan = all_ones_if((u & 0x7FFFFFFFu) > 0x7F800000u);
+  return (rounded & ~nan) | (0x7FC00000u & nan);
+}
+
+// rounding_bits in 32-bit arithmetic, for the element `d` places after one whose index has the low word lo0 and the
+// high word hi0 (d < 2^32), given hi0_term = hi0 * 0x9E3779B9: the index's low word is lo0 + d modulo 2^32, and its
+// high word is hi0, or hi0 + 1 where that sum wrapped. The same bits as rounding_bits(base, index), without the
+// 64-bit lanes that cost the CPU's vectorised loops.
+TVLARS_HD uint32_t rounding_bits_after(uint32_t base, uint32_t lo0, uint32_t hi0_term, uint32_t d) {
+  const uint32_t lo = lo0 + d;
+  return mix32((base ^ lo) + (hi0_term + (0x9E3779B9u & all_ones_if(lo < lo0)))) >> 16;
+}
+
 // float32 to the bit pattern of its nearest bfloat16 (ties to even); NaN to 0x7FC0, as torch's conversion.
 TVLARS_HD uint16_t bf16_nearest_bits(float x) {
   const uint32_t u = float_bits(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return static_cast<uint16_t>(bf16_round_f32_bits(u, 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 // float32 to a bfloat16 bit pattern rounded away from zero with probability (the dropped 16 bits) / 2^16, given 16
 // random bits: the stored value's mean is x. NaN as bf16_nearest_bits.
 TVLARS_HD uint16_t bf16_stochastic_bits(float x, uint32_t random_bits) {
+  return static_cast<uint16_t>(bf16_round_f32_bits(float_bits(x), random_bits) >> 16);
+}
+
+// The float32 bits of the value a bfloat16 state element stores (its bfloat16 pattern in the high half):
+// stochastically rounded with the element's 16 random bits, or to nearest (`stochastic` false: a mask, not a
+// branch, chooses, and the bits go unused).
+TVLARS_HD uint32_t bf16_round_for_store(float x, bool stochastic, uint32_t random_bits) {
   const uint32_t u = float_bits(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-  return static_cast<uint16_t>((u + random_bits) >> 16);
+  const uint32_t pick = all_ones_if(stochastic);
+  return bf16_round_f32_bits(u, (random_bits & pick) | ((0x7FFFu + ((u >> 16) & 1u)) & ~pick));
+}
+
+// The same with the random bits of the element at `index` of the stream `base`.
+TVLARS_HD uint32_t bf16_store_f32_bits(float x, bool stochastic, uint32_t base, int64_t index) {
+  return bf16_round_for_store(x, stochastic, rounding_bits(base, index));
 }
 
 TVLARS_HD float bf16_bits_to_float(uint16_t bits) {
   return float_from_bits(static_cast<uint32_t>(bits) << 16);
 }
 
-// The value a bfloat16 state element stores: stochastically rounded or nearest (`stochastic` false or no bits).
+// The bit pattern a bfloat16 state element stores: stochastically rounded or nearest (`stochastic` false).
 TVLARS_HD uint16_t bf16_store_bits(float x, bool stochastic, uint32_t base, int64_t index) {
-  return stochastic ? bf16_stochastic_bits(x, rounding_bits(base, index)) : bf16_nearest_bits(x);
+  return static_cast<uint16_t>(bf16_store_f32_bits(x, stochastic, base, index) >> 16);
 }
 
 // The float32 value a bfloat16 state element holds once stored (bf16_store_bits): what the step continues with.
 TVLARS_HD float bf16_stored_value(float x, bool stochastic, uint32_t base, int64_t index) {
-  return bf16_bits_to_float(bf16_store_bits(x, stochastic, base, index));
+  return float_from_bits(bf16_store_f32_bits(x, stochastic, base, index));
 }
 
 // How a layer's bfloat16 state is stored in one step: stochastically or to nearest, the bases of the two streams'

@@ -175,9 +175,9 @@ inline StepArgs check_table_step(const char* op, const at::Tensor& layers, const
                                  const std::optional<at::Tensor>& found_inf,
                                  const std::optional<at::Tensor>& clip_coef,
                                  const std::optional<at::Tensor>& layer_sums, int64_t phase) {
-  StepArgs args = check_common(op, layers, layers_host, chunk_layer, workspace, dtype, has_master, state_dtype, has_comp,
-                               layers.device(), chunk_size, lr_tensor, grad_scale, found_inf, clip_coef, layer_sums,
-                               phase);
+  StepArgs args = check_common(op, layers, layers_host, chunk_layer, workspace, dtype, has_master, state_dtype,
+                               has_comp, layers.device(), chunk_size, lr_tensor, grad_scale, found_inf, clip_coef,
+                               layer_sums, phase);
   const int64_t* rows = layers_host.data_ptr<int64_t>();
   int64_t next_chunk = 0;
   for (int64_t i = 0; i < args.num_layers; ++i) {

@@ -241,9 +241,10 @@ def _state_distance(bucket, expected) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
 def test_layer_numbers_and_element_offsets_come_from_the_table(lamb):
-    """A shard's element offset (beyond 2**32: the index's high word enters the hash) and a layer's number reach
-    the stream through the table: cpp draws the reference's bits, and without them it draws others."""
-    ids, offsets = [7, 3, 12, 0], [5, 2**32 + 11, 0, 2**40]
+    """A shard's element offset (beyond 2**32: the index's high word enters the hash; the first layer's indices cross
+    2**32 within a chunk, the third's 2**33) and a layer's number reach the stream through the table: cpp draws the
+    reference's bits, and without them it draws others."""
+    ids, offsets = [7, 3, 12, 0], [2**32 - 5000, 2**32 + 11, 2**33 - 100, 2**40]
     bucket = _bucket(lamb, layer_ids=ids, element_offsets=offsets)
     expected = _clone(bucket)
     _step(_cpp_backend, bucket, lamb)
@@ -258,6 +259,38 @@ def test_layer_numbers_and_element_offsets_come_from_the_table(lamb):
 
 
 @pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
+def test_nan_state_stays_nan(lamb):
+    """NaN gradients give NaN state by either rounding, also NaNs whose payload fills the low bits (a GPU's canonical
+    NaN is 0x7FFFFFFF): adding the rounding's bits to those would carry out of the exponent, to -0 or a finite
+    value, without the NaN check. (Which NaN pattern is stored is torch's business: its scalar conversion stores
+    0x7FC0, its vectorised one 0xFFFF.) No trust ratios (adapt=False), which a NaN norm would spread over the layer
+    (as NaN in the reference, as q = 1 in the kernels)."""
+    nan_patterns = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    for stochastic in (True, False):
+        bucket = _bucket(lamb, kahan=False, element_offsets=[0, 0, 5, 0])
+        bucket.params = [p.float() for p in bucket.params]
+        bucket.grads = [g.float() for g in bucket.grads]
+        for g in bucket.grads[:3]:
+            flat = g.view(-1)[::7]
+            flat.copy_(nan_patterns.repeat(flat.numel() // 4 + 1)[:flat.numel()])
+        expected = _clone(bucket)
+        if lamb:
+            hp = LambHyper(**{**LAMB_HP.__dict__, "stochastic_rounding": stochastic, "adapt": False})
+            _cpp_backend.lamb_step(bucket, hp)
+            reference.lamb_step(expected, hp)
+        else:
+            hp = LarsHyper(**{**LARS_HP.__dict__, "stochastic_rounding": stochastic, "adapt": False})
+            _cpp_backend.lars_step(bucket, hp)
+            reference.lars_step(expected, hp)
+        nans = 0
+        for states, expected_states in zip(bucket.states, expected.states):
+            for t, e in zip(states, expected_states):
+                assert torch.equal(t.isnan(), e.isnan())
+                nans += int(e.isnan().sum())
+        assert nans > 100
+
+
+@pytest.mark.parametrize("lamb", [False, True], ids=["tvlars", "lamb"])
 @pytest.mark.parametrize("kahan", [False, True], ids=["bf16-params", "kahan"])
 def test_found_inf_leaves_state_and_compensation_untouched(lamb, kahan):
     bucket = _bucket(lamb, kahan=kahan)
@@ -265,7 +298,8 @@ def test_found_inf_leaves_state_and_compensation_untouched(lamb, kahan):
     _step(_cpp_backend, bucket, lamb, grad_scale=torch.tensor(8.0), found_inf=torch.tensor(1.0))
     assert all(torch.equal(t, b) for t, b in zip(_written(bucket), _written(before)))
     _step(_cpp_backend, bucket, lamb, grad_scale=torch.tensor(8.0), found_inf=torch.tensor(0.0))  # it would write
-    unchanged = [i for i, (t, b) in enumerate(zip(_written(bucket), _written(before))) if t.numel() and torch.equal(t, b)]
+    unchanged = [i for i, (t, b) in enumerate(zip(_written(bucket), _written(before)))
+                 if t.numel() and torch.equal(t, b)]
     assert not unchanged, unchanged
 
 
