@@ -261,3 +261,28 @@ def test_no_register_spills(ptxas_info, key):
     info = ptxas_info[key]
     assert info["spill_stores"] == 0 and info["spill_loads"] == 0 and info["stack"] == 0, info
     assert info["registers"] <= 65536 // (256 * 3), info
+
+
+def _as_s32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+# lowbias32's multipliers (csrc/optimizer_math.h, mix32), as PTX writes 32-bit immediates (signed or not).
+MIX32_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+
+
+@pytest.mark.parametrize("key", INSTANTIATIONS, ids=IDS)
+def test_the_rounding_stream_is_compiled_where_the_state_is_bfloat16(kernels, key):
+    """A bfloat16-state kernel hashes each element it stores (mix32's two multiplications, once per stored state
+    tensor per tile and element slot; LARS stores one state, LAMB two), and a float32-state kernel draws no bits."""
+    optimizer, _, _, bf16_state = key
+    immediates = collections.Counter(int(m) for m in re.findall(r"mul\.lo\.[su]32\s+%r\d+,\s*%r\d+,\s*(-?\d+);",
+                                                                 kernels[key]))
+    counts = [sum(immediates[v] for v in {m, _as_s32(m)}) for m in MIX32_MULTIPLIERS]
+    if not bf16_state:
+        assert counts == [0, 0], counts
+        return
+    # each element slot of the vector tile and of the element-by-element tile hashes, at least
+    slots = per_thread() + masked_per_thread()
+    states = 1 if optimizer == "lars" else 2
+    assert counts[0] == counts[1] and counts[0] >= states * slots, counts
