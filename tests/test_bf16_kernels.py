@@ -20,8 +20,8 @@ that the 16 random bits fall between the two values' dropped bits), a nearest ro
   where the layer's state elements agree (the pair up to an ulp of its bfloat16 compensation, which a float32 ulp
   of difference can round the other way), bfloat16 parameters within one bfloat16 ulp.
 
-Every step starts both from the reference's state (as cases.bf16_lockstep), so a one-ulp difference is not carried
-into later, smaller values.
+Every step starts both from the reference's state (cases.lockstep, which checks all this), so a one-ulp difference is
+not carried into later, smaller values.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import os
 import pytest
 import torch
 
+import cases
 from cases import BF16_CASES, SHAPES, bf16_ulp_distance, make_params, set_grads
-from stepwise import F32
 from tvlars_fused import LAMB, LARS, TVLARS, _extension, _foreach, reference
 
 _unavailable = _extension.unavailable_reason("cpu")
@@ -53,12 +53,6 @@ STORAGES = {
 }
 
 
-def _ulp(x: torch.Tensor) -> torch.Tensor:
-    from stepwise import ulp
-
-    return ulp(x, BF16)
-
-
 class _NoForeach:
     """Fails any step that reaches the foreach backend: the layers must be stepped by the cpp ops themselves."""
 
@@ -70,76 +64,11 @@ class _NoForeach:
         monkeypatch.setattr(_foreach, "lamb_step", refuse)
 
 
-def _grads_in_layout(params, step):
-    """cases.set_grads, each gradient in its parameter's memory layout (a channels_last weight's gradient is)."""
-    set_grads(params, step)
-    for p in params:
-        p.grad = torch.empty_like(p).copy_(p.grad)
-
-
-def lockstep(cls, kwargs, params, *, steps=5, groups=None) -> tuple[int, int]:
-    """Steps ``cls(..., backend="cpp")`` and the reference side by side from the same state, checks each step as the
-    module docstring says, and returns (state elements one ulp apart, state elements) over the run. ``groups``: how
-    to split ``params`` into param groups (lists of indices), so that layer numbers are not 0, 1, ... per group."""
-    ref_params = [p.detach().clone().requires_grad_() for p in params]  # clone keeps a channels_last layout
-
-    def grouped(ps):
-        return [dict(params=[ps[i] for i in g]) for g in groups] if groups else ps
-
-    opt = cls(grouped(params), backend="cpp", **kwargs)
-    ref = cls(grouped(ref_params), backend="reference", **kwargs)
+def lockstep(cls, kwargs, params, **options) -> tuple[int, int]:
+    """cases.lockstep with the cpp backend, which must step every bucket itself."""
+    opt = cls(params, backend="cpp", **kwargs)
     assert {c["backend"] for c in opt.chosen_backends} == {"cpp"}, opt.chosen_backends
-    differ = total = 0
-    for step in range(steps):
-        _grads_in_layout(params, step)
-        _grads_in_layout(ref_params, step)
-        before = [{key: value.clone() for key, value in ref.state[r].items()} for r in ref_params]
-        opt.step()
-        ref.step()
-        for i, (p, r) in enumerate(zip(params, ref_params)):
-            state, ref_state = opt.state[p], ref.state[r]
-            assert state.keys() == ref_state.keys()
-            assert torch.equal(state["step"], ref_state["step"])
-            agree = torch.ones(p.shape, dtype=torch.bool)
-            for key in cls._state_keys:
-                s, s_ref = state[key], ref_state[key]
-                assert s.dtype == kwargs.get("state_dtype", torch.float32) and s.stride() == s_ref.stride(), key
-                if s.dtype != BF16:
-                    torch.testing.assert_close(s, s_ref, rtol=TOL, atol=TOL)
-                    continue
-                distance = bf16_ulp_distance(s, s_ref)
-                if s.numel():  # more than an ulp only within the float32 error of a value that cancelled
-                    old = before[i].get(key, torch.zeros_like(s)).double()
-                    error = F32 * (s_ref.double().abs() + old.abs()).max()
-                    far = (distance > 1) & ((s.double() - s_ref.double()).abs() > error)
-                    assert not far.any(), f"step {step} layer {i} {key}: {s[far][:4].tolist()} against " \
-                                          f"{s_ref[far][:4].tolist()}, {distance.max().item()} bfloat16 ulps apart"
-                agree &= distance == 0
-                differ, total = differ + int((distance > 0).sum()), total + distance.numel()
-            if "master_weight" in ref_state:
-                m, m_ref = state["master_weight"].double(), ref_state["master_weight"].double()
-                bad = ((m - m_ref).abs() > TOL * (1 + m_ref.abs())) & agree
-                assert not bad.any(), f"step {step} layer {i}: master weights {m[bad][:4].tolist()} against " \
-                                      f"{m_ref[bad][:4].tolist()}"
-                assert torch.equal(p.detach(), state["master_weight"].to(p.dtype))  # one rounding from the master
-            weight, ref_weight = p.detach().double(), r.detach().double()
-            allowed = TOL * (1 + ref_weight.abs())
-            if "kahan_comp" in ref_state:  # the pair holds the weight to an ulp of its bfloat16 compensation
-                comp, ref_comp = state["kahan_comp"].double(), ref_state["kahan_comp"].double()
-                assert state["kahan_comp"].dtype == BF16
-                weight, ref_weight = weight + comp, ref_weight + ref_comp
-                allowed = allowed + _ulp(torch.maximum(comp.abs(), ref_comp.abs()))
-            elif p.dtype == BF16:  # one rounding that a float32 ulp of difference can send the other way
-                allowed = _ulp(torch.maximum(weight.abs(), ref_weight.abs()))
-            bad = ((weight - ref_weight).abs() > allowed) & agree
-            assert not bad.any(), f"step {step} layer {i}: weights {weight[bad][:4].tolist()} against " \
-                                  f"{ref_weight[bad][:4].tolist()}"
-            with torch.no_grad():  # the next step starts from the reference's state
-                p.copy_(r)
-                for key, value in ref_state.items():
-                    state[key].copy_(value)
-    assert differ <= MAX_FRACTION * total, f"{differ} of {total} state elements differ"
-    return differ, total
+    return cases.lockstep(cls, kwargs, params, "cpp", tol=TOL, max_fraction=MAX_FRACTION, **options)
 
 
 @pytest.mark.parametrize("storage", list(STORAGES))

@@ -7,9 +7,9 @@ On the CPU the kernels run under the Triton interpreter (tests/conftest.py), so 
   infinity, the Kahan split.
 - TVLARS, LARS and LAMB stepped by the kernels and by the reference side by side, each step from the same state
   (the reference's copied into the kernels' after each comparison), stochastic and nearest rounding and Kahan
-  weights, excluded layers included, layers whole in one chunk and spread over many: every bfloat16 state element
-  equal or one ulp apart, and at most ``MAX_FRACTION`` of them apart (the bound is justified there); the weights
-  equal to float32 accuracy where the states agree.
+  weights, excluded layers included, layers whole in one chunk and spread over many, checked by cases.lockstep
+  (every bfloat16 state element equal or one ulp apart but where a value cancelled, at most ``MAX_FRACTION`` of
+  them apart; the bounds are justified there; the weights equal to float32 accuracy where the states agree).
 - A layer sharded over two ranks (element offsets in the table) draws the unsharded layer's bits; a GradScaler
   skip writes nothing, sharded or not; the vector path and the scalar path (misaligned bfloat16 columns) store
   the same bits; the bytes model counts bfloat16 state and the compensation.
@@ -26,7 +26,7 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from cases import BF16_CASES, SMALL_SHAPES, backend_or_skip, bf16_ulp_distance, make_params, set_grads  # noqa: E402
+from cases import BF16_CASES, SMALL_SHAPES, backend_or_skip, bf16_lockstep, bf16_ulp_distance  # noqa: E402
 from stepwise import ulp  # noqa: E402
 from tvlars_fused import _rounding, reference  # noqa: E402
 from tvlars_fused._layer_table import COL_ELEMENT_OFFSET, COL_LAYER_ID, NUM_COLS, prepare  # noqa: E402
@@ -50,7 +50,7 @@ pytestmark = pytest.mark.usefixtures("triton_backend")
 # 65 float32 ulps on every element, and is 500 times below what a wrong rounding does (a truncation, a wrong stream,
 # element index or step count: about half the elements apart).
 MAX_FRACTION = 1e-3
-WEIGHT_TOL = 1e-6  # float32 weights where the state agrees: the float32 contract of tests/cases.py's bf16_lockstep
+WEIGHT_TOL = 1e-6  # float32 weights where the state agrees: the float32 contract of tests/cases.py's lockstep
 STORAGES = ["stochastic", "nearest", "kahan"]
 
 
@@ -210,49 +210,10 @@ def _options(storage, seed=4):
 
 
 def _lockstep(case, storage, *, shapes=SMALL_SHAPES, steps=4):
-    """The kernels and the reference stepped side by side from the same state (the reference's copied into the
-    kernels' after each comparison). Every bfloat16 state element equal or one ulp apart; the weights where the
-    states agree within float32 accuracy (Kahan: param + comp, plus an ulp of the bfloat16 compensation, which
-    a float32 ulp of difference can round the other way). Returns (differing state elements, compared)."""
+    """The kernels and the reference stepped side by side from the same state (cases.lockstep's checks)."""
     dtype = BF16 if storage == "kahan" else torch.float32
-    params = make_params(shapes, dtype, DEVICE)
-    ref_params = [p.detach().clone().requires_grad_() for p in params]
-    opt = case.cls(params, backend="triton", **case.kwargs, **_options(storage))
-    ref = case.cls(ref_params, backend="reference", **case.kwargs, **_options(storage))
-    assert {c["backend"] for c in opt.chosen_backends} == {"triton"}
-    differ = total = 0
-    for step in range(steps):
-        set_grads(params, step)
-        set_grads(ref_params, step)
-        opt.step()
-        ref.step()
-        for i, (p, r) in enumerate(zip(params, ref_params)):
-            state, ref_state = opt.state[p], ref.state[r]
-            assert state.keys() == ref_state.keys()
-            assert torch.equal(state["step"], ref_state["step"])
-            agree = torch.ones(p.shape, dtype=torch.bool, device=p.device)
-            for key in case.cls._state_keys:
-                assert state[key].dtype == BF16, key
-                distance = bf16_ulp_distance(state[key], ref_state[key])
-                assert distance.numel() == 0 or distance.max() <= 1, \
-                    f"step {step} layer {i} {key}: {distance.max().item()} ulps apart"
-                agree &= distance == 0
-                differ, total = differ + int((distance > 0).sum()), total + distance.numel()
-            weight, ref_weight = p.detach().double(), r.detach().double()
-            allowed = WEIGHT_TOL * (1 + ref_weight.abs())
-            if storage == "kahan":
-                comp, ref_comp = state["kahan_comp"].double(), ref_state["kahan_comp"].double()
-                weight, ref_weight = weight + comp, ref_weight + ref_comp
-                allowed = allowed + ulp(torch.maximum(comp.abs(), ref_comp.abs()), BF16)
-            bad = ((weight - ref_weight).abs() > allowed) & agree
-            assert not bad.any(), f"step {step} layer {i}: weights {weight[bad][:4].tolist()} against " \
-                                  f"{ref_weight[bad][:4].tolist()}"
-            with torch.no_grad():
-                p.copy_(r)
-                for key, value in ref_state.items():
-                    state[key].copy_(value)
-    assert differ <= MAX_FRACTION * total, f"{differ} of {total} state elements differ"
-    return differ, total
+    return bf16_lockstep(case, "triton", _options(storage), dtype=dtype, shapes=shapes, steps=steps, device=DEVICE,
+                         tol=WEIGHT_TOL)
 
 
 @pytest.mark.parametrize("storage", STORAGES)
