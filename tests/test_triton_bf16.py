@@ -27,7 +27,6 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from cases import BF16_CASES, SMALL_SHAPES, backend_or_skip, bf16_lockstep, bf16_ulp_distance  # noqa: E402
-from stepwise import ulp  # noqa: E402
 from tvlars_fused import _rounding, reference  # noqa: E402
 from tvlars_fused._layer_table import COL_ELEMENT_OFFSET, COL_LAYER_ID, NUM_COLS, prepare  # noqa: E402
 from tvlars_fused._types import Bucket, LambHyper, LarsHyper  # noqa: E402
